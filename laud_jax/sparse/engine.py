@@ -1,0 +1,331 @@
+"""The sparse inference engine: a trained dynamic model executed without the masked-out work.
+
+>>> engine = SparseEngine(model_cfg, variables, backend="xla")
+>>> logits = engine(images)                      # the model's own gates decide
+>>> logits, info = engine.apply(images, masks=masks)   # or forced masks, as in model.apply
+
+Two drivers run the same block executor:
+
+* ``stepwise``: one compiled call per block. Each call also evaluates the next block's
+  gates and index lists; the host reads their counts (a small device-to-host copy), picks
+  static capacities and calls the next block's program (cached per capacity).
+* ``planned``: when every gate is forced (``masks`` given for all gates), the counts are
+  known before running, and the whole network is one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from laud_jax.models.blocks import BlockGates
+from laud_jax.models.specs import BlockSpec, ModelConfig, NetworkSpec, model_config, network_spec
+from laud_jax.sparse import executor
+from laud_jax.sparse.backends import BACKENDS, get_ops
+from laud_jax.sparse.folding import cast_weights, fold_network
+from laud_jax.sparse.routing import COUNT_KEYS, BlockPlan, block_routing, plan_block
+
+EXECUTIONS = ("auto", "stepwise", "planned")
+GATE_KEYS = ("spatial", "channel", "layer")
+
+
+def gate_shapes(spec: BlockSpec, batch: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of a block's hard gates (those its mode has)."""
+    shapes = {}
+    if spec.spatial:
+        shapes["spatial"] = (batch, *spec.mask_grid, spec.mask_groups)
+    if spec.channel:
+        shapes["channel"] = (batch, spec.channel_groups)
+    if spec.layer:
+        shapes["layer"] = (batch,)
+    return shapes
+
+
+def _jit_key(spec: BlockSpec | None) -> BlockSpec | None:
+    """Blocks that differ only in name share compiled programs."""
+    return None if spec is None else dataclasses.replace(spec, name="block", index=0, stage=0)
+
+
+def compute_gates(spec: BlockSpec, gate_params, x: jax.Array, gate_offset: jax.Array, forced) -> dict[str, Any]:
+    """The block's gates from the model's own gate modules (eval threshold), forced ones replaced."""
+    if spec.mode == "static":
+        return {}
+    return BlockGates(spec).apply(
+        {"params": gate_params}, x, train=False, tau=jnp.asarray(1.0), gate_offset=gate_offset, forced=forced
+    )
+
+
+def _routing(spec: BlockSpec, gates: dict[str, Any], batch: int):
+    if spec.mode == "static":
+        return {}, jnp.zeros((len(COUNT_KEYS),), jnp.int32)
+    return block_routing(spec, gates, batch)
+
+
+def _stem(ops, spec: NetworkSpec, folded: dict[str, Any], images: jax.Array, dtype) -> jax.Array:
+    stem = spec.stem[0]
+    x = ops.conv(images.astype(dtype), folded["stem_w"], folded["stem_b"], stride=stem.stride, relu=True)
+    if len(spec.stem) > 1:
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return x
+
+
+def _head(folded: dict[str, Any], x: jax.Array) -> jax.Array:
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return pooled @ folded["fc_w"] + folded["fc_b"]
+
+
+# ----------------------------------------------------------------------------- compiled programs
+
+
+@functools.partial(jax.jit, static_argnames=("ops", "spec", "first", "dtype"))
+def _stem_step(ops, spec: NetworkSpec, first: BlockSpec, dtype, stem_params, gate_params, images, forced, gate_offset):
+    x = _stem(ops, spec, stem_params, images, dtype)
+    gates = compute_gates(first, gate_params, x, gate_offset, forced)
+    routing, counts = _routing(first, gates, x.shape[0])
+    return x, gates, routing, counts
+
+
+def _block_step(ops, spec: BlockSpec, plan: BlockPlan, following: BlockSpec | None, params, next_gate_params,
+                x, gates, routing, next_forced, gate_offset, head_params):
+    out = executor.run_block(ops, spec, plan, params, x, gates, routing)
+    if following is None:
+        return _head(head_params, out)
+    next_gates = compute_gates(following, next_gate_params, out, gate_offset, next_forced)
+    next_routing, counts = _routing(following, next_gates, out.shape[0])
+    return out, next_gates, next_routing, counts
+
+
+_STEP_STATIC = ("ops", "spec", "plan", "following")
+_block_step_jit = jax.jit(_block_step, static_argnames=_STEP_STATIC)
+# Scatter into the block input in place: its buffer is donated (spatial blocks without downsample).
+_block_step_in_place = jax.jit(_block_step, static_argnames=_STEP_STATIC, donate_argnames=("x",))
+
+
+@functools.partial(jax.jit, static_argnames=("ops", "spec", "plans", "dtype"))
+def _planned_network(ops, spec: NetworkSpec, plans: tuple[BlockPlan, ...], dtype, folded, images, forced, gate_offset):
+    x = _stem(ops, spec, folded, images, dtype)
+    for block, plan, params, block_forced in zip(spec.blocks, plans, folded["blocks"], forced):
+        gates = compute_gates(block, params.get("gates"), x, gate_offset, block_forced)
+        routing, _ = _routing(block, gates, x.shape[0])
+        x = executor.run_block(ops, block, plan, params, x, gates, routing)
+    return _head(folded, x)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _forced_counts(spec: NetworkSpec, forced, batch_array):
+    batch = batch_array.shape[0]
+    counts = []
+    for block, block_forced in zip(spec.blocks, forced):
+        gates = {key: jnp.broadcast_to(block_forced[key], shape) for key, shape in gate_shapes(block, batch).items()}
+        counts.append(_routing(block, gates, batch)[1])
+    return jnp.stack(counts)
+
+
+@functools.partial(jax.jit, static_argnames=("ops", "spec", "dtype", "masked"))
+def _dense_network(ops, spec: NetworkSpec, dtype, masked: bool, folded, images, forced, gate_offset):
+    x = _stem(ops, spec, folded, images, dtype)
+    for block, params, block_forced in zip(spec.blocks, folded["blocks"], forced):
+        if masked and block.mode != "static":
+            gates = compute_gates(block, params["gates"], x, gate_offset, block_forced)
+            x = executor.dense_masked_block(ops, block, params, x, gates)
+        else:
+            x = executor.run_block(ops, block, BlockPlan("dense"), params, x, {}, {})
+    return _head(folded, x)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """What one engine call executed: per block, the plan (capacities) and the active counts."""
+
+    execution: str
+    plans: list[BlockPlan]
+    counts: list[dict[str, int] | None]
+
+
+class SparseEngine:
+    """Sparse inference for a trained dynamic model (``variables`` from ``model.init``/training).
+
+    ``backend``: ``xla`` (pure JAX), ``pallas`` (GPU kernels; falls back to ``xla`` until
+    wired in) or ``dense`` (computes everything and multiplies by the masks: the reference).
+    ``capacity_steps``: index lists are padded to a ladder of capacities whose padding is at
+    most 1/capacity_steps of the dense work (see ``routing.capacity_ladder``).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig | Mapping[str, Any],
+        variables: Mapping[str, Any],
+        *,
+        backend: str = "xla",
+        capacity_steps: int = 16,
+        image_shape: Sequence[int] | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if capacity_steps < 1:
+            raise ValueError(f"capacity_steps must be >= 1, got {capacity_steps}")
+        self.config = model_config(config)
+        self.backend = backend
+        self.ops = get_ops(backend)
+        self.capacity_steps = int(capacity_steps)
+        self.dtype = jnp.dtype(self.config.dtype)
+        self._variables = variables
+        self._networks: dict[tuple[int, ...], tuple[NetworkSpec, dict[str, Any]]] = {}
+        if image_shape is not None:
+            self.network(image_shape)
+
+    # ------------------------------------------------------------------ structure
+
+    def network(self, image_shape: Sequence[int]) -> tuple[NetworkSpec, dict[str, Any]]:
+        """The network spec for images of ``image_shape`` (H, W, C) and the folded weights."""
+        key = tuple(int(s) for s in image_shape)
+        if key not in self._networks:
+            spec = network_spec(self.config, key)  # rejects a granularity that does not divide
+            folded = fold_network(spec, self._variables)
+            folded = {
+                **cast_weights({k: v for k, v in folded.items() if k != "fc_w" and k != "fc_b"}, self.dtype),
+                "fc_w": folded["fc_w"],
+                "fc_b": folded["fc_b"],
+            }
+            self._networks[key] = (spec, folded)
+        return self._networks[key]
+
+    def _check_images(self, images) -> tuple[jax.Array, NetworkSpec, dict[str, Any]]:
+        images = jnp.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(f"images must be NHWC (B, H, W, C); got shape {images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"images must be floating point (normalized); got dtype {images.dtype}")
+        if images.shape[0] < 1:
+            raise ValueError("images has an empty batch")
+        try:
+            expected_c = self._variables["params"]["stem_conv"]["kernel"].shape[2]
+        except (KeyError, TypeError, IndexError, AttributeError):
+            expected_c = images.shape[-1]  # malformed variables: network() says what is wrong
+        if images.shape[-1] != expected_c:
+            raise ValueError(f"images have {images.shape[-1]} channels; the model's stem expects {expected_c}")
+        spec, folded = self.network(images.shape[1:])
+        return images, spec, folded
+
+    def _check_masks(self, spec: NetworkSpec, masks, batch: int) -> list[dict[str, Any]]:
+        if masks is None:
+            return [{} for _ in spec.blocks]
+        if len(masks) != len(spec.blocks):
+            raise ValueError(f"masks has {len(masks)} entries; the network has {len(spec.blocks)} blocks")
+        checked = []
+        for i, (block, entry) in enumerate(zip(spec.blocks, masks)):
+            entry = dict(entry or {})
+            shapes = gate_shapes(block, batch)
+            for key, value in entry.items():
+                if key not in shapes:
+                    raise ValueError(
+                        f"masks[{i}] forces {key!r}, but block {block.name} (mode {block.mode!r}) has "
+                        f"only {sorted(shapes) or 'no'} gates"
+                    )
+                value = jnp.asarray(value, jnp.float32)
+                try:
+                    broadcast = np.broadcast_shapes(value.shape, shapes[key])
+                except ValueError:
+                    broadcast = None
+                if broadcast != shapes[key]:
+                    raise ValueError(
+                        f"masks[{i}][{key!r}] has shape {tuple(value.shape)}; block {block.name} expects "
+                        f"{shapes[key]} (or a shape that broadcasts to it)"
+                    )
+                entry[key] = value
+            checked.append(entry)
+        return checked
+
+    # ------------------------------------------------------------------ running
+
+    def __call__(self, images, masks=None, gate_offset: float = 0.0) -> jax.Array:
+        return self.apply(images, masks=masks, gate_offset=gate_offset)[0]
+
+    def apply(
+        self, images, *, masks: Sequence[Mapping[str, Any] | None] | None = None, gate_offset: float = 0.0,
+        execution: str = "auto",
+    ) -> tuple[jax.Array, RunInfo]:
+        """Logits of the dynamic model, executing only the active work; and what ran.
+
+        ``masks`` (one dict per block, as in ``model.apply``) force gates; unforced gates
+        come from the model's gate modules with threshold ``gate_offset``. ``execution``:
+        ``stepwise``, ``planned`` (needs every gate forced) or ``auto`` (planned when possible).
+        """
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
+        images, spec, folded = self._check_images(images)
+        batch = images.shape[0]
+        forced = self._check_masks(spec, masks, batch)
+        offset = jnp.asarray(gate_offset, jnp.float32)
+        if self.backend == "dense":
+            logits = _dense_network(self.ops, spec, self.dtype, True, folded, images, forced, offset)
+            return logits, RunInfo("dense", [BlockPlan("dense")] * len(spec.blocks), [None] * len(spec.blocks))
+        all_forced = all(set(gate_shapes(b, batch)) <= set(f) for b, f in zip(spec.blocks, forced))
+        if execution == "planned" and not all_forced:
+            raise ValueError("execution='planned' needs every gate of every block forced through masks")
+        if execution == "planned" or (execution == "auto" and all_forced):
+            plans, counts = self.plan(spec, forced, batch)
+            logits = _planned_network(self.ops, spec, plans, self.dtype, folded, images, forced, offset)
+            return logits, RunInfo("planned", list(plans), counts)
+        return self._stepwise(spec, folded, images, forced, offset)
+
+    def plan(self, spec: NetworkSpec, forced: list[dict[str, Any]], batch: int):
+        """Static plans of all blocks for fully forced masks (one device-to-host copy)."""
+        for i, entry in enumerate(forced):
+            for key, value in entry.items():
+                if not bool(jnp.all((value == 0) | (value == 1))):
+                    raise ValueError(f"masks[{i}][{key!r}] must be hard 0/1 masks")
+        counts = np.asarray(_forced_counts(spec, forced, jnp.zeros((batch,))))
+        plans = tuple(plan_block(b, c, batch, self.capacity_steps) for b, c in zip(spec.blocks, counts))
+        return plans, [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)]
+
+    @staticmethod
+    def _count_dict(spec: BlockSpec, counts) -> dict[str, int] | None:
+        if spec.mode == "static":
+            return None
+        return {k: int(v) for k, v in zip(COUNT_KEYS, np.asarray(counts))}
+
+    def _stepwise(self, spec, folded, images, forced, offset) -> tuple[jax.Array, RunInfo]:
+        blocks = spec.blocks
+        x, gates, routing, counts = _stem_step(
+            self.ops, spec, _jit_key(blocks[0]), self.dtype,
+            {"stem_w": folded["stem_w"], "stem_b": folded["stem_b"]}, folded["blocks"][0].get("gates"),
+            images, forced[0], offset,
+        )
+        plans, count_log = [], []
+        batch = images.shape[0]
+        for i, block in enumerate(blocks):
+            host_counts = None if block.mode == "static" else np.asarray(counts)  # the host round trip
+            plan = plan_block(block, host_counts, batch, self.capacity_steps)
+            plans.append(plan)
+            count_log.append(self._count_dict(block, host_counts) if host_counts is not None else None)
+            last = i + 1 == len(blocks)
+            following = None if last else blocks[i + 1]
+            in_place = plan.run == "sparse" and block.spatial and not block.downsample and not plan.per_sample
+            step = _block_step_in_place if in_place else _block_step_jit
+            result = step(
+                self.ops, _jit_key(block), plan, _jit_key(following), folded["blocks"][i],
+                None if last else folded["blocks"][i + 1].get("gates"),
+                x, gates, routing, None if last else forced[i + 1], offset,
+                {"fc_w": folded["fc_w"], "fc_b": folded["fc_b"]},
+            )
+            if last:
+                return result, RunInfo("stepwise", plans, count_log)
+            x, gates, routing, counts = result
+        raise AssertionError("unreachable")
+
+    def apply_static(self, images) -> jax.Array:
+        """Logits of the static network (every gate ignored), dense, BN folded: the baseline."""
+        images, spec, folded = self._check_images(images)
+        forced = [{} for _ in spec.blocks]
+        return _dense_network(self.ops, spec, self.dtype, False, folded, images, forced, jnp.zeros(()))

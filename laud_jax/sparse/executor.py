@@ -1,0 +1,348 @@
+"""Block executors: run one residual block on BN-folded weights, doing only the unmasked work.
+
+``run_block`` executes a block under a static :class:`~laud_jax.sparse.routing.BlockPlan`
+with the backend's primitives; ``dense_masked_block`` is the reference that computes
+everything and multiplies by the masks (what the training-form model does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from laud_jax.models.blocks import expand_groups
+from laud_jax.models.gates import dilate_mask, upsample_nearest
+from laud_jax.models.specs import BlockSpec
+from laud_jax.sparse import routing as rt
+from laud_jax.sparse.routing import BlockPlan
+
+
+@dataclasses.dataclass
+class Branch:
+    """Weights of a block's residual branch restricted to its active channels.
+
+    ``channels``: indices of the kept conv1/conv2 output channels (None: all). With
+    ``pre_bn`` channel masks a skipped channel is not zero but the constant relu(bias):
+    conv1's constants enter conv2 through an extra all-ones input channel (``indicator``),
+    conv2's enter conv3 as ``const2`` (a full-width vector).
+    """
+
+    w1: jax.Array
+    b1: jax.Array
+    w2: jax.Array
+    b2: jax.Array
+    w3: jax.Array | None = None
+    b3: jax.Array | None = None
+    channels: jax.Array | None = None
+    groups: int = 1
+    indicator: bool = False
+    expand_const1: jax.Array | None = None  # grouped conv2: conv1 constants at full width
+    scale1: jax.Array | None = None  # lc, basic block: scale on conv1's kept channels
+    scale2: jax.Array | None = None  # lc, bottleneck: scale on conv2's kept channels
+    const2: jax.Array | None = None
+    layer_scale: jax.Array | None = None  # lc: (B,) scale of the whole branch
+
+
+def _take(a: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    return jnp.take(a, index, axis=axis, mode="fill", fill_value=0)
+
+
+def full_branch(spec: BlockSpec, p: dict[str, Any]) -> Branch:
+    return Branch(p["w1"], p["b1"], p["w2"], p["b2"], p.get("w3"), p.get("b3"), groups=spec.groups)
+
+
+def select_branch(spec: BlockSpec, p: dict[str, Any], gates: dict[str, Any], groups: jax.Array) -> Branch:
+    """The branch of one sample: weights of its listed active channel groups (sentinel -> zeros).
+
+    ``gates`` hold that sample's gates without the batch axis.
+    """
+    idx = rt.channel_index(groups, spec.channel_granularity)
+    width = spec.width
+    pre_bn = spec.channel_mask_position == "pre_bn"
+    kept = expand_groups(gates["channel"], width)  # (width,)
+    scale = None
+    if spec.mode == "lc":
+        scale = expand_groups(gates["channel_scale"], width)
+    branch = Branch(_take(p["w1"], idx, -1), _take(p["b1"], idx, 0), p["w2"], p["b2"], channels=idx, groups=spec.groups)
+    const1 = jax.nn.relu(p["b1"]) * (1.0 - kept) if pre_bn else None
+    if spec.kind == "basic":
+        if scale is not None:
+            branch.scale1 = _take(scale, idx, 0)
+            const1 = None if const1 is None else const1 * scale
+        branch.w2 = _take(p["w2"], idx, 2)
+        if const1 is not None:
+            extra = jnp.einsum("hwkc,k->hwc", p["w2"], const1)
+            branch.w2 = jnp.concatenate([branch.w2, extra[:, :, None, :]], axis=2)
+            branch.indicator = True
+        return branch
+    if spec.groups == 1:
+        branch.w2 = _take(_take(p["w2"], idx, 2), idx, 3)
+        if const1 is not None:
+            extra = jnp.einsum("hwkc,k->hwc", _take(p["w2"], idx, 3), const1)
+            branch.w2 = jnp.concatenate([branch.w2, extra[:, :, None, :]], axis=2)
+            branch.indicator = True
+    else:  # grouped conv2 runs at full width on the scattered kept channels
+        branch.expand_const1 = const1 if const1 is not None else jnp.zeros((width,), p["b1"].dtype)
+    branch.b2 = _take(p["b2"], idx, 0)
+    if scale is not None:
+        branch.scale2 = _take(scale, idx, 0)
+    branch.w3 = _take(p["w3"], idx, 0)
+    branch.b3 = p["b3"]
+    if pre_bn:
+        const2 = jax.nn.relu(p["b2"]) * (1.0 - kept)
+        branch.const2 = const2 * scale if scale is not None else const2
+    return branch
+
+
+def _expand(h: jax.Array, channels: jax.Array, width: int, const: jax.Array) -> jax.Array:
+    """Scatter kept channels (..., K) into full width; skipped channels take ``const``."""
+    full = jnp.broadcast_to(const.astype(h.dtype), (*h.shape[:-1], width))
+    return full.at[..., channels].set(h, mode="drop")
+
+
+def _squeeze_excite(spec: BlockSpec, p: dict[str, Any], branch: Branch, pooled: jax.Array):
+    """SE scales for the kept channels and conv3's extra bias from skipped constants.
+
+    ``pooled``: (B, K) mean of the kept conv2 channels over the executed pixels.
+    """
+    if branch.channels is not None:
+        const = branch.const2 if branch.const2 is not None else jnp.zeros((spec.width,), pooled.dtype)
+        pooled = _expand(pooled, branch.channels, spec.width, const)
+    hidden = jax.nn.relu(pooled @ p["se_reduce_w"] + p["se_reduce_b"])
+    scale = jax.nn.sigmoid(hidden @ p["se_expand_w"] + p["se_expand_b"])  # (B, width)
+    extra = None
+    if branch.const2 is not None:
+        extra = (branch.const2 * scale) @ p["w3"]
+    if branch.channels is not None:
+        scale = _take(scale, branch.channels, 1)
+    return scale, extra
+
+
+def _conv3_bias(spec: BlockSpec, p: dict[str, Any], branch: Branch, se_extra: jax.Array | None) -> jax.Array:
+    if se_extra is not None:
+        return branch.b3 + se_extra
+    if branch.const2 is not None:
+        return branch.b3 + branch.const2 @ p["w3"]
+    return branch.b3
+
+
+def dense_branch(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, branch: Branch) -> jax.Array:
+    """Residual branch on the whole grid (all pixels; channels as ``branch`` selects)."""
+    if spec.kind == "basic":
+        h = ops.conv(x, branch.w1, branch.b1, stride=spec.stride, relu=True)
+        if branch.scale1 is not None:
+            h = h * branch.scale1
+        if branch.indicator:
+            h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
+        out = ops.conv(h, branch.w2, branch.b2)
+    else:
+        h = ops.conv(x, branch.w1, branch.b1, relu=True)
+        if branch.indicator:
+            h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
+        if branch.expand_const1 is not None:
+            h = _expand(h, branch.channels, spec.width, branch.expand_const1)
+        h = ops.conv(h, branch.w2, p["b2"] if branch.expand_const1 is not None else branch.b2,
+                     stride=spec.stride, groups=branch.groups, relu=True)
+        if branch.expand_const1 is not None:
+            h = _take(h, branch.channels, -1)
+        if branch.scale2 is not None:
+            h = h * branch.scale2
+        se_extra = None
+        if spec.se_channels:
+            scale, se_extra = _squeeze_excite(spec, p, branch, jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
+            h = h * scale[:, None, None, :].astype(h.dtype)
+        bias = _conv3_bias(spec, p, branch, se_extra)
+        if bias.ndim == 2:  # per-sample bias (SE with skipped constants)
+            out = jnp.dot(h, branch.w3) + bias[:, None, None, :]
+        else:
+            out = ops.conv(h, branch.w3, bias)
+    if branch.layer_scale is not None:
+        out = out * branch.layer_scale[:, None, None, None].astype(out.dtype)
+    return out
+
+
+def spatial_branch(
+    ops,
+    spec: BlockSpec,
+    plan: BlockPlan,
+    p: dict[str, Any],
+    x: jax.Array,
+    identity: jax.Array,
+    base: jax.Array,
+    routing: dict[str, Any],
+    cell_count: jax.Array,
+    branch: Branch,
+) -> jax.Array:
+    """Gather conv1's pixels -> conv1 -> conv2 on patches -> [conv3] -> scatter into the identity."""
+    batch = x.shape[0]
+    cells = routing["cells"][: plan.cells]
+    pixels = routing["pixels"][: plan.pixels]
+    taps = rt.conv1_taps(spec, pixels, batch)
+    w1 = branch.w1.reshape(-1, branch.w1.shape[-1])
+    rows = ops.gather_matmul(x.reshape(-1, x.shape[-1]), taps, w1, branch.b1, relu=True)
+    if branch.scale1 is not None:
+        rows = rows * branch.scale1
+    if branch.indicator:
+        rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=-1)
+    if branch.expand_const1 is not None:
+        rows = _expand(rows, branch.channels, spec.width, branch.expand_const1)
+    slots = rt.patch_slots(spec, cells, pixels, batch)
+    starts = rt.patch_starts(spec, cells)
+    stride, _ = rt.patch_geometry(spec)
+    in_place = not spec.downsample
+    if spec.kind == "basic":
+        h = ops.patch_conv(rows, slots, branch.w2, branch.b2, stride=stride, groups=1, relu=False)
+        return ops.scatter_residual(h, identity, base, starts, cell_count, in_place=in_place)
+    grouped = branch.expand_const1 is not None
+    h = ops.patch_conv(
+        rows, slots, branch.w2, p["b2"] if grouped else branch.b2, stride=stride, groups=branch.groups, relu=True
+    )
+    if grouped:
+        h = _take(h, branch.channels, -1)
+    if branch.scale2 is not None:
+        h = h * branch.scale2
+    se_extra = None
+    if spec.se_channels:
+        sample = starts[:, 0]
+        valid = (jnp.arange(plan.cells) < cell_count).astype(jnp.float32)
+        sums = jnp.zeros((batch + 1, h.shape[-1]), jnp.float32).at[sample].add(
+            jnp.sum(h.astype(jnp.float32), axis=(1, 2)) * valid[:, None], mode="drop"
+        )[:batch]
+        pixels_on = jnp.zeros((batch + 1,), jnp.float32).at[sample].add(
+            valid * spec.granularity**2, mode="drop"
+        )[:batch]
+        scale, se_extra = _squeeze_excite(spec, p, branch, sums / jnp.maximum(pixels_on, 1.0)[:, None])
+        h = h * jnp.take(scale, sample, axis=0, mode="clip")[:, None, None, :].astype(h.dtype)
+        if se_extra is not None:
+            se_extra = se_extra[0]  # per-sample execution: batch is 1
+    bias = _conv3_bias(spec, p, branch, se_extra)
+    return ops.conv3_scatter(h, branch.w3, bias, identity, base, starts, cell_count, in_place=in_place)
+
+
+def _identity(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(identity, base): the shortcut, and the block output where the branch adds nothing."""
+    if spec.downsample:
+        identity = ops.conv(x, p["wd"], p["bd"], stride=spec.stride)
+        return identity, jax.nn.relu(identity)
+    return x, x  # block inputs are relu outputs: relu(x) == x
+
+
+def _sample_gates(gates: dict[str, Any], b: jax.Array) -> dict[str, Any]:
+    return {k: (None if v is None else lax.dynamic_index_in_dim(v, b, keepdims=False)) for k, v in gates.items()}
+
+
+def _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, b) -> jax.Array:
+    """Branch of sample ``b`` (channel gates; batch 1 or one iteration of the per-sample loop)."""
+    sample_gates = _sample_gates(gates, b)
+    branch = select_branch(spec, p, sample_gates, routing["groups"][b, : plan.groups])
+    if spec.mode == "lc":
+        branch.layer_scale = sample_gates["layer_scale"][None]
+    xb = lax.dynamic_slice_in_dim(x, b, 1)
+    ib = lax.dynamic_slice_in_dim(identity, b, 1)
+    bb = lax.dynamic_slice_in_dim(base, b, 1)
+    if spec.spatial:
+        if plan.per_sample:
+            sample_routing = {"cells": routing["cells"][b], "pixels": routing["pixels"][b]}
+            count = routing["sample_cells"][b]
+        else:
+            sample_routing, count = routing, routing["n_cells"]
+        return spatial_branch(ops, spec, plan, p, xb, ib, bb, sample_routing, count, branch)
+    return jax.nn.relu(ib + dense_branch(ops, spec, p, xb, branch))
+
+
+def run_block(
+    ops, spec: BlockSpec, plan: BlockPlan, p: dict[str, Any], x: jax.Array, gates: dict[str, Any], routing: dict[str, Any]
+) -> jax.Array:
+    """One block's output, executing only what ``plan`` and the routing leave active."""
+    identity, base = _identity(ops, spec, p, x)
+    if plan.run == "skip":
+        return base
+    if plan.run == "dense":
+        return jax.nn.relu(identity + dense_branch(ops, spec, p, x, full_branch(spec, p)))
+    batch = x.shape[0]
+    if spec.channel:
+        if not plan.per_sample:
+            return _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, 0)
+        samples = routing["samples"]
+        count = jnp.sum(gates["layer"] > 0).astype(jnp.int32) if spec.layer else batch
+
+        def one(i, out):
+            b = samples[i]
+            value = _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, b)
+            return lax.dynamic_update_slice_in_dim(out, value.astype(out.dtype), b, 0)
+
+        return lax.fori_loop(0, count, one, base)
+    if spec.spatial:
+        return spatial_branch(ops, spec, plan, p, x, identity, base, routing, routing["n_cells"], full_branch(spec, p))
+    # layer mode (no channel gate)
+    gate = gates["layer"]
+    if plan.samples == batch:
+        h = dense_branch(ops, spec, p, x, full_branch(spec, p))
+        return jax.nn.relu(identity + h * gate[:, None, None, None].astype(h.dtype))
+    samples = routing["samples"][: plan.samples]
+    h = dense_branch(ops, spec, p, _take(x, samples, 0), full_branch(spec, p))
+    count = jnp.sum(gate > 0).astype(jnp.int32)
+
+    def write(i, out):
+        b = samples[i]
+        value = jax.nn.relu(lax.dynamic_slice_in_dim(identity, b, 1) + h[i][None])
+        return lax.dynamic_update_slice_in_dim(out, value.astype(out.dtype), b, 0)
+
+    return lax.fori_loop(0, count, write, base)
+
+
+# ----------------------------------------------------------------------------- dense reference
+
+
+def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, gates: dict[str, Any]) -> jax.Array:
+    """The training-form computation on folded weights: everything computed, then masked."""
+    pre_bn = spec.channel_mask_position == "pre_bn"
+    channel = None if gates.get("channel") is None else expand_groups(gates["channel"], spec.width)[:, None, None, :]
+    out_mask = conv1_mask = None  # (B, H, W, G) group masks, expanded to each conv's channels
+    if gates.get("spatial") is not None:
+        out_mask = upsample_nearest(gates["spatial"], spec.granularity)
+        stride = spec.stride if spec.kind == "bottleneck" else 1
+        conv1_mask = dilate_mask(out_mask, stride, spec.conv1_hw)
+
+    def spatial(h, mask):
+        return h if mask is None else h * expand_groups(mask, h.shape[-1]).astype(h.dtype)
+
+    def conv_bn_relu(h, w, b, stride, groups, mask):
+        h = ops.conv(h, w, jnp.zeros_like(b), stride=stride, groups=groups)
+        if channel is not None and pre_bn:
+            h = h * channel
+        h = jax.nn.relu(h + b)
+        if channel is not None and not pre_bn:
+            h = h * channel
+        return spatial(h, mask)
+
+    first_stride = spec.stride if spec.kind == "basic" else 1
+    h = conv_bn_relu(x, p["w1"], p["b1"], first_stride, 1, conv1_mask)
+    if spec.kind == "bottleneck":
+        h = conv_bn_relu(h, p["w2"], p["b2"], spec.stride, spec.groups, out_mask)
+        if spec.mode == "lc":
+            h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :]
+        if spec.se_channels:
+            h32 = h.astype(jnp.float32)
+            if out_mask is None:
+                pooled = jnp.mean(h32, axis=(1, 2))
+            else:
+                m = expand_groups(out_mask, spec.width)
+                pooled = jnp.sum(h32 * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)
+            hidden = jax.nn.relu(pooled @ p["se_reduce_w"] + p["se_reduce_b"])
+            h = h * jax.nn.sigmoid(hidden @ p["se_expand_w"] + p["se_expand_b"])[:, None, None, :].astype(h.dtype)
+        h = ops.conv(h, p["w3"], p["b3"])
+    else:
+        if spec.mode == "lc":
+            h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :]
+        h = ops.conv(h, p["w2"], p["b2"])
+    h = spatial(h, out_mask)
+    if gates.get("layer") is not None:
+        scale = gates["layer"] * gates["layer_scale"] if spec.mode == "lc" else gates["layer"]
+        h = h * scale[:, None, None, None].astype(h.dtype)
+    identity, _ = _identity(ops, spec, p, x)
+    return jax.nn.relu(identity + h)

@@ -1,0 +1,152 @@
+"""Inference weights: batch norm folded into the convs, checked against the network spec.
+
+Every conv followed by eval-mode batch norm becomes ``conv(x, w * a) + b`` with
+``a = scale / sqrt(var + eps)`` and ``b = bias - mean * a``. Kernels of 1x1 convs are stored
+as (C_in, C_out) matrices; 3x3 kernels stay HWIO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from laud_jax.models.specs import BlockSpec, NetworkSpec
+
+BN_EPSILON = 1e-5  # laud_jax.models.blocks.batch_norm
+
+
+def _node(tree: Mapping[str, Any], path: tuple[str, ...], what: str) -> Any:
+    node = tree
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            raise ValueError(
+                f"variables have no {what} entry {'/'.join(path)}: they do not belong to this "
+                "model config (another arch, mode or width?). Build the engine with the config "
+                "the variables were trained with."
+            )
+        node = node[key]
+    return node
+
+
+def _expect_shape(name: str, value: Any, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"variables entry {name} has shape {tuple(value.shape)}, but the model config "
+            f"expects {tuple(shape)}: the variables belong to another architecture or width"
+        )
+
+
+def fold_conv_bn(
+    params: Mapping[str, Any],
+    stats: Mapping[str, Any],
+    conv: str,
+    bn: str,
+    kernel_shape: tuple[int, ...],
+    scope: str,
+) -> tuple[jax.Array, jax.Array]:
+    """Fold eval-mode batch norm ``bn`` into ``conv``'s kernel; returns (kernel, bias)."""
+    prefix = f"{scope}/" if scope else ""
+    kernel = _node(params, (conv, "kernel"), "parameter")
+    _expect_shape(f"params/{prefix}{conv}/kernel", kernel, kernel_shape)
+    channels = kernel_shape[-1]
+    scale = _node(params, (bn, "scale"), "parameter")
+    bias = _node(params, (bn, "bias"), "parameter")
+    mean = _node(stats, (bn, "mean"), "batch_stats")
+    var = _node(stats, (bn, "var"), "batch_stats")
+    for name, value in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
+        _expect_shape(f"{prefix}{bn}/{name}", value, (channels,))
+    factor = jnp.asarray(scale, jnp.float32) * jax.lax.rsqrt(jnp.asarray(var, jnp.float32) + BN_EPSILON)
+    folded = jnp.asarray(kernel, jnp.float32) * factor
+    shift = jnp.asarray(bias, jnp.float32) - jnp.asarray(mean, jnp.float32) * factor
+    if kernel_shape[:2] == (1, 1):
+        folded = folded.reshape(kernel_shape[2], channels)
+    return folded, shift
+
+
+def fold_block(spec: BlockSpec, params: Mapping[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
+    """Folded weights of one block plus its raw gate parameters (for the model's own gates)."""
+    scope = spec.name
+    p = _node(params, (scope,), "parameter")
+    s = _node(stats, (scope,), "batch_stats")
+    out: dict[str, Any] = {}
+    if spec.kind == "bottleneck":
+        out["w1"], out["b1"] = fold_conv_bn(p, s, "conv1", "bn1", (1, 1, spec.in_channels, spec.width), scope)
+        out["w2"], out["b2"] = fold_conv_bn(
+            p, s, "conv2", "bn2", (3, 3, spec.width // spec.groups, spec.width), scope
+        )
+        out["w3"], out["b3"] = fold_conv_bn(p, s, "conv3", "bn3", (1, 1, spec.width, spec.out_channels), scope)
+    else:
+        out["w1"], out["b1"] = fold_conv_bn(p, s, "conv1", "bn1", (3, 3, spec.in_channels, spec.width), scope)
+        out["w2"], out["b2"] = fold_conv_bn(p, s, "conv2", "bn2", (3, 3, spec.width, spec.out_channels), scope)
+    if spec.downsample:
+        out["wd"], out["bd"] = fold_conv_bn(
+            p, s, "downsample_conv", "downsample_bn", (1, 1, spec.in_channels, spec.out_channels), scope
+        )
+    if spec.se_channels:
+        se = _node(p, ("se",), "parameter")
+        for layer, shape in (("reduce", (spec.width, spec.se_channels)), ("expand", (spec.se_channels, spec.width))):
+            kernel = _node(se, (layer, "kernel"), "parameter")
+            _expect_shape(f"params/{scope}/se/{layer}/kernel", kernel, shape)
+            out[f"se_{layer}_w"] = jnp.asarray(kernel, jnp.float32)
+            out[f"se_{layer}_b"] = jnp.asarray(_node(se, (layer, "bias"), "parameter"), jnp.float32)
+    if spec.mode != "static":
+        gates = _node(p, ("gates",), "parameter")
+        _check_gates(spec, gates)
+        out["gates"] = gates
+    return out
+
+
+def _check_gates(spec: BlockSpec, gates: Mapping[str, Any]) -> None:
+    needed = []
+    if spec.spatial:
+        needed.append((("masker_spatial", "conv", "kernel"), (1, 1, spec.in_channels, 2 * spec.mask_groups)))
+    if spec.channel:
+        hidden = max(spec.channel_groups // 16, 16)
+        needed.append((("masker_channel", "fc2", "kernel"), (hidden, 2 * spec.channel_groups)))
+    if spec.layer:
+        needed.append((("layer_gate", "conv", "kernel"), (1, 1, spec.in_channels, 2)))
+    for path, shape in needed:
+        kernel = _node(gates, path, "gate parameter")
+        _expect_shape(f"params/{spec.name}/gates/{'/'.join(path)}", kernel, shape)
+
+
+def fold_network(spec: NetworkSpec, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """All inference weights of the network: stem, blocks (in order) and classifier."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError("variables must be a dict with 'params' and 'batch_stats' (what model.init returns)")
+    params = variables["params"]
+    stats = variables.get("batch_stats")
+    if stats is None:
+        raise ValueError("variables have no 'batch_stats': pass the full variables dict, not only params")
+    stem = spec.stem[0]
+    folded: dict[str, Any] = {}
+    folded["stem_w"], folded["stem_b"] = fold_conv_bn(
+        params, stats, "stem_conv", "stem_bn", (stem.kernel, stem.kernel, stem.in_channels, stem.out_channels), ""
+    )
+    folded["blocks"] = [fold_block(block, params, stats) for block in spec.blocks]
+    head = spec.head[0]
+    kernel = _node(params, ("fc", "kernel"), "parameter")
+    _expect_shape("params/fc/kernel", kernel, (head.in_channels, head.out_channels))
+    folded["fc_w"] = jnp.asarray(kernel, jnp.float32)
+    folded["fc_b"] = jnp.asarray(_node(params, ("fc", "bias"), "parameter"), jnp.float32)
+    extra = sorted(k for k in params if k.startswith("layer") and k not in {b.name for b in spec.blocks})
+    if extra:
+        raise ValueError(
+            f"variables have blocks {extra} that the model config does not: they belong to a deeper "
+            "architecture"
+        )
+    return folded
+
+
+def cast_weights(folded: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
+    """Cast conv/dense weights to the compute dtype; gate parameters stay float32."""
+    def cast(path, leaf):
+        if any(getattr(key, "key", None) == "gates" for key in path):
+            return leaf
+        return leaf.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, folded)
