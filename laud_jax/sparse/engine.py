@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from laud_jax.models.blocks import BlockGates
 from laud_jax.models.specs import BlockSpec, ModelConfig, NetworkSpec, model_config, network_spec
@@ -87,6 +88,7 @@ def _head(folded: dict[str, Any], x: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("ops", "spec", "first", "dtype"))
 def _stem_step(ops, spec: NetworkSpec, first: BlockSpec, dtype, stem_params, gate_params, images, forced, gate_offset):
     x = _stem(ops, spec, stem_params, images, dtype)
+    forced, x = lax.optimization_barrier((forced, x))
     gates = compute_gates(first, gate_params, x, gate_offset, forced)
     routing, counts = _routing(first, gates, x.shape[0])
     return x, gates, routing, counts
@@ -97,6 +99,7 @@ def _block_step(ops, spec: BlockSpec, plan: BlockPlan, following: BlockSpec | No
     out = executor.run_block(ops, spec, plan, params, x, gates, routing)
     if following is None:
         return _head(head_params, out)
+    next_forced, out = lax.optimization_barrier((next_forced, out))
     next_gates = compute_gates(following, next_gate_params, out, gate_offset, next_forced)
     next_routing, counts = _routing(following, next_gates, out.shape[0])
     return out, next_gates, next_routing, counts
@@ -112,35 +115,54 @@ _block_step_in_place = jax.jit(_block_step, static_argnames=_STEP_STATIC, donate
 def _planned_network(ops, spec: NetworkSpec, plans: tuple[BlockPlan, ...], dtype, folded, images, forced, gate_offset):
     x = _stem(ops, spec, folded, images, dtype)
     for block, plan, params, block_forced in zip(spec.blocks, plans, folded["blocks"], forced):
-        gates = compute_gates(block, params.get("gates"), x, gate_offset, block_forced)
-        routing, _ = _routing(block, gates, x.shape[0])
-        x = executor.run_block(ops, block, plan, params, x, gates, routing)
+        # Barriers keep the program a chain: each block's gates and index lists are built
+        # after its input and before its compute (see executor.run_block).
+        with jax.named_scope(block.name):
+            block_forced, x = lax.optimization_barrier((block_forced, x))
+            gates = compute_gates(block, params.get("gates"), x, gate_offset, block_forced)
+            routing, _ = _routing(block, gates, x.shape[0])
+            gates, routing, x = lax.optimization_barrier((gates, routing, x))
+            x = executor.run_block(ops, block, plan, params, x, gates, routing)
     return _head(folded, x)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _forced_counts(spec: NetworkSpec, forced, batch_array):
+    """Routing counts of every block under fully forced masks, and whether each block's are 0/1."""
     batch = batch_array.shape[0]
-    counts = []
+    counts, binary = [], []
     for block, block_forced in zip(spec.blocks, forced):
         gates = {key: jnp.broadcast_to(block_forced[key], shape) for key, shape in gate_shapes(block, batch).items()}
         counts.append(_routing(block, gates, batch)[1])
-    return jnp.stack(counts)
+        binary.append(jnp.all(jnp.asarray([jnp.all((v == 0) | (v == 1)) for v in block_forced.values()] or [True])))
+    return jnp.stack(counts), jnp.stack(binary)
 
 
 @functools.partial(jax.jit, static_argnames=("ops", "spec", "dtype", "masked"))
 def _dense_network(ops, spec: NetworkSpec, dtype, masked: bool, folded, images, forced, gate_offset):
     x = _stem(ops, spec, folded, images, dtype)
     for block, params, block_forced in zip(spec.blocks, folded["blocks"], forced):
-        if masked and block.mode != "static":
-            gates = compute_gates(block, params["gates"], x, gate_offset, block_forced)
-            x = executor.dense_masked_block(ops, block, params, x, gates)
-        else:
-            x = executor.run_block(ops, block, BlockPlan("dense"), params, x, {}, {})
+        with jax.named_scope(block.name):
+            if masked and block.mode != "static":
+                gates = compute_gates(block, params["gates"], x, gate_offset, block_forced)
+                x = executor.dense_masked_block(ops, block, params, x, gates)
+            else:
+                x = executor.run_block(ops, block, BlockPlan("dense"), params, x, {}, {})
     return _head(folded, x)
 
 
 # ----------------------------------------------------------------------------- engine
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPlan:
+    """Fully forced masks, validated, with every block's static plan: reusable across calls."""
+
+    spec: NetworkSpec
+    batch: int
+    forced: list[dict[str, Any]]
+    plans: tuple[BlockPlan, ...]
+    counts: list[dict[str, int] | None]
 
 
 @dataclasses.dataclass
@@ -167,7 +189,7 @@ class SparseEngine:
         variables: Mapping[str, Any],
         *,
         backend: str = "xla",
-        capacity_steps: int = 16,
+        capacity_steps: int = 32,
         image_shape: Sequence[int] | None = None,
     ):
         if backend not in BACKENDS:
@@ -252,21 +274,32 @@ class SparseEngine:
         return self.apply(images, masks=masks, gate_offset=gate_offset)[0]
 
     def apply(
-        self, images, *, masks: Sequence[Mapping[str, Any] | None] | None = None, gate_offset: float = 0.0,
+        self,
+        images,
+        *,
+        masks: Sequence[Mapping[str, Any] | None] | MaskPlan | None = None,
+        gate_offset: float = 0.0,
         execution: str = "auto",
     ) -> tuple[jax.Array, RunInfo]:
         """Logits of the dynamic model, executing only the active work; and what ran.
 
-        ``masks`` (one dict per block, as in ``model.apply``) force gates; unforced gates
-        come from the model's gate modules with threshold ``gate_offset``. ``execution``:
-        ``stepwise``, ``planned`` (needs every gate forced) or ``auto`` (planned when possible).
+        ``masks`` (one dict per block, as in ``model.apply``, or a :class:`MaskPlan` from
+        :meth:`plan_masks`) force gates; unforced gates come from the model's gate modules
+        with threshold ``gate_offset``. ``execution``: ``stepwise``, ``planned`` (needs every
+        gate forced) or ``auto`` (planned when every gate is forced).
         """
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
         images, spec, folded = self._check_images(images)
         batch = images.shape[0]
-        forced = self._check_masks(spec, masks, batch)
         offset = jnp.asarray(gate_offset, jnp.float32)
+        plan = masks if isinstance(masks, MaskPlan) else None
+        if plan is not None and (plan.spec != spec or plan.batch != batch):
+            raise ValueError(
+                f"the MaskPlan was made for batch {plan.batch} and images {plan.spec.image_shape}; "
+                f"got batch {batch} and images {tuple(images.shape[1:])}"
+            )
+        forced = plan.forced if plan is not None else self._check_masks(spec, masks, batch)
         if self.backend == "dense":
             logits = _dense_network(self.ops, spec, self.dtype, True, folded, images, forced, offset)
             return logits, RunInfo("dense", [BlockPlan("dense")] * len(spec.blocks), [None] * len(spec.blocks))
@@ -274,20 +307,30 @@ class SparseEngine:
         if execution == "planned" and not all_forced:
             raise ValueError("execution='planned' needs every gate of every block forced through masks")
         if execution == "planned" or (execution == "auto" and all_forced):
-            plans, counts = self.plan(spec, forced, batch)
-            logits = _planned_network(self.ops, spec, plans, self.dtype, folded, images, forced, offset)
-            return logits, RunInfo("planned", list(plans), counts)
+            if plan is None:
+                plan = self._plan(spec, forced, batch)
+            logits = _planned_network(self.ops, spec, plan.plans, self.dtype, folded, images, forced, offset)
+            return logits, RunInfo("planned", list(plan.plans), plan.counts)
         return self._stepwise(spec, folded, images, forced, offset)
 
-    def plan(self, spec: NetworkSpec, forced: list[dict[str, Any]], batch: int):
-        """Static plans of all blocks for fully forced masks (one device-to-host copy)."""
-        for i, entry in enumerate(forced):
-            for key, value in entry.items():
-                if not bool(jnp.all((value == 0) | (value == 1))):
-                    raise ValueError(f"masks[{i}][{key!r}] must be hard 0/1 masks")
-        counts = np.asarray(_forced_counts(spec, forced, jnp.zeros((batch,))))
+    def plan_masks(self, masks: Sequence[Mapping[str, Any]], image_shape: Sequence[int], batch: int) -> MaskPlan:
+        """Validate fully forced masks once and fix every block's capacities (for repeated runs)."""
+        spec, _ = self.network(image_shape)
+        forced = self._check_masks(spec, masks, batch)
+        missing = [(b.name, sorted(set(gate_shapes(b, batch)) - set(f))) for b, f in zip(spec.blocks, forced)]
+        missing = [m for m in missing if m[1]]
+        if missing:
+            raise ValueError(f"plan_masks needs every gate forced; missing {missing[:3]}")
+        return self._plan(spec, forced, batch)
+
+    def _plan(self, spec: NetworkSpec, forced: list[dict[str, Any]], batch: int) -> MaskPlan:
+        counts, binary = _forced_counts(spec, forced, jnp.zeros((batch,)))
+        counts, binary = np.asarray(counts), np.asarray(binary)
+        if not binary.all():
+            i = int(np.argmin(binary))
+            raise ValueError(f"masks[{i}] must hold hard 0/1 values")
         plans = tuple(plan_block(b, c, batch, self.capacity_steps) for b, c in zip(spec.blocks, counts))
-        return plans, [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)]
+        return MaskPlan(spec, batch, forced, plans, [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)])
 
     @staticmethod
     def _count_dict(spec: BlockSpec, counts) -> dict[str, int] | None:

@@ -18,6 +18,7 @@ from laud_jax.models.blocks import expand_groups
 from laud_jax.models.gates import dilate_mask, upsample_nearest
 from laud_jax.models.specs import BlockSpec
 from laud_jax.sparse import routing as rt
+from laud_jax.sparse.folding import conv2_group_layout
 from laud_jax.sparse.routing import BlockPlan
 
 
@@ -58,31 +59,47 @@ def full_branch(spec: BlockSpec, p: dict[str, Any]) -> Branch:
 def select_branch(spec: BlockSpec, p: dict[str, Any], gates: dict[str, Any], groups: jax.Array) -> Branch:
     """The branch of one sample: weights of its listed active channel groups (sentinel -> zeros).
 
-    ``gates`` hold that sample's gates without the batch axis.
+    ``gates`` hold that sample's gates without the batch axis. Weights are gathered from
+    the group-major copies made at folding (``w1g``, ``w2g``), so each gathered piece is
+    contiguous, then laid out as the convs expect.
     """
     idx = rt.channel_index(groups, spec.channel_granularity)
-    width = spec.width
+    width, cg = spec.width, spec.channel_granularity
+    kept_channels = idx.shape[0]
     pre_bn = spec.channel_mask_position == "pre_bn"
     kept = expand_groups(gates["channel"], width)  # (width,)
     scale = None
     if spec.mode == "lc":
         scale = expand_groups(gates["channel_scale"], width)
-    branch = Branch(_take(p["w1"], idx, -1), _take(p["b1"], idx, 0), p["w2"], p["b2"], channels=idx, groups=spec.groups)
+    w1 = _take(p["w1g"], groups, 0)
+    if spec.kind == "bottleneck":  # (K, cg, C_in): XLA folds the transpose into the matmul
+        w1 = w1.reshape(kept_channels, spec.in_channels).T
+    else:
+        w1 = jnp.transpose(w1, (1, 2, 3, 0, 4)).reshape(3, 3, spec.in_channels, kept_channels)
+    branch = Branch(w1, _take(p["b1"], idx, 0), p["w2"], p["b2"], channels=idx, groups=spec.groups)
     const1 = jax.nn.relu(p["b1"]) * (1.0 - kept) if pre_bn else None
     if spec.kind == "basic":
         if scale is not None:
             branch.scale1 = _take(scale, idx, 0)
             const1 = None if const1 is None else const1 * scale
-        branch.w2 = _take(p["w2"], idx, 2)
+        w2 = _take(p["w2g"], groups, 0)  # (K, 3, 3, cg, C_out)
+        branch.w2 = jnp.transpose(w2, (1, 2, 0, 3, 4)).reshape(3, 3, kept_channels, spec.out_channels)
         if const1 is not None:
             extra = jnp.einsum("hwkc,k->hwc", p["w2"], const1)
             branch.w2 = jnp.concatenate([branch.w2, extra[:, :, None, :]], axis=2)
             branch.indicator = True
         return branch
     if spec.groups == 1:
-        branch.w2 = _take(_take(p["w2"], idx, 2), idx, 3)
+        if conv2_group_layout(spec) == "out":
+            rows = _take(p["w2g"], groups, 0)  # (K_out, G_in, 3, 3, cg_in, cg_out)
+            w2 = jnp.transpose(_take(rows, groups, 1), (2, 3, 1, 4, 0, 5))
+        else:
+            rows = _take(p["w2g"], groups, 4)  # (G_in, 3, 3, cg_in, K_out, cg_out)
+            w2 = jnp.transpose(_take(rows, groups, 0), (1, 2, 0, 3, 4, 5))
+        branch.w2 = w2.reshape(3, 3, kept_channels, kept_channels)
         if const1 is not None:
-            extra = jnp.einsum("hwkc,k->hwc", _take(p["w2"], idx, 3), const1)
+            skipped = jnp.einsum("yxkc,k->yxc", p["w2"], const1)  # (3, 3, width)
+            extra = _take(skipped, idx, 2)
             branch.w2 = jnp.concatenate([branch.w2, extra[:, :, None, :]], axis=2)
             branch.indicator = True
     else:  # grouped conv2 runs at full width on the scattered kept channels
@@ -179,9 +196,9 @@ def spatial_branch(
 ) -> jax.Array:
     """Gather conv1's pixels -> conv1 -> conv2 on patches -> [conv3] -> scatter into the identity."""
     batch = x.shape[0]
-    cells = routing["cells"][: plan.cells]
-    pixels = routing["pixels"][: plan.pixels]
-    taps = rt.conv1_taps(spec, pixels, batch)
+    starts = routing["starts"][: plan.cells]
+    coords = routing["pixel_coords"][: plan.pixels]
+    taps = routing["taps"][: plan.pixels] if spec.kind == "basic" else routing["pixels"][: plan.pixels, None]
     w1 = branch.w1.reshape(-1, branch.w1.shape[-1])
     rows = ops.gather_matmul(x.reshape(-1, x.shape[-1]), taps, w1, branch.b1, relu=True)
     if branch.scale1 is not None:
@@ -190,16 +207,16 @@ def spatial_branch(
         rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=-1)
     if branch.expand_const1 is not None:
         rows = _expand(rows, branch.channels, spec.width, branch.expand_const1)
-    slots = rt.patch_slots(spec, cells, pixels, batch)
-    starts = rt.patch_starts(spec, cells)
     stride, _ = rt.patch_geometry(spec)
+    geometry = dict(grid=(batch, *spec.conv1_hw), size=spec.granularity, stride=stride)
     in_place = not spec.downsample
     if spec.kind == "basic":
-        h = ops.patch_conv(rows, slots, branch.w2, branch.b2, stride=stride, groups=1, relu=False)
+        h = ops.patch_conv(rows, coords, starts, branch.w2, branch.b2, groups=1, relu=False, **geometry)
         return ops.scatter_residual(h, identity, base, starts, cell_count, in_place=in_place)
     grouped = branch.expand_const1 is not None
     h = ops.patch_conv(
-        rows, slots, branch.w2, p["b2"] if grouped else branch.b2, stride=stride, groups=branch.groups, relu=True
+        rows, coords, starts, branch.w2, p["b2"] if grouped else branch.b2, groups=branch.groups, relu=True,
+        **geometry,
     )
     if grouped:
         h = _take(h, branch.channels, -1)
@@ -246,8 +263,9 @@ def _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, b) -> jax
     bb = lax.dynamic_slice_in_dim(base, b, 1)
     if spec.spatial:
         if plan.per_sample:
-            sample_routing = {"cells": routing["cells"][b], "pixels": routing["pixels"][b]}
-            count = routing["sample_cells"][b]
+            keys = ("starts", "pixels", "pixel_coords", "taps")
+            sample_routing = {k: routing[k][b] for k in keys if k in routing}
+            count = routing["n_cells"][b]
         else:
             sample_routing, count = routing, routing["n_cells"]
         return spatial_branch(ops, spec, plan, p, xb, ib, bb, sample_routing, count, branch)
@@ -257,8 +275,15 @@ def _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, b) -> jax
 def run_block(
     ops, spec: BlockSpec, plan: BlockPlan, p: dict[str, Any], x: jax.Array, gates: dict[str, Any], routing: dict[str, Any]
 ) -> jax.Array:
-    """One block's output, executing only what ``plan`` and the routing leave active."""
+    """One block's output, executing only what ``plan`` and the routing leave active.
+
+    The shortcut is computed first and fenced off (an optimization barrier): XLA:CPU would
+    otherwise run it concurrently with the branch, and on a busy machine the extra thread
+    hand-offs cost more than the overlap gains.
+    """
     identity, base = _identity(ops, spec, p, x)
+    if spec.downsample:
+        identity, base, x = lax.optimization_barrier((identity, base, x))
     if plan.run == "skip":
         return base
     if plan.run == "dense":

@@ -93,10 +93,47 @@ def fold_block(spec: BlockSpec, params: Mapping[str, Any], stats: Mapping[str, A
             _expect_shape(f"params/{scope}/se/{layer}/kernel", kernel, shape)
             out[f"se_{layer}_w"] = jnp.asarray(kernel, jnp.float32)
             out[f"se_{layer}_b"] = jnp.asarray(_node(se, (layer, "bias"), "parameter"), jnp.float32)
+    if spec.channel:
+        out.update(group_major(spec, out))
     if spec.mode != "static":
         gates = _node(p, ("gates",), "parameter")
         _check_gates(spec, gates)
         out["gates"] = gates
+    return out
+
+
+def conv2_group_layout(spec: BlockSpec) -> str:
+    """Group-major layout of a channel-gated bottleneck's conv2 kernel (see :func:`group_major`).
+
+    ``out``: (G_out, G_in, 3, 3, cg, cg), gathered slab by slab and then transposed (best
+    while the gathered kernel fits in cache); ``in``: (G_in, 3, 3, cg, G_out, cg), whose
+    transpose back to HWIO moves large contiguous chunks (best for big kernels).
+    """
+    gathered_bytes = 9 * spec.width * spec.width  # a quarter of the fp32 kernel
+    return "out" if gathered_bytes <= 1 << 20 else "in"
+
+
+def group_major(spec: BlockSpec, folded: dict[str, Any]) -> dict[str, jax.Array]:
+    """Copies of conv1/conv2 kernels with the channel-mask group as the leading axis.
+
+    Channel skipping gathers whole groups; in these layouts each gathered group is one
+    contiguous slab (the HWIO kernels would be gathered element by element).
+    ``w1g``: (G, cg, C_in) for a bottleneck (used transposed), (G, 3, 3, C_in, cg) for a
+    basic block; ``w2g``: see :func:`conv2_group_layout` (bottleneck, dense conv2) or
+    (G_in, 3, 3, cg, C_out) (basic block).
+    """
+    groups, cg = spec.channel_groups, spec.channel_granularity
+    w1, w2 = folded["w1"], folded["w2"]
+    out = {}
+    if spec.kind == "bottleneck":
+        out["w1g"] = jnp.transpose(w1.reshape(spec.in_channels, groups, cg), (1, 2, 0))
+        if spec.groups == 1:
+            blocks = w2.reshape(3, 3, groups, cg, groups, cg)
+            order = (4, 2, 0, 1, 3, 5) if conv2_group_layout(spec) == "out" else (2, 0, 1, 3, 4, 5)
+            out["w2g"] = jnp.transpose(blocks, order)
+    else:
+        out["w1g"] = jnp.transpose(w1.reshape(3, 3, spec.in_channels, groups, cg), (3, 0, 1, 2, 4))
+        out["w2g"] = jnp.transpose(w2.reshape(3, 3, groups, cg, spec.out_channels), (2, 0, 1, 3, 4))
     return out
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from laud_jax.models.gates import dilate_mask, upsample_nearest
 from laud_jax.models.specs import BlockSpec
 
 # Order of the entries of a routing's ``counts`` vector.
@@ -96,24 +96,101 @@ def plan_block(spec: BlockSpec, counts: np.ndarray | None, batch: int, steps: in
     return BlockPlan("sparse", **kw)
 
 
+_ROW = 128
+
+
+def _inclusive_count(flags: jax.Array) -> jax.Array:
+    """Running count of true entries (inclusive prefix sum) of a 1-D boolean array.
+
+    Rows of 128 are summed by a triangular matmul, then offset by the running row totals:
+    a handful of ops (``jnp.cumsum`` lowers to a quadratic reduce-window on CPU, and a
+    log-depth scan to dozens of small ops). Exact in float32 for counts below 2**24.
+    """
+    size = flags.shape[0]
+    rows = -(-size // _ROW)
+    x = jnp.pad(flags.astype(jnp.float32), (0, rows * _ROW - size)).reshape(rows, _ROW)
+    upper = jnp.asarray(np.triu(np.ones((_ROW, _ROW), np.float32)))
+    within = x @ upper
+    totals = within[:, -1]
+    offsets = jnp.asarray(np.tril(np.ones((rows, rows), np.float32), -1)) @ totals
+    return (within + offsets[:, None]).reshape(-1)[:size].astype(jnp.int32)
+
+
 def active_first(flags: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Indices of the true entries of a 1-D array, in order, padded with ``flags.size``."""
     size = flags.shape[0]
-    (index,) = jnp.nonzero(flags, size=size, fill_value=size)
-    return index.astype(jnp.int32), jnp.sum(flags).astype(jnp.int32)
+    rank = _inclusive_count(flags)
+    slot = jnp.where(flags, rank - 1, size)
+    index = jnp.full((size,), size, jnp.int32).at[slot].set(
+        jnp.arange(size, dtype=jnp.int32), mode="drop", unique_indices=True
+    )
+    return index, rank[-1]
+
+
+def _max3x3(mask: jax.Array) -> jax.Array:
+    """3x3 max filter (zero padding) of a (B, H, W) boolean map."""
+    height, width = mask.shape[1:]
+    padded = jnp.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    out = mask
+    for dy in range(3):
+        for dx in range(3):
+            out = out | padded[:, dy : dy + height, dx : dx + width]
+    return out
 
 
 def conv1_mask(spec: BlockSpec, spatial: jax.Array) -> jax.Array:
-    """(B, H1, W1) pixels where conv1 runs: the output mask dilated to conv2's receptive field."""
-    out = upsample_nearest(spatial, spec.granularity)
+    """(B, H1, W1) pixels where conv1 runs: the output mask dilated to conv2's receptive field.
+
+    The map of ``laud_jax.models.gates.dilate_mask`` (each output pixel placed at the
+    top-left of its stride x stride cell, 3x3 max, crop), built from fusible slices.
+    """
+    cells = spatial[..., 0] > 0
+    size = spec.granularity
+    batch, gh, gw = cells.shape
+    out = jnp.broadcast_to(cells[:, :, None, :, None], (batch, gh, size, gw, size))
+    out = out.reshape(batch, gh * size, gw * size)
     stride = spec.stride if spec.kind == "bottleneck" else 1
-    return dilate_mask(out, stride, spec.conv1_hw)[..., 0] > 0
+    if stride > 1:
+        h, w = out.shape[1:]
+        spread = jnp.zeros((batch, h, stride, w, stride), bool).at[:, :, 0, :, 0].set(out)
+        out = spread.reshape(batch, h * stride, w * stride)
+    h1, w1 = spec.conv1_hw
+    return _max3x3(out)[:, :h1, :w1]
+
+
+def _spatial_lists(spec: BlockSpec, cells: jax.Array, pixels: jax.Array) -> dict[str, jax.Array]:
+    """Index lists of one batch-flattened (or one-sample) grid of cell and conv1-pixel flags.
+
+    ``starts`` (N, 3): (sample, row, col) of each active patch's top-left output pixel;
+    ``pixels``: flat conv1-grid index of each conv1 pixel; ``pixel_coords`` (N, 3) its
+    (sample, row, col). Padding entries have sample == batch (out of range).
+    """
+    gh, gw = spec.mask_grid
+    h1, w1 = spec.conv1_hw
+    batch = cells.shape[0]
+    cell_idx, n_cells = active_first(cells.reshape(-1))
+    pixel_idx, n_pixels = active_first(pixels.reshape(-1))
+    b, rest = jnp.divmod(cell_idx, gh * gw)
+    i, j = jnp.divmod(rest, gw)
+    size = spec.granularity
+    pb, prest = jnp.divmod(pixel_idx, h1 * w1)
+    pr, pc = jnp.divmod(prest, w1)
+    lists = {
+        "starts": jnp.stack([b, i * size, j * size], axis=-1).astype(jnp.int32),
+        "pixels": pixel_idx,
+        "pixel_coords": jnp.stack([pb, pr, pc], axis=-1).astype(jnp.int32),
+        "n_cells": n_cells,
+        "n_pixels": n_pixels,
+    }
+    if spec.kind == "basic":
+        lists["taps"] = conv1_taps(spec, lists["pixel_coords"], batch)
+    return lists
 
 
 def block_routing(spec: BlockSpec, gates: dict[str, Any], batch: int) -> tuple[dict[str, Any], jax.Array]:
     """Index lists of a block's active units, from its hard gates; and their counts.
 
-    Spatial indices are flat over (batch, grid) for batch-shared execution, or per sample
+    Spatial lists are flat over (batch, grid) for batch-shared execution, or per sample
     (leading batch axis) when the block loops over samples. ``counts`` (see COUNT_KEYS)
     holds totals for batch-shared lists and maxima over samples for per-sample lists.
     """
@@ -127,15 +204,12 @@ def block_routing(spec: BlockSpec, gates: dict[str, Any], batch: int) -> tuple[d
         cells = gates["spatial"][..., 0] > 0  # (B, Hm, Wm)
         pixels = conv1_mask(spec, gates["spatial"])  # (B, H1, W1)
         if per_sample:
-            cell_idx, n_cells = jax.vmap(active_first)(cells.reshape(batch, -1))
-            pixel_idx, n_pixels = jax.vmap(active_first)(pixels.reshape(batch, -1))
-            routing["sample_cells"] = n_cells
-            counts["cells"], counts["pixels"] = jnp.max(n_cells), jnp.max(n_pixels)
+            lists = jax.vmap(lambda c, p: _spatial_lists(spec, c[None], p[None]))(cells, pixels)
+            counts["cells"], counts["pixels"] = jnp.max(lists["n_cells"]), jnp.max(lists["n_pixels"])
         else:
-            cell_idx, counts["cells"] = active_first(cells.reshape(-1))
-            pixel_idx, counts["pixels"] = active_first(pixels.reshape(-1))
-            routing["n_cells"] = counts["cells"]
-        routing["cells"], routing["pixels"] = cell_idx, pixel_idx
+            lists = _spatial_lists(spec, cells, pixels)
+            counts["cells"], counts["pixels"] = lists["n_cells"], lists["n_pixels"]
+        routing.update(lists)
     if spec.channel:
         group_idx, n_groups = jax.vmap(active_first)(gates["channel"] > 0)
         routing["groups"] = group_idx
@@ -151,19 +225,14 @@ def block_routing(spec: BlockSpec, gates: dict[str, Any], batch: int) -> tuple[d
 # ----------------------------------------------------------------------------- gather maps
 
 
-def conv1_taps(spec: BlockSpec, pixels: jax.Array, batch: int) -> jax.Array:
-    """Rows of the flattened block input that conv1 reads for each listed conv1 pixel.
+def conv1_taps(spec: BlockSpec, coords: jax.Array, batch: int) -> jax.Array:
+    """(N, 9) rows of the flattened block input that a basic block's conv1 (3x3, stride) reads.
 
-    Bottleneck (1x1 conv on the input grid): (N, 1). Basic block (3x3 conv with the block's
-    stride, computed on the output grid): (N, 9). Out-of-image taps and padding slots
-    point past the end (read as zeros).
+    ``coords``: (sample, row, col) of conv1 pixels on the output grid. Out-of-image taps
+    and padding entries point past the end (read as zeros).
     """
-    h1, w1 = spec.conv1_hw
-    if spec.kind == "bottleneck":
-        return pixels[:, None]
     total = batch * spec.h_in * spec.w_in
-    b, rest = jnp.divmod(pixels, h1 * w1)
-    r, c = jnp.divmod(rest, w1)
+    b, r, c = coords[:, 0], coords[:, 1], coords[:, 2]
     dy, dx = np.divmod(np.arange(9), 3)
     rows = r[:, None] * spec.stride + dy - 1
     cols = c[:, None] * spec.stride + dx - 1
@@ -176,42 +245,6 @@ def patch_geometry(spec: BlockSpec) -> tuple[int, int]:
     """(stride, T) of conv2 on patches: an S x S output patch reads T x T conv1 pixels."""
     stride = spec.stride if spec.kind == "bottleneck" else 1
     return stride, stride * (spec.granularity - 1) + 3
-
-
-def patch_slots(spec: BlockSpec, cells: jax.Array, pixels: jax.Array, batch: int) -> jax.Array:
-    """(P, T, T) row of conv1's output (listed pixels) for every pixel conv2 reads in each patch.
-
-    Pixels outside the image, outside conv1's mask, or in padding cells get
-    ``len(pixels)``, which reads as zero.
-    """
-    h1, w1 = spec.conv1_hw
-    gh, gw = spec.mask_grid
-    size = spec.granularity
-    stride, span = patch_geometry(spec)
-    n_slots = pixels.shape[0]
-    inverse = jnp.full((batch * h1 * w1,), n_slots, jnp.int32)
-    inverse = inverse.at[pixels].set(jnp.arange(n_slots, dtype=jnp.int32), mode="drop")
-    b, rest = jnp.divmod(cells, gh * gw)
-    i, j = jnp.divmod(rest, gw)
-    offsets = np.arange(span) - 1
-    rows = (i * size * stride)[:, None] + offsets  # (P, T)
-    cols = (j * size * stride)[:, None] + offsets
-    inside = (
-        ((rows >= 0) & (rows < h1))[:, :, None]
-        & ((cols >= 0) & (cols < w1))[:, None, :]
-        & (b < batch)[:, None, None]
-    )
-    flat = (b[:, None, None] * h1 + rows[:, :, None]) * w1 + cols[:, None, :]
-    flat = jnp.where(inside, flat, 0)
-    return jnp.where(inside, inverse[flat], n_slots)
-
-
-def patch_starts(spec: BlockSpec, cells: jax.Array) -> jax.Array:
-    """(P, 3) (sample, row, col) of each listed cell's top-left output pixel."""
-    gh, gw = spec.mask_grid
-    b, rest = jnp.divmod(cells, gh * gw)
-    i, j = jnp.divmod(rest, gw)
-    return jnp.stack([b, i * spec.granularity, j * spec.granularity], axis=-1).astype(jnp.int32)
 
 
 def channel_index(groups: jax.Array, granularity: int) -> jax.Array:

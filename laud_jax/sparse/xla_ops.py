@@ -9,6 +9,8 @@ HWIO; biases are (C_out,).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,15 +23,20 @@ def _act(y: jax.Array, relu: bool) -> jax.Array:
     return jax.nn.relu(y) if relu else y
 
 
+@dataclasses.dataclass(frozen=True)
 class XlaOps:
-    """Pure-JAX primitives: dense convs, gather-fused conv1, patch conv2, scatter-fused conv3."""
+    """Pure-JAX primitives: dense convs, gather-fused conv1, patch conv2, scatter-fused conv3.
 
-    name = "xla"
+    Hashable by value: an instance is a static argument of the compiled programs.
+    ``im2col_max_pixels``: 3x3 convs with at most this many output pixels gather their taps
+    and run one matmul instead of XLA's convolution (faster on CPU for small maps, many
+    channels). ``writeback``: ``loop`` (one in-place window update per active patch) or
+    ``scatter`` (one scatter op).
+    """
 
-    # im2col (gather the 3x3 taps, one matmul) beats XLA:CPU's convolution when the
-    # spatial extent is small and channels are many (late stages, small patches); see
-    # docs/sparse.md for the per-shape measurements behind these thresholds.
-    im2col_max_pixels = 256
+    name: str = "xla"
+    im2col_max_pixels: int = 256
+    writeback: str = "loop"
 
     def conv(
         self, x: jax.Array, w: jax.Array, b: jax.Array, *, stride: int = 1, groups: int = 1, relu: bool = False
@@ -64,27 +71,44 @@ class XlaOps:
         return _act(jnp.dot(gathered.reshape(taps.shape[0], -1), w) + b, relu)
 
     def patch_conv(
-        self, rows: jax.Array, slots: jax.Array, w: jax.Array, b: jax.Array, *, stride: int, groups: int, relu: bool
+        self,
+        rows: jax.Array,
+        coords: jax.Array,
+        starts: jax.Array,
+        w: jax.Array,
+        b: jax.Array,
+        *,
+        grid: tuple[int, int, int],
+        size: int,
+        stride: int,
+        groups: int,
+        relu: bool,
     ) -> jax.Array:
-        """3x3 VALID conv (stride) over patches gathered from ``rows``: (P, T, T) slots -> (P, S, S, C_out).
+        """3x3 conv (stride) of conv1's output on the active patches -> (P, size, size, C_out).
 
-        Slots past the end of ``rows`` read zeros (image border, pixels outside conv1's mask).
+        ``rows`` (N, C): conv1's output at ``coords`` (N, 3) = (sample, row, col) of a
+        ``grid`` = (B, H1, W1) map that is zero elsewhere; entries with sample >= B are
+        padding. ``starts`` (P, 3): (sample, row, col) of each patch's first output pixel.
         """
-        patches, span, _ = slots.shape
-        size = (span - 3) // stride + 1
+        batch, height, width = grid
+        channels = rows.shape[-1]
+        span = stride * (size - 1) + 3
+        canvas = jnp.zeros((batch, height + 2, width + 2, channels), rows.dtype)
+        canvas = canvas.at[coords[:, 0], coords[:, 1] + 1, coords[:, 2] + 1].set(rows, mode="drop")
+        origin = starts * jnp.asarray([1, stride, stride], starts.dtype)
+        windows = jax.vmap(
+            lambda o: lax.dynamic_slice(canvas, (o[0], o[1], o[2], 0), (1, span, span, channels))[0]
+        )(origin)
         if groups == 1 and size <= 2:
-            offsets = np.arange(size) * stride
-            taps = np.arange(3)
-            # (P, S, S, 3, 3) slots of every output pixel's 3x3 window, in HWIO tap order.
-            window = slots[:, (offsets[:, None] + taps)[:, None, :, None], (offsets[:, None] + taps)[None, :, None, :]]
-            gathered = jnp.take(rows, window.reshape(-1, 9), axis=0, mode="fill", fill_value=0)
-            y = jnp.dot(gathered.reshape(-1, 9 * rows.shape[-1]), w.reshape(-1, w.shape[-1]))
-            y = y.reshape(patches, size, size, -1)
+            taps = [
+                windows[:, dy : dy + stride * (size - 1) + 1 : stride, dx : dx + stride * (size - 1) + 1 : stride, :]
+                for dy in range(3)
+                for dx in range(3)
+            ]
+            y = jnp.dot(jnp.concatenate(taps, axis=-1), w.reshape(-1, w.shape[-1]))
         else:
-            gathered = jnp.take(rows, slots.reshape(-1), axis=0, mode="fill", fill_value=0)
-            gathered = gathered.reshape(patches, span, span, rows.shape[-1])
             y = lax.conv_general_dilated(
-                gathered, w, (stride, stride), "VALID", dimension_numbers=_NHWC, feature_group_count=groups
+                windows, w, (stride, stride), "VALID", dimension_numbers=_NHWC, feature_group_count=groups
             )
         return _act(y + b, relu)
 
@@ -98,6 +122,16 @@ class XlaOps:
         """
         size = h.shape[1]
         channels = h.shape[-1]
+        if self.writeback == "scatter":
+            valid = jnp.arange(h.shape[0]) < count
+            sample = jnp.where(valid, starts[:, 0], identity.shape[0])  # out of range: dropped
+            offsets = jnp.arange(size)
+            rows = (starts[:, 1, None] + offsets)[:, :, None]
+            cols = (starts[:, 2, None] + offsets)[:, None, :]
+            index = (sample[:, None, None], rows, cols)
+            window = (base if in_place else identity).at[index].get(mode="fill", fill_value=0)
+            value = jax.nn.relu(window + h.astype(window.dtype))
+            return base.at[index].set(value, mode="drop", unique_indices=True)
 
         def write(p, out):
             sample, row, col = starts[p, 0], starts[p, 1], starts[p, 2]
