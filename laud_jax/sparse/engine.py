@@ -166,6 +166,24 @@ class MaskPlan:
 
 
 @dataclasses.dataclass
+class BlockTrace:
+    """One block as a stepwise run reached it (see :meth:`SparseEngine.trace_blocks`)."""
+
+    spec: BlockSpec
+    plan: BlockPlan
+    counts: dict[str, int] | None
+    params: dict[str, Any]
+    x: jax.Array
+    gates: dict[str, Any]
+    routing: dict[str, Any]
+
+
+@functools.partial(jax.jit, static_argnames=("ops", "spec", "plan"))
+def _one_block(ops, spec: BlockSpec, plan: BlockPlan, params, x, gates, routing):
+    return executor.run_block(ops, spec, plan, params, x, gates, routing)
+
+
+@dataclasses.dataclass
 class RunInfo:
     """What one engine call executed: per block, the plan (capacities) and the active counts."""
 
@@ -338,7 +356,7 @@ class SparseEngine:
             return None
         return {k: int(v) for k, v in zip(COUNT_KEYS, np.asarray(counts))}
 
-    def _stepwise(self, spec, folded, images, forced, offset) -> tuple[jax.Array, RunInfo]:
+    def _stepwise(self, spec, folded, images, forced, offset, record: list | None = None) -> tuple[jax.Array, RunInfo]:
         blocks = spec.blocks
         x, gates, routing, counts = _stem_step(
             self.ops, spec, _jit_key(blocks[0]), self.dtype,
@@ -355,6 +373,9 @@ class SparseEngine:
             last = i + 1 == len(blocks)
             following = None if last else blocks[i + 1]
             in_place = plan.run == "sparse" and block.spatial and not block.downsample and not plan.per_sample
+            if record is not None:
+                record.append(BlockTrace(block, plan, count_log[-1], folded["blocks"][i], x, gates, routing))
+                in_place = False  # keep the recorded input alive
             step = _block_step_in_place if in_place else _block_step_jit
             result = step(
                 self.ops, _jit_key(block), plan, _jit_key(following), folded["blocks"][i],
@@ -366,6 +387,22 @@ class SparseEngine:
                 return result, RunInfo("stepwise", plans, count_log)
             x, gates, routing, counts = result
         raise AssertionError("unreachable")
+
+    def trace_blocks(self, images, *, masks=None, gate_offset: float = 0.0) -> list[BlockTrace]:
+        """Each block's input, gates, index lists and plan, as a stepwise run meets them."""
+        images, spec, folded = self._check_images(images)
+        batch = images.shape[0]
+        forced = masks.forced if isinstance(masks, MaskPlan) else self._check_masks(spec, masks, batch)
+        record: list[BlockTrace] = []
+        self._stepwise(spec, folded, images, forced, jnp.asarray(gate_offset, jnp.float32), record)
+        return record
+
+    def block_program(self, trace: BlockTrace, *, dense: bool = False):
+        """A zero-argument callable running one traced block alone: sparse as planned, or dense."""
+        plan = BlockPlan("dense") if dense else trace.plan
+        fn = functools.partial(_one_block, self.ops, _jit_key(trace.spec), plan)
+        gates, routing = ({}, {}) if dense else (trace.gates, trace.routing)
+        return lambda: fn(trace.params, trace.x, gates, routing)
 
     def apply_static(self, images) -> jax.Array:
         """Logits of the static network (every gate ignored), dense, BN folded: the baseline."""
