@@ -29,29 +29,7 @@ import numpy as np
 from laud_jax.models import MODES, build_model, network_spec
 from laud_jax.models.specs import ARCHS
 from laud_jax.sparse import BACKENDS, SparseEngine
-from laud_jax.sparse.masks import random_masks
-
-
-def random_variables(model, image_shape: Sequence[int], seed: int) -> dict[str, Any]:
-    """He-normal kernels, unit batch norm, the gates' own bias init (timing needs no training)."""
-    shapes = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *image_shape), jnp.float32))
-    )
-    rng = np.random.default_rng(seed)
-
-    def make(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "'gates'" in name and "'bias'" in name:
-            # Execute-biased like the gates' init (the masks are forced anyway).
-            return np.concatenate([np.full(leaf.shape[0] // 2, 1.0), np.zeros(leaf.shape[0] - leaf.shape[0] // 2)]).astype(np.float32)
-        if "'var'" in name or "'scale'" in name:
-            return np.ones(leaf.shape, np.float32)
-        if "'mean'" in name or "'bias'" in name:
-            return np.zeros(leaf.shape, np.float32)
-        fan_in = int(np.prod(leaf.shape[:-1]))
-        return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(make, shapes)
+from laud_jax.sparse.synthetic import random_masks, random_variables
 
 
 def _stats(times: Sequence[float]) -> dict[str, float]:

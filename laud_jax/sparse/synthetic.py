@@ -1,9 +1,12 @@
-"""Forced masks of an exact density, for benchmarks and tests without a trained model."""
+"""Synthetic inputs for benchmarks and tests: random weights, forced masks of exact density."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from laud_jax.models.specs import NetworkSpec
@@ -49,3 +52,36 @@ def random_masks(
         for column, i in enumerate(gated):
             masks[i]["layer"] = layer[:, column]
     return masks
+
+
+def random_variables(
+    model, image_shape: Sequence[int], seed: int = 0, *, random_bn: bool = False, gate_bias: float | None = None
+) -> dict[str, Any]:
+    """Variables of ``model`` drawn in numpy (no compiled init): He-normal kernels.
+
+    Batch norm is the identity, or random statistics and affine terms with ``random_bn``
+    (so folding is exercised). Gate biases keep the gates' execute-leaning init (+1 on
+    the execute logits) unless ``gate_bias`` sets them all.
+    """
+    shapes = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *image_shape), jnp.float32))
+    )
+    rng = np.random.default_rng(seed)
+
+    def make(path, leaf):
+        name = jax.tree_util.keystr(path)
+        shape = leaf.shape
+        gate_logits = any(k in name for k in ("'masker_spatial'", "'fc2'", "'layer_gate'"))
+        if "'gates'" in name and "'bias'" in name and gate_logits:
+            if gate_bias is not None:
+                return np.full(shape, gate_bias, np.float32)
+            half = shape[0] // 2
+            return np.concatenate([np.ones(half), np.zeros(shape[0] - half)]).astype(np.float32)
+        if "'var'" in name or "'scale'" in name:
+            return rng.uniform(0.5, 1.5, shape).astype(np.float32) if random_bn else np.ones(shape, np.float32)
+        if "'mean'" in name or "'bias'" in name:
+            return (0.2 * rng.standard_normal(shape)).astype(np.float32) if random_bn else np.zeros(shape, np.float32)
+        fan_in = int(np.prod(shape[:-1]))
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
