@@ -139,19 +139,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     plan = engine.plan_masks(masks, image_shape, args.batch) if engine.backend != "dense" else masks
     execution = args.execution
     if execution == "auto":
-        execution = "stepwise" if args.checkpoint else "planned"
-    gated = masks if not args.checkpoint else None  # checkpoint: stepwise runs the live gates
+        execution = "speculative" if args.checkpoint else "planned"
+    source = None if args.checkpoint else plan  # checkpoint: the live gates decide
 
     def dynamic(mode: str) -> Callable[[], jax.Array]:
-        if mode == "stepwise":
-            source = plan if gated is not None and engine.backend != "dense" else gated
-            return lambda: engine.apply(images, masks=source, gate_offset=args.gate_offset, execution="stepwise")[0]
-        return lambda: engine.apply(images, masks=plan, gate_offset=args.gate_offset, execution="planned")[0]
+        masks_for = plan if mode == "planned" else source
+        return lambda: engine.apply(images, masks=masks_for, gate_offset=args.gate_offset, execution=mode)[0]
 
     fns = {"dense": lambda: engine.apply_static(images), "dynamic": dynamic(execution)}
     if engine.backend != "dense":
-        other = "stepwise" if execution == "planned" else "planned"
-        fns[other] = dynamic(other)
+        # Checkpoint: "planned" reruns the masks the gates chose, fixed ahead of time.
+        others = ("planned", "stepwise") if args.checkpoint else ("stepwise",)
+        for other in others:
+            if other != execution and not (other == "stepwise" and args.skip_stepwise):
+                fns[other] = dynamic(other)
         if not args.skip_masked:
             masked_engine = SparseEngine(model.config, variables, backend="dense")
             fns["dense_masked"] = lambda: masked_engine.apply(images, masks=masks, gate_offset=args.gate_offset)[0]
@@ -292,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("measurement")
     run.add_argument("--batch", type=int, default=1)
     run.add_argument("--backend", default="xla", choices=BACKENDS)
-    run.add_argument("--execution", default="auto", choices=("auto", "planned", "stepwise"),
-                     help="dynamic figure: planned (masks known ahead: one program) or stepwise (host reads each block's counts); auto: planned with --rate, stepwise with --checkpoint")
+    run.add_argument("--execution", default="auto", choices=("auto", "planned", "speculative", "stepwise"),
+                     help="dynamic figure: planned (masks known ahead: one program), speculative (gates decide; one program under the plans earlier inputs needed, checked) or stepwise (host reads each block's counts); auto: planned with --rate, speculative with --checkpoint")
     run.add_argument("--repeats", type=int, default=30, help="timed runs of each network (medians reported)")
     run.add_argument("--block-repeats", type=int, default=15, help="timed runs of each block alone")
     run.add_argument("--warmup", type=int, default=3)
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-blocks", action="store_true", help="skip the per-block table")
     run.add_argument("--skip-masked", action="store_true", help="skip timing the dense masked reference")
+    run.add_argument("--skip-stepwise", action="store_true", help="skip timing the stepwise driver")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--json", default=None, help="write the result record here")
     return parser

@@ -81,7 +81,7 @@ def test_forced_masks_match_dense_masked_model(base, mode, granularity, position
 
 
 @pytest.mark.parametrize("mode", [("spatial", "both", "layer", "lc"), "lc"])
-def test_model_gates_stepwise_match_model(mode):
+def test_model_gates_stepwise_and_speculative_match_model(mode):
     """Gates computed by the model's own maskers; zero gate biases make about half execute."""
     items = cfg_items(TINY, mode=mode, granularity=(2, 2, 1, 1))
     model, variables, image = setup(items, gate_bias=0.0)
@@ -90,9 +90,18 @@ def test_model_gates_stepwise_match_model(mode):
     gates = [np.asarray(b["spatial_mask"]).mean() * np.asarray(b["channel_mask"]).mean() * np.asarray(b["layer_gate"]).mean()
              for b in aux["blocks"]]
     assert any(0.0 < g < 1.0 for g in gates), gates
-    logits, info = SparseEngine(dict(items), variables).apply(x)
+    engine = SparseEngine(dict(items), variables)
+    logits, info = engine.apply(x)  # no earlier input: stepwise, which primes the plans
     assert info.execution == "stepwise"
     assert_close(logits, expected)
+    logits, info = engine.apply(x)  # the same counts fit: one program, no per-block round trips
+    assert info.execution == "speculative"
+    assert_close(logits, expected)
+    other = images_for(image, 2, seed=6)  # counts may or may not fit: exact either way
+    expected_other, _ = reference(model, variables, other)
+    logits, info = engine.apply(other)
+    assert info.execution in ("speculative", "stepwise")
+    assert_close(logits, expected_other)
 
 
 @pytest.mark.parametrize("value", [0.0, 1.0])

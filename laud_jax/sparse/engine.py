@@ -4,13 +4,16 @@
 >>> logits = engine(images)                      # the model's own gates decide
 >>> logits, info = engine.apply(images, masks=masks)   # or forced masks, as in model.apply
 
-Two drivers run the same block executor:
+Three drivers run the same block executor:
 
+* ``planned``: when every gate is forced (``masks`` given for all gates), the counts are
+  known before running, and the whole network is one compiled program.
 * ``stepwise``: one compiled call per block. Each call also evaluates the next block's
   gates and index lists; the host reads their counts (a small device-to-host copy), picks
   static capacities and calls the next block's program (cached per capacity).
-* ``planned``: when every gate is forced (``masks`` given for all gates), the counts are
-  known before running, and the whole network is one compiled program.
+* ``speculative`` (gates decide): the whole network as one program under the plans that
+  held for earlier inputs of that shape; it also returns every block's counts, and when one
+  does not fit its plan the input is rerun stepwise and the plans grow. Exact either way.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from laud_jax.sparse.backends import BACKENDS, get_ops
 from laud_jax.sparse.folding import cast_weights, fold_network
 from laud_jax.sparse.routing import COUNT_KEYS, BlockPlan, block_routing, plan_block
 
-EXECUTIONS = ("auto", "stepwise", "planned")
+EXECUTIONS = ("auto", "planned", "speculative", "stepwise")
 GATE_KEYS = ("spatial", "channel", "layer")
 
 
@@ -113,17 +116,20 @@ _block_step_in_place = jax.jit(_block_step, static_argnames=_STEP_STATIC, donate
 
 @functools.partial(jax.jit, static_argnames=("ops", "spec", "plans", "dtype"))
 def _planned_network(ops, spec: NetworkSpec, plans: tuple[BlockPlan, ...], dtype, folded, images, forced, gate_offset):
+    """The whole network as one program under fixed plans; also every block's routing counts."""
     x = _stem(ops, spec, folded, images, dtype)
+    counts = []
     for block, plan, params, block_forced in zip(spec.blocks, plans, folded["blocks"], forced):
         # Barriers keep the program a chain: each block's gates and index lists are built
         # after its input and before its compute (see executor.run_block).
         with jax.named_scope(block.name):
             block_forced, x = lax.optimization_barrier((block_forced, x))
             gates = compute_gates(block, params.get("gates"), x, gate_offset, block_forced)
-            routing, _ = _routing(block, gates, x.shape[0])
+            routing, block_counts = _routing(block, gates, x.shape[0])
             gates, routing, x = lax.optimization_barrier((gates, routing, x))
             x = executor.run_block(ops, block, plan, params, x, gates, routing)
-    return _head(folded, x)
+            counts.append(block_counts)
+    return _head(folded, x), jnp.stack(counts)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -152,6 +158,24 @@ def _dense_network(ops, spec: NetworkSpec, dtype, masked: bool, folded, images, 
 
 
 # ----------------------------------------------------------------------------- engine
+
+
+def _covers(have: BlockPlan, need: BlockPlan) -> bool:
+    """Whether a block run under ``have`` computes exactly what ``need`` asks for."""
+    if need.run == "skip" or have.run == "dense":
+        return have.run != "skip" or need.run == "skip"
+    if have.run != "sparse" or have.per_sample != need.per_sample:
+        return False
+    return all(getattr(have, k) >= getattr(need, k) for k in ("cells", "pixels", "groups", "samples"))
+
+
+def _merge(have: BlockPlan, need: BlockPlan) -> BlockPlan:
+    """The smallest plan covering both (capacities are ladder values, so maxima are too)."""
+    if _covers(have, need):
+        return have
+    if _covers(need, have):
+        return need
+    return dataclasses.replace(need, **{k: max(getattr(have, k), getattr(need, k)) for k in ("cells", "pixels", "groups", "samples")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +245,7 @@ class SparseEngine:
         self.dtype = jnp.dtype(self.config.dtype)
         self._variables = variables
         self._networks: dict[tuple[int, ...], tuple[NetworkSpec, dict[str, Any]]] = {}
+        self._speculation: dict[tuple, tuple[BlockPlan, ...]] = {}
         if image_shape is not None:
             self.network(image_shape)
 
@@ -303,8 +328,9 @@ class SparseEngine:
 
         ``masks`` (one dict per block, as in ``model.apply``, or a :class:`MaskPlan` from
         :meth:`plan_masks`) force gates; unforced gates come from the model's gate modules
-        with threshold ``gate_offset``. ``execution``: ``stepwise``, ``planned`` (needs every
-        gate forced) or ``auto`` (planned when every gate is forced).
+        with threshold ``gate_offset``. ``execution``: ``planned`` (needs every gate forced),
+        ``speculative``, ``stepwise`` (see the module docstring) or ``auto``: planned when
+        every gate is forced, else speculative.
         """
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
@@ -327,9 +353,34 @@ class SparseEngine:
         if execution == "planned" or (execution == "auto" and all_forced):
             if plan is None:
                 plan = self._plan(spec, forced, batch)
-            logits = _planned_network(self.ops, spec, plan.plans, self.dtype, folded, images, forced, offset)
+            logits, _ = _planned_network(self.ops, spec, plan.plans, self.dtype, folded, images, forced, offset)
             return logits, RunInfo("planned", list(plan.plans), plan.counts)
-        return self._stepwise(spec, folded, images, forced, offset)
+        if execution == "stepwise":
+            return self._stepwise(spec, folded, images, forced, offset)
+        return self._speculative(spec, folded, images, forced, offset)
+
+    def _speculative(self, spec, folded, images, forced, offset) -> tuple[jax.Array, RunInfo]:
+        """Whole network in one program under the plans that held for earlier inputs.
+
+        The program also returns every block's counts; if each fits its plan the result is
+        exact and is returned (one device-to-host copy in all). Otherwise the input is run
+        stepwise and the plans grow to cover it.
+        """
+        batch = images.shape[0]
+        key = (spec.image_shape, batch)
+        plans = self._speculation.get(key)
+        if plans is not None:
+            logits, counts = _planned_network(self.ops, spec, plans, self.dtype, folded, images, forced, offset)
+            counts = np.asarray(counts)
+            needed = [plan_block(b, c, batch, self.capacity_steps) for b, c in zip(spec.blocks, counts)]
+            if all(_covers(have, need) for have, need in zip(plans, needed)):
+                return logits, RunInfo("speculative", list(plans), [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)])
+        logits, info = self._stepwise(spec, folded, images, forced, offset)
+        if plans is None:
+            self._speculation[key] = tuple(info.plans)
+        else:
+            self._speculation[key] = tuple(_merge(have, need) for have, need in zip(plans, info.plans))
+        return logits, info
 
     def plan_masks(self, masks: Sequence[Mapping[str, Any]], image_shape: Sequence[int], batch: int) -> MaskPlan:
         """Validate fully forced masks once and fix every block's capacities (for repeated runs)."""

@@ -197,10 +197,16 @@ def spatial_branch(
     """Gather conv1's pixels -> conv1 -> conv2 on patches -> [conv3] -> scatter into the identity."""
     batch = x.shape[0]
     starts = routing["starts"][: plan.cells]
-    coords = routing["pixel_coords"][: plan.pixels]
-    taps = routing["taps"][: plan.pixels] if spec.kind == "basic" else routing["pixels"][: plan.pixels, None]
-    w1 = branch.w1.reshape(-1, branch.w1.shape[-1])
-    rows = ops.gather_matmul(x.reshape(-1, x.shape[-1]), taps, w1, branch.b1, relu=True)
+    h1, w1_ = spec.conv1_hw
+    if plan.pixels == batch * h1 * w1_:  # conv1 runs everywhere: no gather, no scatter
+        coords = None
+        stride1 = spec.stride if spec.kind == "basic" else 1
+        rows = ops.conv(x, branch.w1, branch.b1, stride=stride1, relu=True).reshape(-1, branch.w1.shape[-1])
+    else:
+        coords = routing["pixel_coords"][: plan.pixels]
+        taps = routing["taps"][: plan.pixels] if spec.kind == "basic" else routing["pixels"][: plan.pixels, None]
+        w1 = branch.w1.reshape(-1, branch.w1.shape[-1])
+        rows = ops.gather_matmul(x.reshape(-1, x.shape[-1]), taps, w1, branch.b1, relu=True)
     if branch.scale1 is not None:
         rows = rows * branch.scale1
     if branch.indicator:
@@ -257,7 +263,8 @@ def _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, b) -> jax
     sample_gates = _sample_gates(gates, b)
     branch = select_branch(spec, p, sample_gates, routing["groups"][b, : plan.groups])
     if spec.mode == "lc":
-        branch.layer_scale = sample_gates["layer_scale"][None]
+        # Times the gate: exact even where a speculative plan runs a gated-off block.
+        branch.layer_scale = (sample_gates["layer"] * sample_gates["layer_scale"])[None]
     xb = lax.dynamic_slice_in_dim(x, b, 1)
     ib = lax.dynamic_slice_in_dim(identity, b, 1)
     bb = lax.dynamic_slice_in_dim(base, b, 1)

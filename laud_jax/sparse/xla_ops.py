@@ -88,13 +88,16 @@ class XlaOps:
 
         ``rows`` (N, C): conv1's output at ``coords`` (N, 3) = (sample, row, col) of a
         ``grid`` = (B, H1, W1) map that is zero elsewhere; entries with sample >= B are
-        padding. ``starts`` (P, 3): (sample, row, col) of each patch's first output pixel.
+        padding. ``coords`` None: the rows are the whole grid in row-major order. ``starts`` (P, 3): (sample, row, col) of each patch's first output pixel.
         """
         batch, height, width = grid
         channels = rows.shape[-1]
         span = stride * (size - 1) + 3
-        canvas = jnp.zeros((batch, height + 2, width + 2, channels), rows.dtype)
-        canvas = canvas.at[coords[:, 0], coords[:, 1] + 1, coords[:, 2] + 1].set(rows, mode="drop")
+        if coords is None:  # rows cover the whole grid, in order
+            canvas = jnp.pad(rows.reshape(batch, height, width, channels), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        else:
+            canvas = jnp.zeros((batch, height + 2, width + 2, channels), rows.dtype)
+            canvas = canvas.at[coords[:, 0], coords[:, 1] + 1, coords[:, 2] + 1].set(rows, mode="drop")
         origin = starts * jnp.asarray([1, stride, stride], starts.dtype)
         windows = jax.vmap(
             lambda o: lax.dynamic_slice(canvas, (o[0], o[1], o[2], 0), (1, span, span, channels))[0]
