@@ -45,7 +45,8 @@ def measure(arch: str, batch: int, rate: float, setting: str, repeats: int) -> d
         "--no-blocks", "--skip-masked", "--skip-stepwise", "--no-progress",
     ])
     result = benchmark.run_benchmark(args)
-    keep = ("dense_ms", "dynamic_ms", "latency_ratio", "paired_latency_ratio", "mac_ratio", "efficiency")
+    keep = ("dense_ms", "dynamic_ms", "latency_ratio", "paired_latency_ratio", "min_latency_ratio", "mac_ratio",
+            "efficiency")
     return {
         "arch": arch, "batch": batch, "rate": rate, "setting": setting,
         **{k: result[k] for k in keep},
@@ -129,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(list(points.values()), f, indent=1)
+        write_markdown(list(points.values()), args.markdown)  # usable while the sweep runs
     measured = list(points.values())
     write_markdown(measured, args.markdown)
     write_plot(measured, args.plot)

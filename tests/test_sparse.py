@@ -135,7 +135,7 @@ def test_stepwise_at_batch_one_matches_and_skips_gated_off_blocks():
 
 
 def test_dense_backend_and_static_baseline():
-    items = cfg_items(TINY, mode="spatial", granularity=(2, 2, 1, 1))
+    items = cfg_items(TINY, mode="spatial", granularity=(2, 2, 1, 1), mask_groups=2)  # G > 1: dense only
     model, variables, image = setup(items)
     spec = network_spec(dict(items), image)
     x = images_for(image, 2)
@@ -146,7 +146,7 @@ def test_dense_backend_and_static_baseline():
     strip = {c: {k: ({n: m for n, m in v.items() if n != "gates"} if isinstance(v, dict) else v) for k, v in t.items()}
              for c, t in variables.items()}
     expected_static, _ = jax.jit(static.apply)(strip, x)
-    assert_close(SparseEngine(dict(items), variables).apply_static(x), expected_static)
+    assert_close(SparseEngine(dict(items), variables, backend="dense").apply_static(x), expected_static)
 
 
 def test_pallas_backend_falls_back_to_xla_with_a_warning():
@@ -309,6 +309,8 @@ def test_variables_of_another_architecture_are_rejected():
         SparseEngine(dict(items), {"params": variables["params"]}, image_shape=(32, 32, 3))
     with pytest.raises(ValueError, match="unknown backend"):
         SparseEngine(dict(items), variables, backend="cuda")
+    with pytest.raises(ValueError, match="only by backend='dense'"):
+        SparseEngine({**dict(items), "mask_groups": 2}, variables)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SparseEngine(dict(items), variables, image_shape=(32, 32, 3))  # the right ones load quietly

@@ -239,6 +239,12 @@ class SparseEngine:
         if capacity_steps < 1:
             raise ValueError(f"capacity_steps must be >= 1, got {capacity_steps}")
         self.config = model_config(config)
+        spatial = any(m in ("spatial", "both") for m in self.config.mode)
+        if spatial and self.config.mask_groups != 1 and backend != "dense":
+            raise ValueError(
+                f"mask_groups={self.config.mask_groups}: spatial masks with several groups are executed "
+                "only by backend='dense' (the sparse backends gather one mask per patch)"
+            )
         self.backend = backend
         self.ops = get_ops(backend)
         self.capacity_steps = int(capacity_steps)
