@@ -383,6 +383,9 @@ def test_registry_accepts_dicts_configdicts_and_overrides():
     assert model.config.granularity == (2, 2, 1, 1)
     assert model.config.mode == ("spatial",) * 4
     assert build_model(model.config).config == model.config
+    mixed = build_model(arch="resnet_tiny", mode="spatial, spatial,layer,lc", granularity="4,2,1,1")
+    assert mixed.config.mode == ("spatial", "spatial", "layer", "lc")
+    assert mixed.config.granularity == (4, 2, 1, 1)
 
 
 @pytest.mark.parametrize(

@@ -146,8 +146,8 @@ MODEL_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def _per_stage(value, n: int, name: str, cast) -> tuple:
-    if isinstance(value, str) and cast is int:
-        value = [v for v in value.replace("-", ",").split(",") if v.strip()]
+    if isinstance(value, str) and ("," in value or (cast is int and "-" in value)):
+        value = [v.strip() for v in value.replace("-", ",").split(",") if v.strip()]
     if isinstance(value, (str, int)):
         value = [value] * n
     value = tuple(cast(v) for v in value)
