@@ -60,7 +60,8 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=False),
-        item_names=('state', 'data'))
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

@@ -96,6 +96,52 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def imagenet_config(arch: str, mode: str = 'spatial',
+                    granularity: tuple[int, ...] = (4, 4, 2, 1)) -> ml_collections.ConfigDict:
+  """ImageNet (tfds imagenet2012), 100 epochs, SGD Nesterov, KD from a static teacher."""
+  config = base_config()
+  config.model.arch = arch
+  config.model.mode = mode
+  config.model.granularity = granularity
+  config.data.name = 'imagenet2012'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.image_size = 224
+  config.data.num_workers = 8
+  config.data.num_threads = 4
+  config.batch_size = 1024
+  config.eval_batch_size = 1000
+  config.num_epochs = 100.0
+  config.optimizer.name = 'sgd'
+  config.optimizer.learning_rate = 0.02       # x batch / 256
+  config.optimizer.lr_reference_batch = 256
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = True
+  config.optimizer.weight_decay = 5e-5
+  config.optimizer.masker_lr_multiplier = 0.1   # LASNet ResNets
+  config.loss.target_rate = 0.5
+  config.loss.sparsity_weight = 10.0
+  config.loss.kd_temperature = 4.0
+  config.loss.kd_alpha = 0.5
+  config.gumbel.tau_start = 5.0
+  config.gumbel.tau_end = 0.1
+  # The frozen static model is the teacher and the student's initialization. Point
+  # teacher.source at a trained static workdir to skip training it here.
+  config.teacher.source = 'train'
+  config.teacher.num_epochs = 90.0
+  config.teacher.optimizer.name = 'sgd'
+  config.teacher.optimizer.learning_rate = 0.1
+  config.teacher.optimizer.lr_reference_batch = 256
+  config.teacher.optimizer.warmup_steps = 5 * 1251
+  config.teacher.optimizer.weight_decay = 1e-4
+  config.checkpoint.every_steps = 2000
+  config.checkpoint.keep = 3
+  config.log_every_steps = 100
+  config.eval_every_steps = 12510
+  return config
+
+
 def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
                prefix: str = '') -> None:
   """Raises ConfigError for any key of `config` that `schema` does not define."""
@@ -180,3 +226,16 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int,
 def to_json(config: ml_collections.ConfigDict) -> str:
   """Stable JSON text of a config (tuples become lists)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config() of an experiment file (what --exp PATH loads)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('laud_jax_experiment_config', path)
+  if spec is None or not path.endswith('.py'):
+    raise ConfigError(f'{path} is not a Python config file (expected configs/NAME.py).')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config().')
+  return module.get_config()

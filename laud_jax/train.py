@@ -117,6 +117,9 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_
             f'{path} was written by a run with a different {section} config '
             f'(field: (saved, now) = {diff}). Its checkpoints cannot be resumed with this config; '
             'use a new --workdir or the original config.')
+  if jax.process_count() > 1:  # every process has read the old file before it is replaced
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('laud_jax.train: workdir config checked')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path, 'w') as f:
@@ -345,6 +348,16 @@ def format_table(summary: dict[str, Any], summary_path: str) -> str:
   return '\n'.join(lines)
 
 
+def enable_compilation_cache() -> None:
+  """Persists compiled programs (resumed and repeated runs skip XLA compilation).
+
+  Uses $JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/laud_jax/xla.
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.join(os.path.expanduser('~'), '.cache', 'laud_jax', 'xla'))
+
+
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
@@ -369,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   config, workdir = flag_values.exp, flag_values.workdir
+  enable_compilation_cache()
   try:
     distributed.initialize(config.distributed)
     summary = train_and_evaluate(config, workdir)

@@ -116,7 +116,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_cfg: ml_c
         'rng': state['rng'],
     }
     metrics['loss'] = loss
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return new_state, metrics
 
   return train_step

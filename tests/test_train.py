@@ -1,0 +1,146 @@
+"""End-to-end training: loss falls, checkpoints, resume, corrupt/incompatible checkpoints, NaN stop."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from laud_jax import checkpointing, config_utils, train
+from laud_jax.data import cluttered_mnist
+
+TINY = os.path.join(REPO_ROOT, 'configs', 'tiny.py')
+STEPS = 24
+pytestmark = pytest.mark.xdist_group('train_inprocess')   # share the trained run in one worker
+
+
+def tiny_config(**overrides):
+  config = config_utils.load_config_file(TINY)
+  config.num_steps = STEPS
+  config.batch_size = 32
+  config.checkpoint.every_steps = 8
+  config.log_every_steps = 4
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def read_metrics(workdir, split='train'):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if r['split'] == split]
+
+
+def checkpoint_steps(workdir):
+  root = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """One tiny run of STEPS steps: (workdir, summary, final variables)."""
+  workdir = str(tmp_path_factory.mktemp('tiny') / 'run')
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  variables, _ = checkpointing.load_variables(workdir)
+  return workdir, summary, variables
+
+
+def copy_run(trained, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained[0], workdir)
+  return workdir
+
+
+def test_loss_falls_and_outputs_are_written(trained):
+  workdir, summary, _ = trained
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == list(range(4, STEPS + 1, 4))
+  first = np.mean([r['ce'] for r in records[:2]])
+  last = np.mean([r['ce'] for r in records[-2:]])
+  assert last < first - 0.05, (first, last)
+  assert checkpoint_steps(workdir) == [8, 16, 24]
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(summary))
+  assert saved['steps'] == STEPS and 0.0 <= saved['top1'] <= 1.0
+  assert 0.05 < saved['mac_ratio'] <= 1.05
+  assert sorted(saved['density']) == ['stage0', 'stage1', 'stage2', 'stage3']
+  assert saved['eval_examples'] == len(cluttered_mnist.split_digits('test')[1])
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_resume_from_saved_step_gives_identical_state(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(STEPS)))
+  os.remove(os.path.join(workdir, 'summary.json'))
+  lines_before = len(read_metrics(workdir))
+  train.train_and_evaluate(tiny_config(), workdir)
+  resumed = read_metrics(workdir)[lines_before:]
+  assert [r['step'] for r in resumed] == [20, 24]          # continued after step 16
+  variables, _ = checkpointing.load_variables(workdir)
+  for a, b in zip(*(map(np.asarray, __import__('jax').tree.leaves(v))
+                    for v in (variables, trained[2]))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_finished_run_is_not_retrained(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  assert summary['top1'] == trained[1]['top1']
+  assert len(read_metrics(workdir)) == STEPS // 4
+
+
+def test_corrupt_checkpoint_is_reported_and_left_alone(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  state_dir = os.path.join(workdir, 'checkpoints', str(STEPS), 'state')
+  victim = os.path.join(state_dir, 'manifest.ocdbt')
+  with open(victim, 'wb') as f:
+    f.write(b'\x00garbage' * 10)
+  before = {p: open(os.path.join(state_dir, p), 'rb').read() for p in os.listdir(state_dir)
+            if os.path.isfile(os.path.join(state_dir, p))}
+  with pytest.raises(checkpointing.CheckpointError, match=os.path.join('checkpoints', str(STEPS))):
+    train.train_and_evaluate(tiny_config(), workdir)
+  after = {p: open(os.path.join(state_dir, p), 'rb').read() for p in before}
+  assert after == before
+  assert checkpoint_steps(workdir) == [8, 16, 24]
+
+
+def test_incompatible_checkpoint_names_file_and_mismatch(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  with pytest.raises(checkpointing.CheckpointError, match='config.json.*model'):
+    train.train_and_evaluate(tiny_config(**{'model.stage_widths': (4, 8, 8, 8)}), workdir)
+  # The state itself checked against a different model: names the leaf and both shapes.
+  import jax
+  checkpointer = checkpointing.Checkpointer(workdir)
+  saved_vars = trained[2]
+  target = {'step': np.zeros((), np.int32), 'params': jax.tree.map(np.asarray, saved_vars['params'])}
+  target['params']['fc']['kernel'] = np.zeros((5, 10), np.float32)
+  with pytest.raises(checkpointing.CheckpointError) as info:
+    checkpointer.restore(STEPS, target)
+  message = str(info.value)
+  assert os.path.join('checkpoints', str(STEPS)) in message
+  assert 'params/fc/kernel' in message and '(5, 10)' in message
+  checkpointer.close()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  render = cluttered_mnist.render_batch
+  bad_from = 5 * 32   # first example of step 6
+
+  def poisoned(digit_ids, positions, *args, **kwargs):
+    out = render(digit_ids, positions, *args, **kwargs)
+    if positions.max() >= bad_from:
+      out['image'][0, 0, 0, 0] = np.nan
+    return out
+
+  monkeypatch.setattr(cluttered_mnist, 'render_batch', poisoned)
+  workdir = str(tmp_path / 'nan')
+  config = tiny_config(**{'checkpoint.every_steps': 2, 'num_steps': 10})
+  with pytest.raises(train.NonFiniteLossError, match=r'at step 6.*checkpoints/4'):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir) == [2, 4]
