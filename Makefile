@@ -36,7 +36,7 @@ demo: $(VENV)/.installed  ## train the quickstart (static teacher, then dynamic 
 	$(PY) -m laud_jax.train --exp configs/quickstart.py --workdir $(DEMO_WORKDIR)
 
 test: $(VENV)/.installed-dev  ## run the test suite
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q tests
 
 bench-train: $(VENV)/.installed  ## training throughput: dynamic vs static ResNet-50 step (batch 8, CPU)
 	$(PY) -m laud_jax.training.throughput --out $(BENCH_OUT)

@@ -11,17 +11,16 @@ def get_config():
   config.data.image_size = 32
   config.data.num_clutter = 0          # digits at random positions, no clutter: learns in a few steps
   config.data.test_copies = 1
-  config.batch_size = 16
+  config.batch_size = 32
   config.eval_batch_size = 200
-  config.num_steps = 12
-  config.optimizer.name = 'adamw'
-  config.optimizer.learning_rate = 1e-2
+  config.num_steps = 24
+  config.optimizer.name = 'sgd'             # plain SGD: equal gradients give equal updates
+  config.optimizer.learning_rate = 0.1
   config.optimizer.lr_reference_batch = 0
-  config.optimizer.weight_decay = 1e-4
   config.loss.kd_alpha = 0.0
   config.loss.sparsity_weight = 1.0
-  config.checkpoint.every_steps = 4
+  config.checkpoint.every_steps = 8
   config.checkpoint.keep = 5
-  config.log_every_steps = 2
+  config.log_every_steps = 4
   config.progress_bar = False
   return config

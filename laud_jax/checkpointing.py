@@ -109,8 +109,11 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_variables(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(model variables {'params', 'batch_stats'}, run config dict) of a trained workdir."""
+def load_variables(workdir: str, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(model variables {'params', 'batch_stats'}, run config dict) of a workdir's checkpoint.
+
+  Reads the latest checkpoint unless `step` is given; arrays come back on the host.
+  """
   config_path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(config_path):
     raise CheckpointError(f'{config_path} not found: {workdir} is not a laud_jax.train work '
@@ -118,13 +121,19 @@ def load_variables(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   with open(config_path) as f:
     config = json.load(f)
   checkpointer = Checkpointer(workdir)
-  step = checkpointer.latest_step()
+  step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f'No checkpoint under {checkpointer.directory}; train that run first.')
+  if not os.path.isdir(checkpointer.step_dir(step)):
+    raise CheckpointError(f'No checkpoint {checkpointer.step_dir(step)}.')
   where = checkpointer.step_dir(step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    metadata = checkpointer.manager.item_metadata(step)['state']
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
   except Exception as e:
     raise CheckpointError(f'Checkpoint {where} could not be read ({type(e).__name__}: {e}).') from e
   finally:

@@ -169,19 +169,20 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
   repl = distributed.replicated(mesh)
   batch_sh = distributed.batch_sharded(mesh)
 
-  key = jax.random.key(config.seed)
+  seed = np.int32(config.seed)
   if pretrained is None:
-    state = jax.jit(lambda k: steps_lib.init_state(model, tx, k, info.image_shape),
-                    out_shardings=repl)(key)
+    state = jax.jit(lambda s: steps_lib.init_state(model, tx, s, info.image_shape),
+                    out_shardings=repl)(seed)
   else:
-    fresh = jax.jit(lambda k: model.init({'params': k}, jnp.zeros((1, *info.image_shape)),
-                                         train=False), out_shardings=repl)(key)
+    fresh = jax.jit(lambda s: model.init({'params': jax.random.key(s, impl='rbg')},
+                                         jnp.zeros((1, *info.image_shape)), train=False),
+                    out_shardings=repl)(seed)
     variables, new_leaves = merge_variables(fresh, pretrained[0], pretrained[1])
     if is_main:
       print(f'[{label}] initialized from {pretrained[1]}; {len(new_leaves)} new tensors '
             '(maskers/gates) keep their fresh initialization.', flush=True)
-    state = jax.jit(lambda k, v: steps_lib.init_state(model, tx, k, info.image_shape, v),
-                    out_shardings=repl)(key, variables)
+    state = jax.jit(lambda s, v: steps_lib.init_state(model, tx, s, info.image_shape, v),
+                    out_shardings=repl)(seed, variables)
 
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
   iterator = data.train_iterator(config.data, config.batch_size, config.seed,
@@ -363,18 +364,22 @@ def main(argv: list[str] | None = None) -> int:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+  argv = list(sys.argv if argv is None else argv)
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('exp', None, 'Experiment config file (configs/*.py); override '
                                   'fields with --exp.field=value.', flag_values=flag_values,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=argv)
   flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics.jsonl, TensorBoard '
                       'files, summary.json. An existing run there is resumed.',
                       flag_values=flag_values)
-  argv = list(sys.argv if argv is None else argv)
+  if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
+    print(f'{__doc__}\nflags:\n{flag_values.get_help()}')
+    return 0
   try:
     flag_values(argv)
-  except flags.Error as e:
-    print(f'error: {e}\n\n{flag_values.main_module_help()}', file=sys.stderr)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    # config_flags reports an unknown --exp.key as KeyError and a bad value as TypeError.
+    print(f'error: {e}\n(python -m laud_jax.train --help lists the flags)', file=sys.stderr)
     return 2
   if flag_values.exp is None or flag_values.workdir is None:
     print('error: --exp CONFIG.py and --workdir DIR are required.\n'

@@ -40,9 +40,13 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
 
 
 def data_mesh() -> Mesh:
-  """A 1-D mesh named 'data' over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  """A 1-D mesh named 'data' over every device, ordered by process.
+
+  Process p's slice of a global batch then lands in rows [p B / P, (p + 1) B / P), so the
+  global batch (and each row's random Gumbel noise) is the same for any number of processes.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
