@@ -19,8 +19,8 @@ def get_config():
   config.optimizer.lr_reference_batch = 0
   config.loss.kd_alpha = 0.0
   config.loss.sparsity_weight = 1.0
-  config.checkpoint.every_steps = 8
-  config.checkpoint.keep = 5
+  config.checkpoint.every_steps = 3
+  config.checkpoint.keep = 8
   config.log_every_steps = 4
   config.progress_bar = False
   return config
