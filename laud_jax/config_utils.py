@@ -43,11 +43,19 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a training config may set, with its default."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
+  config.model = ml_collections.ConfigDict(dict(   # laud_jax.models.model_config keys
       arch='resnet50',
       num_classes=0,              # 0 = take it from the dataset
-      mode='spatial',
-      granularity=ml_collections.config_dict.placeholder(tuple),
+      mode='spatial',             # one mode, or a tuple with one per stage
+      granularity=ml_collections.config_dict.placeholder(tuple),  # S per stage
+      mask_groups=1,
+      channel_granularity=2,
+      channel_mask_position='post_act',
+      dtype='float32',
+      zero_init_residual=False,
+      stage_widths=ml_collections.config_dict.placeholder(tuple),  # None = the arch's
+      stage_depths=ml_collections.config_dict.placeholder(tuple),
+      stem_width=ml_collections.config_dict.placeholder(int),
   ))
   config.data = ml_collections.ConfigDict(dict(
       name='cluttered_mnist',     # 'cluttered_mnist' (embedded) or any tfds image dataset
@@ -55,8 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
       train_split='train',
       eval_split='test',
       image_size=64,
-      num_clutter=6,              # embedded only: clutter fragments per canvas
-      fragment_size=10,           # embedded only: fragment side in pixels
+      num_clutter=4,              # embedded only: clutter fragments per canvas
+      fragment_size=8,            # embedded only: fragment side in pixels
       test_copies=2,              # embedded only: canvases per held-out digit
       num_workers=0,              # grain worker processes (0 = in the training process)
       num_threads=1,              # grain reader threads per process

@@ -48,11 +48,9 @@ class PhaseResult:
 def resolve_model_config(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict[str, Any]:
   """The model config with num_classes from the data; validated with the network spec."""
   from laud_jax import models  # pylint: disable=g-import-not-at-top
-  cfg = config.model.to_dict()
+  cfg = {k: v for k, v in config.model.to_dict().items() if v is not None}
   if not cfg.get('num_classes'):
     cfg['num_classes'] = info.num_classes
-  if cfg.get('granularity') is None:
-    cfg.pop('granularity', None)
   try:
     models.network_spec(models.model_config(cfg), info.image_shape)
   except ValueError as e:

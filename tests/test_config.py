@@ -21,7 +21,8 @@ TINY = os.path.join(REPO_ROOT, 'configs', 'tiny.py')
 def test_every_config_file_is_valid(path):
   config = config_utils.load_config_file(path)
   config_utils.validate(config)
-  cfg = dict(config.model.to_dict(), num_classes=1000 if config.data.name != 'cluttered_mnist' else 10)
+  cfg = {k: v for k, v in config.model.to_dict().items() if v is not None}
+  cfg['num_classes'] = 1000 if config.data.name != 'cluttered_mnist' else 10
   spec = models.network_spec(models.model_config(cfg),
                              (config.data.image_size, config.data.image_size, 3))
   assert spec.dense_macs > 0
@@ -66,6 +67,10 @@ def test_unknown_override_key_is_rejected(tmp_path, capsys):
   assert code == 2
   assert 'optimzer' in capsys.readouterr().err
   assert not os.path.exists(workdir)
+
+
+def test_model_schema_matches_the_model_registry():
+  assert set(config_utils.base_config().model) == set(models.MODEL_CONFIG_KEYS)
 
 
 def test_unknown_key_in_config_file_is_rejected(tmp_path):

@@ -12,7 +12,8 @@ from laud_jax import config_utils, data, models
 from laud_jax.training import distributed, steps
 assert jax.device_count() == 2, jax.devices()
 config = config_utils.load_config_file('configs/tiny.py')
-model_cfg = dict(config.model.to_dict(), num_classes=10)
+model_cfg = {k: v for k, v in config.model.to_dict().items() if v is not None}
+model_cfg['num_classes'] = 10
 model = models.build_model(model_cfg)
 tx, _ = steps.make_optimizer(config.optimizer, 16, 10)
 step_fn = steps.make_train_step(model, tx, config.loss, True, None)

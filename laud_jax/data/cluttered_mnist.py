@@ -26,8 +26,8 @@ TEST_CANVAS_SEED = 7       # fixes the test canvases
 class CanvasSpec:
   """How a canvas is drawn."""
   size: int = 64            # canvas height = width
-  num_clutter: int = 6      # fragments per canvas
-  fragment_size: int = 10   # side of each square fragment
+  num_clutter: int = 4      # fragments per canvas (as in Mnih et al. 2014's cluttered MNIST)
+  fragment_size: int = 8    # side of each square fragment
 
   def validate(self) -> None:
     if self.size < DIGIT_SIZE:
