@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
       sparsity_weight=10.0,       # lambda
       kd_temperature=4.0,         # T
       kd_alpha=0.5,               # alpha (0 = no distillation)
-      label_smoothing=0.0,
+      bound_relax_fraction=0.33,  # per-block MAC bounds relax from [t, t] to [0, 1] over this
+                                  # fraction of training (> 1: never fully)
   ))
   config.gumbel = ml_collections.ConfigDict(dict(tau_start=5.0, tau_end=0.1))
   config.teacher = ml_collections.ConfigDict(dict(
@@ -205,7 +206,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _require(config.loss.sparsity_weight >= 0, 'loss.sparsity_weight must be >= 0.')
   _require(config.loss.kd_alpha >= 0, 'loss.kd_alpha must be >= 0.')
   _require(config.loss.kd_temperature > 0, 'loss.kd_temperature must be > 0.')
-  _require(0 <= config.loss.label_smoothing < 1, 'loss.label_smoothing must be in [0, 1).')
+  _require(config.loss.bound_relax_fraction > 0, 'loss.bound_relax_fraction must be > 0.')
   _require(config.gumbel.tau_start > 0 and config.gumbel.tau_end > 0,
            'gumbel.tau_start and gumbel.tau_end must be > 0.')
   _require(config.checkpoint.every_steps > 0, 'checkpoint.every_steps must be > 0.')

@@ -1,4 +1,4 @@
-"""Data parallelism on 2 host CPU devices: the sharded step equals the single-device step."""
+"""In subprocesses: the sharded step on 2 host CPU devices, and the throughput benchmark."""
 
 import json
 
@@ -43,3 +43,16 @@ def test_two_device_step_equals_single_device_step():
   numbers = json.loads(result.stdout.strip().splitlines()[-1])
   assert numbers['min_change'] > 0            # every parameter moved
   assert numbers['max_diff'] < 2e-5, numbers  # same update (and synchronized BN statistics)
+
+
+def test_throughput_benchmark_writes_both_measurements(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = run_python(['-m', 'laud_jax.training.throughput', '--arch', 'resnet_tiny',
+                       '--image-size', '32', '--batch', '2', '--warmup', '1', '--repeats', '2',
+                       '--out', str(out)], timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads(out.read_text())
+  static, dynamic = record['results']['static'], record['results']['dynamic']
+  assert len(static['samples_s']) == len(dynamic['samples_s']) == 2
+  assert record['dynamic_over_static'] == dynamic['median_s'] / static['median_s']
+  assert 'dynamic / static step time' in result.stdout

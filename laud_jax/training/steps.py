@@ -104,8 +104,11 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_cfg: ml_c
       (logits, aux), updates = model.apply(
           {'params': params, 'batch_stats': state['batch_stats']}, images, train=True, tau=tau,
           rngs={'gumbel': rng}, mutable=['batch_stats'])
+      # losses relaxes the per-block bounds over BOUND_RELAX_FRACTION of training; rescale
+      # progress so that they relax over loss.bound_relax_fraction instead.
+      bound_progress = progress * (losses.BOUND_RELAX_FRACTION / loss_cfg.bound_relax_fraction)
       loss, parts = losses.total_loss(
-          logits, labels, aux, progress, teacher_logits=teacher_logits,
+          logits, labels, aux, bound_progress, teacher_logits=teacher_logits,
           target_rate=loss_cfg.target_rate, sparsity_weight=loss_cfg.sparsity_weight,
           kd_alpha=loss_cfg.kd_alpha, kd_temperature=loss_cfg.kd_temperature, dynamic=dynamic)
       parts['accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels)
