@@ -269,7 +269,9 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
   else:
     summary = evaluate(block_stages, variables, config, mesh, _eval_fn(model, mesh))
     summary.update(steps=total_steps, train_seconds=train_seconds,
-                   checkpoint=checkpointer.step_dir(total_steps))
+                   checkpoint=checkpointer.step_dir(total_steps), label=label,
+                   target_rate=config.loss.target_rate if dynamic else 1.0,
+                   eval_split=config.data.eval_split)
     if teacher is not None:
       summary['teacher_top1'] = teacher.summary['top1']
     log.write(total_steps, 'eval', {'top1': summary['top1'], 'mac_ratio': summary['mac_ratio']})
@@ -337,10 +339,14 @@ def format_table(summary: dict[str, Any], summary_path: str) -> str:
   """The end-of-run table: teacher and model top-1 on the eval split, MAC ratio."""
   rows = []
   if 'teacher_top1' in summary:
-    rows.append(('static teacher', summary['teacher_top1'], 1.0))
-  rows.append(('trained model', summary['top1'], summary['mac_ratio']))
-  lines = [f'{"model":<16} {"top-1 (eval)":>12} {"MAC ratio":>10}']
-  lines += [f'{name:<16} {100 * top1:>11.2f}% {ratio:>10.3f}' for name, top1, ratio in rows]
+    rows.append(('static (teacher)', summary['teacher_top1'], 1.0))
+  name = summary.get('label', 'model')
+  if summary.get('target_rate', 1.0) < 1.0:
+    name += f' (t={summary["target_rate"]:g})'
+  rows.append((name, summary['top1'], summary['mac_ratio']))
+  header = f'top-1 ({summary.get("eval_split", "eval")})'
+  lines = [f'{"model":<20} {header:>16} {"MAC ratio":>10}']
+  lines += [f'{name:<20} {100 * top1:>15.2f}% {ratio:>10.3f}' for name, top1, ratio in rows]
   density = ', '.join(f'{k} {v:.2f}' for k, v in summary.get('density', {}).items())
   lines.append(f'per-stage density: {density}')
   lines.append(f'summary: {summary_path}')
