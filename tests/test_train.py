@@ -150,7 +150,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 TRAIN_CLI = ['-m', 'laud_jax.train', '--exp', 'configs/tiny.py']
 
 
-def assert_same_parameters(workdir, reference, exact, step=None):
+def assert_same_parameters(workdir, reference, exact, step=None, atol=1e-5, rtol=1e-4):
   variables, _ = checkpointing.load_variables(workdir, step)
   got = jax.tree_util.tree_flatten_with_path(variables)[0]
   want = jax.tree_util.tree_flatten_with_path(reference)[0]
@@ -159,7 +159,7 @@ def assert_same_parameters(workdir, reference, exact, step=None):
     if exact:
       np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     else:
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 def test_killed_run_resumes_to_identical_parameters(trained, tmp_path):
@@ -202,9 +202,11 @@ def test_two_process_multi_host_matches_one_process(trained, tmp_path):
   for worker, out in zip(workers, outputs):
     assert worker.returncode == 0, out[-3000:]
   assert 'summary:' in outputs[0] and 'summary:' not in outputs[1]   # process 0 reports
-  # Same parameters up to float summation order (measured ~3e-6). Compared at step 3: later,
-  # a rounding-level difference can flip a hard mask decision and the runs drift apart.
+  # Same parameters up to float summation order: measured 3e-6 with default XLA flags and
+  # 8e-5 with the tests' low-optimization flags (a process missing the other's half of the
+  # batch or its gradients would differ by ~1e-2). Compared at step 3: later, a rounding-level
+  # difference can flip a hard mask decision and the runs drift apart.
   reference, _ = checkpointing.load_variables(trained[0], step=3)
-  assert_same_parameters(workdir, reference, exact=False, step=3)
+  assert_same_parameters(workdir, reference, exact=False, step=3, atol=5e-4, rtol=1e-3)
   with open(os.path.join(workdir, 'summary.json')) as f:
     assert json.load(f)['steps'] == STEPS
