@@ -1,10 +1,9 @@
-"""End-to-end training: loss falls, checkpoints, resume, corrupt/incompatible checkpoints, NaN stop."""
+"""End-to-end training: loss falls, checkpoints, resume, kill-and-resume, bad checkpoints, NaN stop."""
 
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -150,16 +149,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 TRAIN_CLI = ['-m', 'laud_jax.train', '--exp', 'configs/tiny.py']
 
 
-def assert_same_parameters(workdir, reference, exact, step=None, atol=1e-5, rtol=1e-4):
-  variables, _ = checkpointing.load_variables(workdir, step)
+def assert_same_parameters(workdir, reference):
+  variables, _ = checkpointing.load_variables(workdir)
   got = jax.tree_util.tree_flatten_with_path(variables)[0]
   want = jax.tree_util.tree_flatten_with_path(reference)[0]
   assert [p for p, _ in got] == [p for p, _ in want]
   for (path, a), (_, b) in zip(got, want):
-    if exact:
-      np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-    else:
-      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_killed_run_resumes_to_identical_parameters(trained, tmp_path):
@@ -180,33 +176,4 @@ def test_killed_run_resumes_to_identical_parameters(trained, tmp_path):
   resumed = run_python(args, timeout=240)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from' in resumed.stdout
-  assert_same_parameters(workdir, trained[2], exact=True)
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def test_two_process_multi_host_matches_one_process(trained, tmp_path):
-  """Two processes on localhost (gloo), each feeding half of every global batch."""
-  workdir = str(tmp_path / 'multi')
-  port = free_port()
-  workers = [subprocess.Popen(
-      [sys.executable, *TRAIN_CLI, '--workdir', workdir], cwd=REPO_ROOT,
-      env=subprocess_env(LAUD_COORDINATOR=f'localhost:{port}', LAUD_NUM_PROCESSES='2',
-                         LAUD_PROCESS_ID=str(rank)),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-  outputs = [w.communicate(timeout=300)[0] for w in workers]
-  for worker, out in zip(workers, outputs):
-    assert worker.returncode == 0, out[-3000:]
-  assert 'summary:' in outputs[0] and 'summary:' not in outputs[1]   # process 0 reports
-  # Same parameters up to float summation order: measured 3e-6 with default XLA flags and
-  # 8e-5 with the tests' low-optimization flags (a process missing the other's half of the
-  # batch or its gradients would differ by ~1e-2). Compared at step 3: later, a rounding-level
-  # difference can flip a hard mask decision and the runs drift apart.
-  reference, _ = checkpointing.load_variables(trained[0], step=3)
-  assert_same_parameters(workdir, reference, exact=False, step=3, atol=5e-4, rtol=1e-3)
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    assert json.load(f)['steps'] == STEPS
+  assert_same_parameters(workdir, trained[2])
