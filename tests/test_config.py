@@ -135,7 +135,7 @@ def test_masker_lr_multiplier_scales_only_mask_parameters():
 
 
 def test_pretrained_weights_must_fit():
-  fresh = {'params': {'a': np.zeros((2, 3)), 'gates': {'b': np.zeros(4)}}}
+  fresh = {'params': {'a': np.zeros((2, 3), np.float32), 'gates': {'b': np.zeros(4, np.float32)}}}
   merged, new = train.merge_variables(fresh, {'params': {'a': np.ones((2, 3))}}, 'teacher')
   np.testing.assert_array_equal(merged['params']['a'], np.ones((2, 3)))
   assert new == ['params/gates/b']
