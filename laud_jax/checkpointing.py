@@ -24,13 +24,14 @@ class CheckpointError(RuntimeError):
   """A checkpoint is unreadable or incompatible with the current run."""
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
+def path_name(path: tuple[Any, ...]) -> str:
+  """'params/block/conv1/kernel' for a pytree key path."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves}
+  return {path_name(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves}
 
 
 def describe_mismatch(saved: Any, expected: Any, limit: int = 8) -> str:

@@ -75,12 +75,12 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def merge_variables(fresh: dict[str, Any], pretrained: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
   """`fresh` with every leaf that `pretrained` also has replaced; returns the new-leaf names."""
-  flat_pre = {checkpointing._path_name(p): v  # pylint: disable=protected-access
+  flat_pre = {checkpointing.path_name(p): v
               for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
   used, new, problems = set(), [], []
 
   def pick(path, value):
-    name = checkpointing._path_name(path)  # pylint: disable=protected-access
+    name = checkpointing.path_name(path)
     if name not in flat_pre:
       new.append(name)
       return value
@@ -195,6 +195,7 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
   summary_path = os.path.join(workdir, SUMMARY_FILE)
   teacher_model = teacher.model if teacher else None
   teacher_vars = teacher.variables if teacher else None
+  eval_step = _eval_fn(model, mesh)
   train_step = jax.jit(
       steps_lib.make_train_step(model, tx, config.loss, dynamic, teacher_model),
       in_shardings=(repl, batch_sh, repl, repl, repl), out_shardings=(repl, repl),
@@ -251,7 +252,7 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
         last_good = done
       if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
         variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-        result = evaluate(block_stages, variables, config, mesh, _eval_fn(model, mesh))
+        result = evaluate(block_stages, variables, config, mesh, eval_step)
         log.write(done, 'eval', {'top1': result['top1'], 'mac_ratio': result['mac_ratio']})
   except BaseException:
     log.close()
@@ -267,7 +268,7 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
   if previous and previous.get('steps') == total_steps and start == total_steps:
     summary = previous   # finished before: reuse its evaluation
   else:
-    summary = evaluate(block_stages, variables, config, mesh, _eval_fn(model, mesh))
+    summary = evaluate(block_stages, variables, config, mesh, eval_step)
     summary.update(steps=total_steps, train_seconds=train_seconds,
                    checkpoint=checkpointer.step_dir(total_steps), label=label,
                    target_rate=config.loss.target_rate if dynamic else 1.0,
