@@ -25,9 +25,9 @@ def get_config():
 
   # Phase 1: static teacher.
   config.teacher.source = 'train'
-  config.teacher.num_epochs = 24.0
+  config.teacher.num_epochs = 30.0
   config.teacher.optimizer.name = 'adamw'
-  config.teacher.optimizer.learning_rate = 4e-3
+  config.teacher.optimizer.learning_rate = 5e-3
   config.teacher.optimizer.lr_reference_batch = 0
   config.teacher.optimizer.warmup_steps = 60
   config.teacher.optimizer.weight_decay = 1e-4
