@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Print the absolute path of a Python >= 3.12 interpreter, or explain what to install.
-# Order: $PYTHON, python3.12 / python3.13 / python3 on PATH, then pyenv-installed versions.
+# Order: $PYTHON, python3.12 / python3.13 / python3 on PATH, then pyenv-installed versions
+# (through pyenv, or in $PYENV_ROOT / ~/.pyenv/versions when pyenv is not on PATH).
 set -u
 
 usable() {  # usable CMD... -> prints sys.executable if it runs and is >= 3.12
@@ -22,6 +23,14 @@ if command -v pyenv >/dev/null 2>&1; then
     if PYENV_VERSION="$version" usable pyenv exec python3; then exit 0; fi
   done
 fi
+
+# pyenv installs even when pyenv itself is not on PATH (e.g. a non-interactive CI shell).
+for root in "${PYENV_ROOT:-}" "$HOME/.pyenv"; do
+  [ -n "$root" ] && [ -d "$root/versions" ] || continue
+  for bin in $(ls -d "$root"/versions/3.*/bin/python3 2>/dev/null | sort -V); do
+    if usable "$bin"; then exit 0; fi
+  done
+done
 
 cat >&2 <<'MSG'
 error: no Python >= 3.12 found (jax >= 0.12 needs it).
