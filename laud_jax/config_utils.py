@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       mask_groups=1,
       channel_granularity=2,
       channel_mask_position='post_act',
+      se_pool='masked',           # RegNetY SE under spatial masks: 'masked' | 'dense' (released code)
+      masker_input='pooled',      # spatial masker input: 'pooled' (published) | 'standardized'
       dtype='float32',
       zero_init_residual=False,
       stage_widths=ml_collections.config_dict.placeholder(tuple),  # None = the arch's

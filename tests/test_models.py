@@ -408,3 +408,21 @@ def test_bad_model_configs_are_rejected(cfg, message):
 def test_granularity_that_does_not_divide_the_feature_map_is_rejected():
     with pytest.raises(ValueError, match="does not divide its 14x14"):
         network_spec({"arch": "resnet50", "mode": "spatial", "granularity": (4, 4, 4, 1)}, (224, 224, 3))
+
+
+def test_standardized_spatial_masker_ignores_per_channel_offset_and_scale():
+    """With masker_input='standardized', the masker sees each channel relative to its grid."""
+    from laud_jax.models.gates import SpatialMasker
+
+    masker = SpatialMasker((4, 4), 1, standardize=True)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 5))
+    variables = masker.init(jax.random.key(1), x, train=False, tau=1.0)
+    variables["params"]["conv"]["bias"] = jnp.zeros_like(variables["params"]["conv"]["bias"])
+    shifted = 3.0 * x + jnp.arange(5.0)
+    logits_fn = lambda v, x: masker.apply(v, x, train=False, tau=1.0, gate_offset=0.0)
+    np.testing.assert_array_equal(np.asarray(logits_fn(variables, x)), np.asarray(logits_fn(variables, shifted)))
+    mask = np.asarray(logits_fn(variables, x))
+    assert 0.0 < mask.mean() < 1.0
+    plain = SpatialMasker((4, 4), 1)
+    assert not np.array_equal(np.asarray(plain.apply(variables, x, train=False, tau=1.0)),
+                              np.asarray(plain.apply(variables, shifted + 10.0, train=False, tau=1.0)))

@@ -62,9 +62,10 @@ class BlockGates(nn.Module):
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         gates: dict[str, Any] = {"spatial": None, "channel": None, "layer": None}
         if spec.spatial:
-            gates["spatial"] = SpatialMasker(spec.mask_grid, spec.mask_groups, name="masker_spatial")(
-                x, **kwargs
-            )
+            standardize = spec.masker_input == "standardized" and spec.mask_grid != (1, 1)
+            gates["spatial"] = SpatialMasker(
+                spec.mask_grid, spec.mask_groups, standardize, name="masker_spatial"
+            )(x, **kwargs)
         if spec.channel:
             gates["channel"] = ChannelMasker(spec.channel_groups, name="masker_channel")(
                 pooled, **kwargs

@@ -17,6 +17,7 @@ CHANNEL_MODES = ("channel", "both", "lc")
 LAYER_MODES = ("layer", "lc")
 CHANNEL_MASK_POSITIONS = ("post_act", "pre_bn")
 SE_POOLS = ("masked", "dense")
+MASKER_INPUTS = ("pooled", "standardized")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -113,6 +114,7 @@ class ModelConfig:
     channel_granularity: int = 2
     channel_mask_position: str = "post_act"
     se_pool: str = "masked"
+    masker_input: str = "pooled"
     dtype: str = "float32"
     zero_init_residual: bool = False
     stage_widths: tuple[int, ...] | None = None
@@ -191,6 +193,7 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
         channel_granularity=int(cfg.get("channel_granularity", 2)),
         channel_mask_position=str(cfg.get("channel_mask_position", "post_act")),
         se_pool=str(cfg.get("se_pool", "masked")),
+        masker_input=str(cfg.get("masker_input", "pooled")),
         dtype=str(cfg.get("dtype", "float32")),
         zero_init_residual=bool(cfg.get("zero_init_residual", False)),
         stage_widths=cfg.get("stage_widths"),
@@ -205,6 +208,8 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
         )
     if config.se_pool not in SE_POOLS:
         raise ValueError(f"model.se_pool={config.se_pool!r}; choose from {SE_POOLS}")
+    if config.masker_input not in MASKER_INPUTS:
+        raise ValueError(f"model.masker_input={config.masker_input!r}; choose from {MASKER_INPUTS}")
     if config.dtype not in DTYPES:
         raise ValueError(f"model.dtype={config.dtype!r}; choose from {DTYPES}")
     arch_def = config.arch_def
@@ -269,6 +274,7 @@ class BlockSpec:
     channel_granularity: int
     channel_mask_position: str
     se_pool: str  # squeeze-excitation pooling under spatial masks: "masked" or "dense"
+    masker_input: str  # spatial masker input: "pooled" or "standardized" over the mask grid
     conv1_macs: int
     conv2_macs: int
     conv3_macs: int  # 0 for basic blocks
@@ -427,6 +433,7 @@ def network_spec(cfg: ModelConfig | Mapping[str, Any], image_shape: Sequence[int
                 channel_granularity=config.channel_granularity,
                 channel_mask_position=config.channel_mask_position,
                 se_pool=config.se_pool,
+                masker_input=config.masker_input,
                 conv1_macs=conv1,
                 conv2_macs=conv2,
                 conv3_macs=conv3,
