@@ -1,0 +1,578 @@
+"""The kernel launches of one block, as roofline work records: the one place that
+describes what the sparse engine executes.
+
+Every block (static or dynamic, any mode) is described by the same fixed list of launch
+slots (``LAUNCH_NAMES``); a slot the configuration does not use has weight 0. A slot's
+record holds its expected number of executions (``weight``), its GEMM dimensions (m rows,
+n output channels, k reduction length, split into ``batches`` independent GEMMs), the
+bytes it streams (activations ``a_bytes``, weights ``w_bytes``, everything else
+``o_bytes``), the contiguous run length of gathered reads (``a_seg``/``w_seg``, 0 when
+contiguous) and its tile shape (0: the profile's dense-library tiles).
+
+How an engine executes a dynamic block is the :class:`EngineModel` (numbers, so it can be
+jitted and vmapped too). ``ENGINES``:
+
+- ``pallas``: the Pallas GPU kernels of ``pallas_kernels/``. Spatial: masker, index lists
+  of active patches and dilated input pixels, ``gather_conv1x1`` (conv1 + bias + relu on
+  the dilated pixel list, written into a full-resolution buffer), ``gather_conv3x3`` (3x3
+  conv reading each patch's ((S-1)s+3)^2 window with halo straight from that buffer),
+  ``conv1x1_scatter_add`` (conv3 + bias + residual + relu scattered into the aliased
+  identity). Kernels stop at the active count (early exit past it). Channel:
+  ``channel_gather_matmul`` for conv1 (output groups) and conv3 (compact input groups),
+  weights gathered in-kernel; conv2 with gathered weights in XLA; a separate residual add.
+  Layer: compaction of the active samples into a power-of-two bucket, dense branch,
+  scatter-add back (batch 1: the branch is skipped).
+- ``lasnet``: the published LASNet kernels: conv1 runs on gathered (S+2)^2 windows with
+  halo (overlapping halo pixels are recomputed), then 3x3 on the compact patches and a
+  fused conv3 + scatter-add.
+- ``xla``: the pure-JAX CPU path: explicit gathers of the halo windows, conv1 on them,
+  im2col + matmul for conv2, matmul for conv3, a separate scatter-add into a copy of the
+  identity; all lists padded to their power-of-two capacity; bias/relu as separate
+  elementwise passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
+
+KIND_DENSE, KIND_GATHERED, KIND_MEMORY = 0.0, 1.0, 2.0
+MODE_CODE: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
+
+
+def _dataclass(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+def _as_arrays(obj):
+    return type(obj)(**{f.name: jnp.asarray(getattr(obj, f.name), jnp.float32) for f in dataclasses.fields(obj)})
+
+
+@_dataclass
+class EngineModel:
+    """How the engine executes a dynamic block (flags are 0/1 floats).
+
+    conv1_on_halo: conv1 runs on gathered ((S-1)s+3)^2 windows (halo recomputed); 0: on the
+      list of dilated input pixels. fuse_gather: gathers happen inside the consuming kernel;
+      0: a separate gather op writes a compact copy. fuse_scatter: conv3 + residual + scatter
+      is one kernel. fuse_masker: the masker's pooling is fused into the previous block's
+      epilogue (the block input is not re-read). fused_epilogue: dense convs apply bias,
+      relu and the residual in their epilogue; 0: separate elementwise passes. im2col: conv2
+      on patches materializes 9x im2col rows. pad_capacity: sparse kernels compute the whole
+      power-of-two capacity bucket (XLA); 0: they stop at the active count (Pallas).
+      copy_identity: the spatial scatter writes into a copy of the identity. index_ops:
+      launches to build one index list. sparse_tile_m / sparse_tile_n: tile of the
+      gathered kernels (n is capped: min(sparse_tile_n, next power of two of N)).
+      channels_last: 1 for NHWC activations (a gathered pixel run holds all its channels);
+      0 for NCHW (a run holds one channel of consecutive pixels only).
+    """
+
+    conv1_on_halo: Any
+    fuse_gather: Any
+    fuse_scatter: Any
+    fuse_masker: Any
+    fused_epilogue: Any
+    im2col: Any
+    pad_capacity: Any
+    copy_identity: Any
+    index_ops: Any
+    sparse_tile_m: Any
+    sparse_tile_n: Any
+    channels_last: Any
+
+    def replace(self, **changes: Any) -> "EngineModel":
+        return dataclasses.replace(self, **changes)
+
+    def as_arrays(self) -> "EngineModel":
+        return _as_arrays(self)
+
+
+ENGINES: dict[str, EngineModel] = {
+    "pallas": EngineModel(
+        conv1_on_halo=0.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
+        im2col=0.0, pad_capacity=0.0, copy_identity=0.0, index_ops=3.0, sparse_tile_m=64.0,
+        sparse_tile_n=128.0, channels_last=1.0,
+    ),
+    "halo": EngineModel(
+        conv1_on_halo=1.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
+        im2col=0.0, pad_capacity=0.0, copy_identity=0.0, index_ops=3.0, sparse_tile_m=64.0,
+        sparse_tile_n=128.0, channels_last=1.0,
+    ),
+    "xla": EngineModel(
+        conv1_on_halo=1.0, fuse_gather=0.0, fuse_scatter=0.0, fuse_masker=0.0, fused_epilogue=0.0,
+        im2col=1.0, pad_capacity=1.0, copy_identity=1.0, index_ops=3.0, sparse_tile_m=16.0,
+        sparse_tile_n=16.0, channels_last=1.0,
+    ),
+}
+ENGINES["pallas_nchw"] = ENGINES["pallas"].replace(channels_last=0.0)
+
+
+def get_engine(name: str) -> EngineModel:
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
+    return ENGINES[name]
+
+
+@_dataclass
+class BlockShape:
+    """Static shape of a residual block as numbers (stack several for a leading block axis)."""
+
+    bottleneck: Any
+    in_channels: Any
+    width: Any
+    out_channels: Any
+    stride: Any
+    groups: Any
+    se_channels: Any
+    downsample: Any
+    h_in: Any
+    w_in: Any
+    h_out: Any
+    w_out: Any
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[BlockSpec]) -> "BlockShape":
+        """Shapes of ``specs`` stacked along a leading axis (from ``network_spec(...).blocks``)."""
+        columns = {
+            "bottleneck": [float(s.kind == "bottleneck") for s in specs],
+            **{
+                name: [float(getattr(s, name)) for s in specs]
+                for name in (
+                    "in_channels", "width", "out_channels", "stride", "groups", "se_channels",
+                    "downsample", "h_in", "w_in", "h_out", "w_out",
+                )
+            },
+        }
+        return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in columns.items()})
+
+
+@_dataclass
+class BlockSetting:
+    """Dynamic setting of a block: mode code, S, densities, group sizes, batch, dtype.
+
+    mode: ``MODE_CODE[mode]``. granularity: S. rho_spatial: fraction of active patches;
+    rho_channel: fraction of active channel groups; rho_layer: fraction of samples that
+    execute the residual branch (each only used by modes that have that gate).
+    rho_conv1: fraction of conv1 input pixels the dilated mask keeps; < 0: the expectation
+    for i.i.d. patch masks (:func:`dilated_density`). channel_granularity: channels per
+    channel-mask group; mask_groups: G. batch: images per call. half: 1 for bf16/fp16.
+    """
+
+    mode: Any
+    granularity: Any
+    rho_spatial: Any
+    rho_channel: Any
+    rho_layer: Any
+    rho_conv1: Any
+    channel_granularity: Any
+    mask_groups: Any
+    batch: Any
+    half: Any
+
+    def as_arrays(self) -> "BlockSetting":
+        return _as_arrays(self)
+
+
+def block_setting(
+    mode: str | int = "static",
+    granularity: float = 1,
+    rho: float = 1.0,
+    *,
+    rho_spatial: float | None = None,
+    rho_channel: float | None = None,
+    rho_layer: float | None = None,
+    rho_conv1: float = -1.0,
+    channel_granularity: float = 2,
+    mask_groups: float = 1,
+    batch: float = 1,
+    dtype: str = "float32",
+) -> BlockSetting:
+    """A :class:`BlockSetting` with one ``rho`` for every gate unless given separately."""
+    code = MODE_CODE[mode] if isinstance(mode, str) else mode
+    return BlockSetting(
+        mode=code,
+        granularity=granularity,
+        rho_spatial=rho if rho_spatial is None else rho_spatial,
+        rho_channel=rho if rho_channel is None else rho_channel,
+        rho_layer=rho if rho_layer is None else rho_layer,
+        rho_conv1=rho_conv1,
+        channel_granularity=channel_granularity,
+        mask_groups=mask_groups,
+        batch=batch,
+        half=float(dtype in ("bfloat16", "float16")),
+    ).as_arrays()
+
+
+def static_twin(setting: BlockSetting) -> BlockSetting:
+    """The same setting with every gate off (the static block it is compared with)."""
+    return dataclasses.replace(setting, mode=jnp.zeros_like(setting.mode))
+
+
+@_dataclass
+class Launches:
+    """Work records of launch slots (fields share one shape: (..., slots))."""
+
+    weight: Any
+    kind: Any
+    m: Any
+    n: Any
+    k: Any
+    batches: Any
+    a_bytes: Any
+    a_seg: Any
+    w_bytes: Any
+    w_seg: Any
+    o_bytes: Any
+    o_seg: Any
+    tile_m: Any
+    tile_n: Any
+
+
+LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launches))
+LAUNCH_NAMES = (
+    "masker_pool",       # pooling of the block input for the maskers / gates
+    "masker_conv",       # spatial masker's 1x1 conv on the mask grid
+    "gate_fc",           # channel masker FCs, layer gate, LC scale head
+    "index_lists",       # mask -> active index lists (patches, dilated pixels, groups, samples)
+    "layer_compact",     # gather the executing samples (layer gates, batch > 1)
+    "gather_x",          # separate gather of conv1's input (unfused engines)
+    "conv1",
+    "conv1_epilogue",    # bias + relu pass (unfused epilogues)
+    "gather_conv2",      # separate window gather / im2col before conv2
+    "channel_weights",   # gathers of the active channels' weights outside the kernels
+    "conv2",
+    "conv2_epilogue",
+    "se",                # squeeze-excitation: pool + FCs + scale (RegNetY)
+    "lc_scale",          # LC-Net channel scale multiply
+    "conv3",             # bottleneck conv3 (+ residual / scatter when fused)
+    "residual",          # separate residual add / scatter-add (+ relu)
+    "identity_copy",     # copy of the identity the scatter writes into
+    "identity_relu",     # relu over a downsampled identity (skipped positions)
+    "downsample",
+    "downsample_epilogue",
+)
+
+
+def _record(weight=0.0, kind=KIND_MEMORY, m=0.0, n=0.0, k=0.0, batches=1.0, a_bytes=0.0, a_seg=0.0,
+            w_bytes=0.0, w_seg=0.0, o_bytes=0.0, o_seg=0.0, tile_m=0.0, tile_n=0.0) -> dict[str, Any]:
+    return dict(weight=weight, kind=kind, m=m, n=n, k=k, batches=batches, a_bytes=a_bytes, a_seg=a_seg,
+                w_bytes=w_bytes, w_seg=w_seg, o_bytes=o_bytes, o_seg=o_seg, tile_m=tile_m, tile_n=tile_n)
+
+
+def _stack(records: Sequence[dict[str, Any]]) -> Launches:
+    return Launches(**{
+        field: jnp.stack([jnp.asarray(r[field], jnp.float32) for r in records], axis=-1)
+        for field in LAUNCH_FIELDS
+    })
+
+
+def bucket(count):
+    """Power-of-two capacity bucket holding ``count`` entries (at least 1)."""
+    return 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(jnp.ceil(count - 1e-4), 1.0)))
+
+
+def _next_pow2(x):
+    return 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(x, 1.0)))
+
+
+def _axis_spans(length, size, stride):
+    """Fractions (a1, a2, a3) of conv1-grid rows of one axis whose 3x3-conv consumers span
+    1, 2 or 3 patches of size ``size`` (stride 1 or 2), image borders included."""
+    patches = jnp.ceil(length / jnp.where(stride > 1.5, 2.0 * size, size))
+    two_s1 = jnp.where(size < 1.5, 2.0, 2.0 * patches - 2.0)
+    three_s1 = jnp.where(size < 1.5, jnp.maximum(length - 2.0, 0.0), 0.0)
+    two = jnp.where(stride > 1.5, patches - 1.0, two_s1)
+    three = jnp.where(stride > 1.5, 0.0, three_s1)
+    two, three = two / length, three / length
+    return 1.0 - two - three, two, three
+
+
+def dilated_density(rho, size, stride, height, width):
+    """Expected fraction of conv1-grid pixels (``height`` x ``width``) that the dilated mask
+    keeps when each S x S output patch is active independently with probability ``rho``.
+
+    A pixel is needed when any 3x3 (stride ``stride``) output it feeds lies in an active
+    patch; spanning i patches along y and j along x, it is kept with 1 - (1 - rho)^(i j).
+    """
+    ay = _axis_spans(height, size, stride)
+    ax = _axis_spans(width, size, stride)
+    keep = 0.0
+    for i in range(3):
+        for j in range(3):
+            keep = keep + ay[i] * ax[j] * (1.0 - (1.0 - rho) ** ((i + 1) * (j + 1)))
+    return keep
+
+
+def _is(code, *modes: str):
+    return jnp.isin(code, jnp.asarray([MODE_CODE[m] for m in modes], jnp.float32))
+
+
+def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel) -> Launches:
+    """Launch records of one block (scalar fields in, (slots,) fields out)."""
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    b = jnp.where(setting.half > 0.5, 2.0, 4.0)  # bytes per activation / weight element
+    code = setting.mode
+    spatial = _is(code, "spatial", "both")
+    channel = _is(code, "channel", "both", "lc")
+    layer = _is(code, "layer", "lc")
+    sp, ch, ly, lc = (f(x) for x in (spatial, channel, layer, code == MODE_CODE["lc"]))
+    gated = f(code != MODE_CODE["static"])
+    rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
+    rho_c = jnp.where(channel, setting.rho_channel, 1.0)
+    rho_l = jnp.where(layer, setting.rho_layer, 1.0)
+    pad, halo = engine.pad_capacity, engine.conv1_on_halo
+    fuse_gather = engine.fuse_gather
+
+    bottleneck = shape.bottleneck
+    cin, width, cout = shape.in_channels, shape.width, shape.out_channels
+    stride, groups = shape.stride, shape.groups
+    p_in, p_out = shape.h_in * shape.w_in, shape.h_out * shape.w_out
+    batch = setting.batch
+
+    # Layer gates: batch 1 skips the branch with probability 1 - rho; batch > 1 compacts the
+    # executing samples into a power-of-two bucket and runs the branch on it.
+    multi = batch > 1.5
+    branch_batch = jnp.where(layer & multi, jnp.minimum(bucket(rho_l * batch), batch), batch)
+    branch_weight = jnp.where(layer & ~multi, rho_l, 1.0)
+    compacting = f(layer & multi)
+
+    # Channel gates: the active groups (capacity-padded for XLA).
+    group = setting.channel_granularity
+    n_groups = width / group
+    active_groups = rho_c * n_groups
+    active_groups = jnp.where(channel & (pad > 0.5), jnp.minimum(bucket(active_groups), n_groups), active_groups)
+    width_c = active_groups * group
+    per_sample = channel & multi  # every sample gathers its own weights
+    weight_copies = jnp.where(per_sample, branch_batch, 1.0)
+    weight_batches = jnp.where(channel, branch_batch, 1.0)  # one GEMM per sample
+    weight_seg = jnp.where(channel, group * b, 0.0)
+
+    # Spatial gates: active patches on the output grid, conv1 pixels on conv1's grid.
+    size = setting.granularity
+    grid_h, grid_w = jnp.ceil(shape.h_out / size), jnp.ceil(shape.w_out / size)
+    n_patches = branch_batch * grid_h * grid_w
+    patches = rho_s * n_patches
+    patches = jnp.where(spatial & (pad > 0.5), jnp.minimum(bucket(patches), n_patches), patches)
+    rows2 = jnp.where(spatial, patches * size * size, branch_batch * p_out)
+    h1 = jnp.where(bottleneck > 0.5, shape.h_in, shape.h_out)
+    w1 = jnp.where(bottleneck > 0.5, shape.w_in, shape.w_out)
+    p1 = h1 * w1
+    stride1 = jnp.where(bottleneck > 0.5, stride, 1.0)
+    window = (size - 1.0) * stride1 + 3.0
+    rho_in = jnp.where(
+        setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1)
+    )
+    rho_in = jnp.where(spatial, rho_in, 1.0)
+    pixels = rho_in * branch_batch * p1
+    pixels = jnp.where(pad > 0.5, jnp.minimum(bucket(pixels), branch_batch * p1), pixels)
+    rows1 = jnp.where(spatial, jnp.where(halo > 0.5, patches * window * window, pixels), branch_batch * p1)
+    taps1 = jnp.where(bottleneck > 0.5, 1.0, 9.0)
+    # contiguous bytes of a run of consecutive pixels of one row (all channels in NHWC)
+    run = lambda n_pixels, channels: n_pixels * jnp.where(engine.channels_last > 0.5, channels, 1.0) * b  # noqa: E731
+
+    sparse_tile_n = lambda n: jnp.clip(_next_pow2(n), 16.0, engine.sparse_tile_n)  # noqa: E731
+    # conv1 / conv3 run as gathered-tile kernels where the engine fuses the gathers
+    # (spatial patches, or per-sample channel groups); otherwise as dense library convs.
+    gathered = jnp.where(spatial, fuse_gather, ch * fuse_gather)
+    kind13 = jnp.where(gathered > 0.5, KIND_GATHERED, KIND_DENSE)
+    tile13 = lambda n: dict(tile_m=gathered * engine.sparse_tile_m, tile_n=gathered * sparse_tile_n(n))  # noqa: E731
+    unfused_epi = 1.0 - engine.fused_epilogue
+
+    # Maskers / gates and their index lists.
+    pools = sp + f(channel | layer)
+    masker_pool = _record(weight=gated * pools * (1.0 - engine.fuse_masker),
+                          o_bytes=batch * shape.h_in * shape.w_in * cin * b)
+    masker_conv = _record(weight=sp, kind=KIND_DENSE, m=batch * grid_h * grid_w, n=2.0 * setting.mask_groups,
+                          k=cin, w_bytes=cin * 2.0 * setting.mask_groups * b)
+    hidden = jnp.maximum(jnp.floor(n_groups / 16.0), 16.0)
+    fc_macs = ch * (cin * hidden + hidden * 2.0 * n_groups) + ly * 2.0 * cin + lc * cin * (n_groups + 1.0)
+    fc_launches = 2.0 * ch + ly + lc
+    gate_fc = _record(weight=fc_launches, kind=KIND_DENSE, m=batch, k=cin,
+                      n=fc_macs / cin / jnp.maximum(fc_launches, 1.0),
+                      w_bytes=fc_macs * b / jnp.maximum(fc_launches, 1.0))
+    lists = sp * (2.0 - halo) + ch + compacting
+    index_bytes = (sp * (batch * grid_h * grid_w * 5.0 + (1.0 - halo) * batch * p1 * 5.0)
+                   + ch * batch * n_groups * 5.0 + compacting * batch * 5.0)
+    index_lists = _record(weight=engine.index_ops * lists,
+                          o_bytes=index_bytes / jnp.maximum(engine.index_ops * lists, 1.0))
+    layer_compact = _record(weight=compacting, a_bytes=branch_batch * p_in * cin * b, a_seg=p_in * cin * b,
+                            o_bytes=branch_batch * p_in * cin * b)
+
+    # conv1 (1x1 for bottlenecks, 3x3 stride s for basic blocks).
+    gather_seg1 = run(window, cin)
+    gather_x = _record(weight=branch_weight * sp * (1.0 - fuse_gather), a_bytes=rows1 * taps1 * cin * b,
+                       a_seg=gather_seg1, o_bytes=rows1 * taps1 * cin * b)
+    a1 = jnp.where(spatial, rows1 * taps1 * cin * b, branch_batch * p_in * cin * b)
+    conv1 = _record(
+        weight=branch_weight, kind=kind13, m=rows1, n=width_c, k=taps1 * cin, batches=weight_batches,
+        a_bytes=a1, a_seg=sp * fuse_gather * gather_seg1, w_bytes=weight_copies * taps1 * cin * width_c * b,
+        w_seg=fuse_gather * weight_seg, o_bytes=rows1 * width_c * b, **tile13(width_c),
+    )
+    conv1_epilogue = _record(weight=branch_weight * unfused_epi * (1.0 - gathered),
+                             o_bytes=2.0 * rows1 * width_c * b)
+
+    # The residual joins the last conv where the engine can fuse it; scattered output
+    # rows are runs of S pixels.
+    residual_fused = jnp.where(
+        spatial, engine.fuse_scatter,
+        jnp.where(channel | (layer & multi), 0.0, engine.fused_epilogue),
+    )
+    residual_seg = run(size, cout)
+
+    # conv2 (3x3, stride s in bottlenecks) on the active patches with their halo.
+    n2 = jnp.where(bottleneck > 0.5, width_c, cout)
+    k2 = 9.0 * width_c / groups
+    p2 = jnp.where(bottleneck > 0.5, p_in, p_out)
+    window_bytes = patches * window * window * width_c * b
+    # Halo engines hold compact windows already; pixel engines read windows from the
+    # full-resolution conv1 output. im2col (XLA) materializes the 9 taps of every row.
+    separate_window = sp * (1.0 - fuse_gather) * jnp.maximum(engine.im2col, 1.0 - halo)
+    gather_conv2 = _record(
+        weight=branch_weight * separate_window, a_bytes=window_bytes, a_seg=run(window, width_c),
+        o_bytes=jnp.where(engine.im2col > 0.5, rows2 * k2 * groups * b, window_bytes),
+    )
+    # Active-channel weights gathered outside the kernels: conv2's always (no Pallas
+    # kernel for it), conv1's and conv3's too where the engine does not gather in-kernel.
+    gathered_weights = weight_copies * b * (
+        9.0 * width_c * n2 / groups
+        + (1.0 - fuse_gather) * (taps1 * cin * width_c + bottleneck * width_c * cout)
+    )
+    weight_gathers = 1.0 + (1.0 - fuse_gather) * (1.0 + bottleneck)
+    channel_weights = _record(weight=branch_weight * ch * weight_gathers,
+                              a_bytes=gathered_weights / weight_gathers, a_seg=weight_seg,
+                              o_bytes=gathered_weights / weight_gathers)
+    a2 = jnp.where(
+        spatial,
+        jnp.where(separate_window * engine.im2col > 0.5, rows2 * k2 * groups * b, window_bytes),
+        branch_batch * p2 * width_c * b,
+    )
+    conv2_gathered = sp * fuse_gather * (1.0 - halo)  # pixel engines read windows in-kernel
+    conv2 = _record(
+        weight=branch_weight, kind=jnp.where(conv2_gathered > 0.5, KIND_GATHERED, KIND_DENSE),
+        m=rows2, n=n2, k=k2, batches=weight_batches, a_bytes=a2,
+        a_seg=conv2_gathered * run(window, width_c), w_bytes=9.0 * width_c * n2 / groups * b,
+        o_bytes=rows2 * n2 * b, o_seg=(1.0 - bottleneck) * sp * residual_seg, tile_m=conv2_gathered * engine.sparse_tile_m,
+        tile_n=conv2_gathered * sparse_tile_n(n2),
+    )
+    conv2_epilogue = _record(weight=branch_weight * unfused_epi * bottleneck * (1.0 - conv2_gathered),
+                             o_bytes=2.0 * rows2 * n2 * b)
+    has_se = f(shape.se_channels > 0)
+    se = _record(weight=branch_weight * has_se * 3.0, o_bytes=rows2 * width_c * b,
+                 kind=KIND_MEMORY)
+    lc_scale = _record(weight=branch_weight * lc, o_bytes=2.0 * rows2 * width_c * b)
+
+    # conv3 (bottleneck) and the residual: fused into the last conv where the engine can.
+    identity_rows = rows2 * cout * b
+    conv3 = _record(
+        weight=branch_weight * bottleneck, kind=kind13, m=rows2, n=cout, k=width_c, batches=weight_batches,
+        a_bytes=rows2 * width_c * b, w_bytes=weight_copies * width_c * cout * b,
+        o_bytes=identity_rows * (1.0 + residual_fused), o_seg=sp * residual_seg, **tile13(cout),
+    )
+    # Basic blocks: conv2 is the last conv; its residual read joins conv2's record.
+    conv2["o_bytes"] = conv2["o_bytes"] + (1.0 - bottleneck) * residual_fused * identity_rows
+    residual = _record(weight=branch_weight * (1.0 - residual_fused), o_bytes=3.0 * identity_rows,
+                       o_seg=sp * residual_seg)
+    full_out = batch * p_out * cout * b
+    identity_copy = _record(weight=engine.copy_identity * (sp + compacting), o_bytes=2.0 * full_out)
+    skipped_share = sp + ly * jnp.where(multi, 1.0, 1.0 - rho_l)
+    identity_relu = _record(weight=shape.downsample * jnp.minimum(skipped_share, 1.0), o_bytes=2.0 * full_out)
+    downsample = _record(
+        weight=shape.downsample, kind=KIND_DENSE, m=batch * p_out, n=cout, k=cin,
+        a_bytes=batch * p_out * cin * b, w_bytes=cin * cout * b, o_bytes=full_out,
+    )
+    downsample_epilogue = _record(weight=shape.downsample * unfused_epi, o_bytes=2.0 * full_out)
+
+    records = dict(
+        masker_pool=masker_pool, masker_conv=masker_conv, gate_fc=gate_fc, index_lists=index_lists,
+        layer_compact=layer_compact, gather_x=gather_x, conv1=conv1, conv1_epilogue=conv1_epilogue,
+        gather_conv2=gather_conv2, channel_weights=channel_weights, conv2=conv2, conv2_epilogue=conv2_epilogue,
+        se=se, lc_scale=lc_scale, conv3=conv3, residual=residual, identity_copy=identity_copy,
+        identity_relu=identity_relu, downsample=downsample, downsample_epilogue=downsample_epilogue,
+    )
+    return _stack([records[name] for name in LAUNCH_NAMES])
+
+
+def block_macs(shape: BlockShape, setting: BlockSetting):
+    """(expected dynamic MACs, static MACs) per sample, counted as the models' ``aux`` does."""
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    code = setting.mode
+    spatial, channel, layer = _is(code, "spatial", "both"), _is(code, "channel", "both", "lc"), _is(code, "layer", "lc")
+    rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
+    rho_c = jnp.where(channel, setting.rho_channel, 1.0)
+    rho_l = jnp.where(layer, setting.rho_layer, 1.0)
+    bottleneck = shape.bottleneck
+    cin, width, cout = shape.in_channels, shape.width, shape.out_channels
+    p_in, p_out = shape.h_in * shape.w_in, shape.h_out * shape.w_out
+    conv1 = jnp.where(bottleneck > 0.5, p_in * cin * width, p_out * 9.0 * cin * width)
+    conv2 = jnp.where(bottleneck > 0.5, p_out * 9.0 * width * width / shape.groups, p_out * 9.0 * width * cout)
+    conv3 = bottleneck * p_out * width * cout
+    downsample = shape.downsample * p_out * cin * cout
+    se = 2.0 * width * shape.se_channels
+    size = setting.granularity
+    h1 = jnp.where(bottleneck > 0.5, shape.h_in, shape.h_out)
+    w1 = jnp.where(bottleneck > 0.5, shape.w_in, shape.w_out)
+    stride1 = jnp.where(bottleneck > 0.5, shape.stride, 1.0)
+    rho_in = jnp.where(setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1))
+    rho_in = jnp.where(spatial, rho_in, 1.0)
+    density2 = rho_s * rho_c * jnp.where(bottleneck > 0.5, rho_c, 1.0)
+    n_groups = width / setting.channel_granularity
+    hidden = jnp.maximum(jnp.floor(n_groups / 16.0), 16.0)
+    grid = jnp.floor(shape.h_out / size) * jnp.floor(shape.w_out / size)
+    masker = (
+        f(spatial) * grid * cin * 2.0 * setting.mask_groups
+        + f(channel) * (cin * hidden + hidden * 2.0 * n_groups)
+        + f(layer) * 2.0 * cin
+        + f(code == MODE_CODE["lc"]) * cin * (n_groups + 1.0)
+    )
+    dynamic = (
+        (conv1 * rho_in * rho_c + conv2 * density2 + conv3 * rho_s * rho_c + se) * rho_l
+        + downsample + masker
+    )
+    return dynamic, conv1 + conv2 + conv3 + downsample + se
+
+
+def layer_launches(
+    layers: Sequence[LayerSpec], batch, half, engine: EngineModel, head_input_hw: tuple[int, int]
+) -> Launches:
+    """Launch records of the stem and head layers (never dynamic): two slots per layer.
+
+    ``head_input_hw``: the last feature map, which the classifier's global pooling reads.
+    """
+    b = jnp.where(jnp.asarray(half) > 0.5, 2.0, 4.0)
+    unfused_epi = 1.0 - engine.fused_epilogue
+    records = []
+    for layer in layers:
+        p_in, p_out = layer.h_in * layer.w_in, layer.h_out * layer.w_out
+        if layer.kind == "conv":
+            taps = layer.kernel * layer.kernel
+            out = batch * p_out * layer.out_channels * b
+            records.append(_record(weight=1.0, kind=KIND_DENSE, m=batch * p_out, n=layer.out_channels,
+                                   k=taps * layer.in_channels, a_bytes=batch * p_in * layer.in_channels * b,
+                                   w_bytes=taps * layer.in_channels * layer.out_channels * b, o_bytes=out))
+            records.append(_record(weight=unfused_epi, o_bytes=2.0 * out))
+        elif layer.kind == "maxpool":
+            records.append(_record(weight=1.0, o_bytes=batch * (p_in + p_out) * layer.in_channels * b))
+            records.append(_record())
+        elif layer.kind == "dense":
+            # global average pool of the last feature map, then the classifier
+            records.append(_record(weight=1.0, kind=KIND_DENSE, m=batch, n=layer.out_channels,
+                                   k=layer.in_channels, w_bytes=layer.in_channels * layer.out_channels * b,
+                                   o_bytes=batch * layer.out_channels * b))
+            pooled = head_input_hw[0] * head_input_hw[1] * layer.in_channels
+            records.append(_record(weight=1.0, o_bytes=batch * pooled * b))
+        else:
+            raise ValueError(f"unknown layer kind {layer.kind!r} of {layer.name}")
+    return _stack(records)
+
+
+def describe(launches: Launches) -> list[dict[str, float]]:
+    """Records as a list of plain dicts (one per slot), for printing and tests."""
+    arrays = {k: np.asarray(getattr(launches, k)) for k in LAUNCH_FIELDS}
+    return [{k: float(v[i]) for k, v in arrays.items()} for i in range(arrays["weight"].shape[-1])]
