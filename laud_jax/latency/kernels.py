@@ -3,32 +3,40 @@ describes what the sparse engine executes.
 
 Every block (static or dynamic, any mode) is described by the same fixed list of launch
 slots (``LAUNCH_NAMES``); a slot the configuration does not use has weight 0. A slot's
-record holds its expected number of executions (``weight``), its GEMM dimensions (m rows,
-n output channels, k reduction length, split into ``batches`` independent GEMMs), the
-bytes it streams (activations ``a_bytes``, weights ``w_bytes``, everything else
-``o_bytes``), the contiguous run length of gathered reads (``a_seg``/``w_seg``, 0 when
-contiguous) and its tile shape (0: the profile's dense-library tiles).
+record holds its expected number of executions (``weight``), its GEMM dimensions per
+execution (m rows, n output channels, k reduction length, split into ``batches``
+independent GEMMs), the bytes it streams (activations ``a_bytes``, weights ``w_bytes``,
+everything else ``o_bytes``), the contiguous run length of gathered or scattered accesses
+(``a_seg``/``w_seg``/``o_seg``, 0 when contiguous) and its tile (0: the profile's
+dense-library tiles).
 
-How an engine executes a dynamic block is the :class:`EngineModel` (numbers, so it can be
+How an engine executes a dynamic block is an :class:`EngineModel` (numbers, so it can be
 jitted and vmapped too). ``ENGINES``:
 
-- ``pallas``: the Pallas GPU kernels of ``pallas_kernels/``. Spatial: masker, index lists
-  of active patches and dilated input pixels, ``gather_conv1x1`` (conv1 + bias + relu on
-  the dilated pixel list, written into a full-resolution buffer), ``gather_conv3x3`` (3x3
-  conv reading each patch's ((S-1)s+3)^2 window with halo straight from that buffer),
-  ``conv1x1_scatter_add`` (conv3 + bias + residual + relu scattered into the aliased
-  identity). Kernels stop at the active count (early exit past it). Channel:
-  ``channel_gather_matmul`` for conv1 (output groups) and conv3 (compact input groups),
-  weights gathered in-kernel; conv2 with gathered weights in XLA; a separate residual add.
-  Layer: compaction of the active samples into a power-of-two bucket, dense branch,
-  scatter-add back (batch 1: the branch is skipped).
-- ``lasnet``: the published LASNet kernels: conv1 runs on gathered (S+2)^2 windows with
-  halo (overlapping halo pixels are recomputed), then 3x3 on the compact patches and a
-  fused conv3 + scatter-add.
-- ``xla``: the pure-JAX CPU path: explicit gathers of the halo windows, conv1 on them,
-  im2col + matmul for conv2, matmul for conv3, a separate scatter-add into a copy of the
-  identity; all lists padded to their power-of-two capacity; bias/relu as separate
-  elementwise passes.
+- ``xla``: ``laud_jax.sparse`` with ``backend='xla'`` (the CPU path), driven block by block
+  (one compiled call and one host read of the next block's counts per dynamic block).
+  Index lists are padded to the engine's capacity ladder (``capacity_steps``). Spatial:
+  conv1 is a matmul on the gathered dilated-mask pixels; conv2 gathers each patch's
+  ((S-1)s+3)^2 window from those rows, as im2col rows + one matmul for S <= 2, or as
+  windows + a VALID conv otherwise; conv3 is a matmul on the patches; a loop over the
+  active patches writes relu(identity + branch) into the block input in place (a fresh
+  relu(identity) for downsampling blocks). Channel: the active channels' weights are
+  gathered (per sample, in a loop over samples at batch > 1) and the branch runs dense on
+  them. Layer: the executing samples are gathered, the branch runs on them, a loop writes
+  them back (batch 1: the branch runs or not). Dense 3x3 convs use im2col for maps of at
+  most 256 pixels. Bias and relu are separate elementwise passes.
+- ``pallas``: the same driver with the Pallas GPU kernels of ``pallas_kernels/``:
+  ``gather_conv1x1`` (conv1 + bias + relu on the dilated pixel list, into a
+  full-resolution buffer), ``gather_conv3x3`` (3x3 conv reading each patch window with
+  halo straight from that buffer), ``conv1x1_scatter_add`` (conv3 + bias + residual +
+  relu into the aliased identity), ``channel_gather_matmul`` (conv1 and conv3 on the
+  active channel groups of each sample, weights gathered in-kernel); conv2 of channel
+  mode on gathered weights; kernels stop at the active count.
+- ``pallas_nchw``: ``pallas`` on NCHW activations (PyTorch's layout): a gathered run is
+  one channel of consecutive pixels, so small S wastes most of every DRAM sector.
+- ``halo``: a single-program engine that recomputes conv1 on each patch's gathered
+  window with halo ((S+2)^2 pixels per S^2 at stride 1), then runs 3x3 on the compact
+  windows and a fused conv3 + scatter-add.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import numpy as np
 
 from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
 
-KIND_DENSE, KIND_GATHERED, KIND_MEMORY = 0.0, 1.0, 2.0
+KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST = 0.0, 1.0, 2.0, 3.0
 MODE_CODE: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
 
 
@@ -57,21 +65,28 @@ def _as_arrays(obj):
 
 @_dataclass
 class EngineModel:
-    """How the engine executes a dynamic block (flags are 0/1 floats).
+    """How an engine executes a dynamic block (flags are 0/1 floats).
 
-    conv1_on_halo: conv1 runs on gathered ((S-1)s+3)^2 windows (halo recomputed); 0: on the
-      list of dilated input pixels. fuse_gather: gathers happen inside the consuming kernel;
-      0: a separate gather op writes a compact copy. fuse_scatter: conv3 + residual + scatter
-      is one kernel. fuse_masker: the masker's pooling is fused into the previous block's
-      epilogue (the block input is not re-read). fused_epilogue: dense convs apply bias,
-      relu and the residual in their epilogue; 0: separate elementwise passes. im2col: conv2
-      on patches materializes 9x im2col rows. pad_capacity: sparse kernels compute the whole
-      power-of-two capacity bucket (XLA); 0: they stop at the active count (Pallas).
-      copy_identity: the spatial scatter writes into a copy of the identity. index_ops:
-      launches to build one index list. sparse_tile_m / sparse_tile_n: tile of the
-      gathered kernels (n is capped: min(sparse_tile_n, next power of two of N)).
-      channels_last: 1 for NHWC activations (a gathered pixel run holds all its channels);
-      0 for NCHW (a run holds one channel of consecutive pixels only).
+    conv1_on_halo: conv1 runs on each patch's gathered window with halo (recomputed where
+      windows overlap); 0: on the list of dilated-mask pixels.
+    fuse_gather: gathers happen inside the consuming kernel; 0: a gather op writes a copy.
+    fuse_scatter: conv3 + residual + scatter is one kernel.
+    fuse_masker: the maskers' pooling is fused into the previous block (input not re-read).
+    fused_epilogue: dense convs apply bias, relu and the residual in their epilogue;
+      0: separate elementwise passes.
+    im2col_max_size: without fused gathers, conv2 on patches materializes im2col rows
+      (9 taps per output pixel) for S up to this; larger S gathers windows for a conv.
+    dense_im2col_pixels: dense 3x3 convs use im2col on maps of at most this many pixels.
+    capacity_steps: index lists are padded to the capacity ladder with this many steps
+      (``laud_jax.sparse.routing.capacity_ladder``); 0: kernels stop at the active count.
+    scatter_loop: the spatial / layer scatter is a loop with one step per active patch or
+      sample (each step pays the per-op overhead); 0: one kernel.
+    per_sample_loop: channel-gated blocks at batch > 1 run one sample after another.
+    block_calls: host round trips per dynamic block (the stepwise driver reads counts).
+    index_ops: ops to build one index list.
+    sparse_tile_m / sparse_tile_n: tile of the gathered kernels (n capped at the next
+      power of two of N).
+    channels_last: 1 for NHWC activations; 0 for NCHW.
     """
 
     conv1_on_halo: Any
@@ -79,9 +94,12 @@ class EngineModel:
     fuse_scatter: Any
     fuse_masker: Any
     fused_epilogue: Any
-    im2col: Any
-    pad_capacity: Any
-    copy_identity: Any
+    im2col_max_size: Any
+    dense_im2col_pixels: Any
+    capacity_steps: Any
+    scatter_loop: Any
+    per_sample_loop: Any
+    block_calls: Any
     index_ops: Any
     sparse_tile_m: Any
     sparse_tile_n: Any
@@ -95,20 +113,23 @@ class EngineModel:
 
 
 ENGINES: dict[str, EngineModel] = {
+    "xla": EngineModel(
+        conv1_on_halo=0.0, fuse_gather=0.0, fuse_scatter=0.0, fuse_masker=0.0, fused_epilogue=0.0,
+        im2col_max_size=2.0, dense_im2col_pixels=256.0, capacity_steps=16.0, scatter_loop=1.0,
+        per_sample_loop=1.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=16.0, sparse_tile_n=16.0,
+        channels_last=1.0,
+    ),
     "pallas": EngineModel(
         conv1_on_halo=0.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
-        im2col=0.0, pad_capacity=0.0, copy_identity=0.0, index_ops=3.0, sparse_tile_m=64.0,
-        sparse_tile_n=128.0, channels_last=1.0,
+        im2col_max_size=0.0, dense_im2col_pixels=0.0, capacity_steps=0.0, scatter_loop=0.0,
+        per_sample_loop=0.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=64.0, sparse_tile_n=128.0,
+        channels_last=1.0,
     ),
     "halo": EngineModel(
         conv1_on_halo=1.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
-        im2col=0.0, pad_capacity=0.0, copy_identity=0.0, index_ops=3.0, sparse_tile_m=64.0,
-        sparse_tile_n=128.0, channels_last=1.0,
-    ),
-    "xla": EngineModel(
-        conv1_on_halo=1.0, fuse_gather=0.0, fuse_scatter=0.0, fuse_masker=0.0, fused_epilogue=0.0,
-        im2col=1.0, pad_capacity=1.0, copy_identity=1.0, index_ops=3.0, sparse_tile_m=16.0,
-        sparse_tile_n=16.0, channels_last=1.0,
+        im2col_max_size=0.0, dense_im2col_pixels=0.0, capacity_steps=0.0, scatter_loop=0.0,
+        per_sample_loop=0.0, block_calls=0.0, index_ops=3.0, sparse_tile_m=64.0, sparse_tile_n=128.0,
+        channels_last=1.0,
     ),
 }
 ENGINES["pallas_nchw"] = ENGINES["pallas"].replace(channels_last=0.0)
@@ -237,6 +258,7 @@ class Launches:
 
 LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launches))
 LAUNCH_NAMES = (
+    "host_sync",         # host round trip of the block-by-block driver
     "masker_pool",       # pooling of the block input for the maskers / gates
     "masker_conv",       # spatial masker's 1x1 conv on the mask grid
     "gate_fc",           # channel masker FCs, layer gate, LC scale head
@@ -252,12 +274,15 @@ LAUNCH_NAMES = (
     "se",                # squeeze-excitation: pool + FCs + scale (RegNetY)
     "lc_scale",          # LC-Net channel scale multiply
     "conv3",             # bottleneck conv3 (+ residual / scatter when fused)
-    "residual",          # separate residual add / scatter-add (+ relu)
-    "identity_copy",     # copy of the identity the scatter writes into
+    "residual",          # separate residual add / scatter (+ relu), or one step of a scatter loop
     "identity_relu",     # relu over a downsampled identity (skipped positions)
     "downsample",
     "downsample_epilogue",
 )
+
+
+# Slots a dynamic block adds to the static one whatever its rate (the "masker cost").
+OVERHEAD_SLOTS = ("host_sync", "masker_pool", "masker_conv", "gate_fc", "index_lists")
 
 
 def _record(weight=0.0, kind=KIND_MEMORY, m=0.0, n=0.0, k=0.0, batches=1.0, a_bytes=0.0, a_seg=0.0,
@@ -276,6 +301,18 @@ def _stack(records: Sequence[dict[str, Any]]) -> Launches:
 def bucket(count):
     """Power-of-two capacity bucket holding ``count`` entries (at least 1)."""
     return 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(jnp.ceil(count - 1e-4), 1.0)))
+
+
+def ladder_capacity(count, total, steps):
+    """Capacity the engine pads ``count`` of ``total`` units to: the smallest entry of the
+    ladder {powers of two below total/steps} + {multiples of total/steps}, capped at total
+    (``laud_jax.sparse.routing.capacity_ladder``); the count itself when ``steps`` is 0."""
+    count = jnp.maximum(jnp.ceil(count - 1e-4), 0.0)
+    quantum = total / jnp.maximum(steps, 1.0)
+    power = bucket(count)
+    multiple = jnp.minimum(total, jnp.ceil(jnp.ceil(count / quantum - 1e-6) * quantum - 1e-6))
+    padded = jnp.where(power < quantum, power, multiple)
+    return jnp.where(steps > 0, jnp.where(count > 0, padded, 0.0), count)
 
 
 def _next_pow2(x):
@@ -317,78 +354,76 @@ def _is(code, *modes: str):
 def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel) -> Launches:
     """Launch records of one block (scalar fields in, (slots,) fields out)."""
     f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    b = jnp.where(setting.half > 0.5, 2.0, 4.0)  # bytes per activation / weight element
+    e = engine
+    b = jnp.where(setting.half > 0.5, 2.0, 4.0)  # bytes per element
     code = setting.mode
-    spatial = _is(code, "spatial", "both")
-    channel = _is(code, "channel", "both", "lc")
-    layer = _is(code, "layer", "lc")
+    spatial, channel, layer = _is(code, "spatial", "both"), _is(code, "channel", "both", "lc"), _is(code, "layer", "lc")
     sp, ch, ly, lc = (f(x) for x in (spatial, channel, layer, code == MODE_CODE["lc"]))
     gated = f(code != MODE_CODE["static"])
     rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
     rho_c = jnp.where(channel, setting.rho_channel, 1.0)
     rho_l = jnp.where(layer, setting.rho_layer, 1.0)
-    pad, halo = engine.pad_capacity, engine.conv1_on_halo
-    fuse_gather = engine.fuse_gather
+    steps, halo, fuse_gather = e.capacity_steps, e.conv1_on_halo, e.fuse_gather
+    unfused_epi = 1.0 - e.fused_epilogue
 
     bottleneck = shape.bottleneck
     cin, width, cout = shape.in_channels, shape.width, shape.out_channels
     stride, groups = shape.stride, shape.groups
     p_in, p_out = shape.h_in * shape.w_in, shape.h_out * shape.w_out
     batch = setting.batch
-
-    # Layer gates: batch 1 skips the branch with probability 1 - rho; batch > 1 compacts the
-    # executing samples into a power-of-two bucket and runs the branch on it.
     multi = batch > 1.5
-    branch_batch = jnp.where(layer & multi, jnp.minimum(bucket(rho_l * batch), batch), batch)
-    branch_weight = jnp.where(layer & ~multi, rho_l, 1.0)
-    compacting = f(layer & multi)
+    # contiguous bytes of a run of consecutive pixels of one row (all channels in NHWC)
+    run = lambda n_pixels, channels: n_pixels * jnp.where(e.channels_last > 0.5, channels, 1.0) * b  # noqa: E731
 
-    # Channel gates: the active groups (capacity-padded for XLA).
+    # Layer gates: at batch 1 the branch runs with probability rho; at batch > 1 the
+    # executing samples are compacted (padded to a capacity) and the branch runs on them.
+    executing = rho_l * batch
+    branch_batch = jnp.where(layer & multi, jnp.maximum(ladder_capacity(executing, batch, steps), 1.0), batch)
+    branch_batch = jnp.where(layer & multi & (e.capacity_steps == 0), jnp.maximum(bucket(executing), 1.0), branch_batch)
+    branch_batch = jnp.minimum(branch_batch, batch)
+    compacting = f(layer & multi) * f(branch_batch < batch)
+    branch_weight = jnp.where(layer & ~multi, rho_l, 1.0)
+
+    # Channel gates: active groups per sample (padded to the engine's capacity).
     group = setting.channel_granularity
     n_groups = width / group
-    active_groups = rho_c * n_groups
-    active_groups = jnp.where(channel & (pad > 0.5), jnp.minimum(bucket(active_groups), n_groups), active_groups)
-    width_c = active_groups * group
-    per_sample = channel & multi  # every sample gathers its own weights
+    active_groups = jnp.where(channel, ladder_capacity(rho_c * n_groups, n_groups, steps), n_groups)
+    width_c = jnp.maximum(active_groups, 1.0) * group
+    per_sample = channel & multi  # each sample has its own channels (and weights)
     weight_copies = jnp.where(per_sample, branch_batch, 1.0)
-    weight_batches = jnp.where(channel, branch_batch, 1.0)  # one GEMM per sample
     weight_seg = jnp.where(channel, group * b, 0.0)
+    # one launch per sample when the engine loops over samples, else one launch for all
+    loop = jnp.where(per_sample & (e.per_sample_loop > 0.5), branch_batch, 1.0)
+    gemms = jnp.where(channel, branch_batch, 1.0) / loop  # independent GEMMs per launch
 
     # Spatial gates: active patches on the output grid, conv1 pixels on conv1's grid.
     size = setting.granularity
     grid_h, grid_w = jnp.ceil(shape.h_out / size), jnp.ceil(shape.w_out / size)
     n_patches = branch_batch * grid_h * grid_w
-    patches = rho_s * n_patches
-    patches = jnp.where(spatial & (pad > 0.5), jnp.minimum(bucket(patches), n_patches), patches)
-    rows2 = jnp.where(spatial, patches * size * size, branch_batch * p_out)
+    active_patches = rho_s * n_patches
+    patches = jnp.where(spatial, ladder_capacity(active_patches, n_patches, steps), n_patches)
+    rows2 = jnp.where(spatial, patches * size * size, branch_batch * p_out)  # conv2 / conv3 rows
     h1 = jnp.where(bottleneck > 0.5, shape.h_in, shape.h_out)
     w1 = jnp.where(bottleneck > 0.5, shape.w_in, shape.w_out)
     p1 = h1 * w1
     stride1 = jnp.where(bottleneck > 0.5, stride, 1.0)
-    window = (size - 1.0) * stride1 + 3.0
-    rho_in = jnp.where(
-        setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1)
-    )
-    rho_in = jnp.where(spatial, rho_in, 1.0)
-    pixels = rho_in * branch_batch * p1
-    pixels = jnp.where(pad > 0.5, jnp.minimum(bucket(pixels), branch_batch * p1), pixels)
+    window = (size - 1.0) * stride1 + 3.0  # conv2's input window side per patch
+    rho_in = jnp.where(setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1))
+    pixels = ladder_capacity(rho_in * branch_batch * p1, branch_batch * p1, steps)
     rows1 = jnp.where(spatial, jnp.where(halo > 0.5, patches * window * window, pixels), branch_batch * p1)
     taps1 = jnp.where(bottleneck > 0.5, 1.0, 9.0)
-    # contiguous bytes of a run of consecutive pixels of one row (all channels in NHWC)
-    run = lambda n_pixels, channels: n_pixels * jnp.where(engine.channels_last > 0.5, channels, 1.0) * b  # noqa: E731
 
-    sparse_tile_n = lambda n: jnp.clip(_next_pow2(n), 16.0, engine.sparse_tile_n)  # noqa: E731
-    # conv1 / conv3 run as gathered-tile kernels where the engine fuses the gathers
-    # (spatial patches, or per-sample channel groups); otherwise as dense library convs.
+    sparse_tile_n = lambda n: jnp.clip(_next_pow2(n), 16.0, e.sparse_tile_n)  # noqa: E731
+    # conv1 / conv3 are gathered-tile kernels where the engine fuses the gathers (spatial
+    # patches, or per-sample channel groups); otherwise dense library calls.
     gathered = jnp.where(spatial, fuse_gather, ch * fuse_gather)
     kind13 = jnp.where(gathered > 0.5, KIND_GATHERED, KIND_DENSE)
-    tile13 = lambda n: dict(tile_m=gathered * engine.sparse_tile_m, tile_n=gathered * sparse_tile_n(n))  # noqa: E731
-    unfused_epi = 1.0 - engine.fused_epilogue
+    tile13 = lambda n: dict(tile_m=gathered * e.sparse_tile_m, tile_n=gathered * sparse_tile_n(n))  # noqa: E731
 
-    # Maskers / gates and their index lists.
+    # Host round trip of the block-by-block driver; maskers / gates; index lists.
+    host_sync = _record(weight=gated * e.block_calls, kind=KIND_HOST)
     pools = sp + f(channel | layer)
-    masker_pool = _record(weight=gated * pools * (1.0 - engine.fuse_masker),
-                          o_bytes=batch * shape.h_in * shape.w_in * cin * b)
+    masker_pool = _record(weight=gated * pools * (1.0 - e.fuse_masker), o_bytes=batch * p_in * cin * b)
     masker_conv = _record(weight=sp, kind=KIND_DENSE, m=batch * grid_h * grid_w, n=2.0 * setting.mask_groups,
                           k=cin, w_bytes=cin * 2.0 * setting.mask_groups * b)
     hidden = jnp.maximum(jnp.floor(n_groups / 16.0), 16.0)
@@ -397,92 +432,93 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     gate_fc = _record(weight=fc_launches, kind=KIND_DENSE, m=batch, k=cin,
                       n=fc_macs / cin / jnp.maximum(fc_launches, 1.0),
                       w_bytes=fc_macs * b / jnp.maximum(fc_launches, 1.0))
-    lists = sp * (2.0 - halo) + ch + compacting
-    index_bytes = (sp * (batch * grid_h * grid_w * 5.0 + (1.0 - halo) * batch * p1 * 5.0)
-                   + ch * batch * n_groups * 5.0 + compacting * batch * 5.0)
-    index_lists = _record(weight=engine.index_ops * lists,
-                          o_bytes=index_bytes / jnp.maximum(engine.index_ops * lists, 1.0))
+    lists = sp * (2.0 - halo) + ch + f(layer & multi)
+    index_bytes = (sp * (batch * grid_h * grid_w * 5.0 + (1.0 - halo) * batch * p1 * 13.0)
+                   + ch * batch * n_groups * 5.0 + f(layer & multi) * batch * 5.0)
+    index_lists = _record(weight=e.index_ops * lists,
+                          o_bytes=index_bytes / jnp.maximum(e.index_ops * lists, 1.0))
     layer_compact = _record(weight=compacting, a_bytes=branch_batch * p_in * cin * b, a_seg=p_in * cin * b,
                             o_bytes=branch_batch * p_in * cin * b)
 
-    # conv1 (1x1 for bottlenecks, 3x3 stride s for basic blocks).
-    gather_seg1 = run(window, cin)
+    # conv1 (1x1 for bottlenecks, 3x3 stride s for basic blocks) and its input gather.
+    gather_seg1 = run(jnp.where(halo > 0.5, window, 1.0), cin)
     gather_x = _record(weight=branch_weight * sp * (1.0 - fuse_gather), a_bytes=rows1 * taps1 * cin * b,
                        a_seg=gather_seg1, o_bytes=rows1 * taps1 * cin * b)
     a1 = jnp.where(spatial, rows1 * taps1 * cin * b, branch_batch * p_in * cin * b)
     conv1 = _record(
-        weight=branch_weight, kind=kind13, m=rows1, n=width_c, k=taps1 * cin, batches=weight_batches,
-        a_bytes=a1, a_seg=sp * fuse_gather * gather_seg1, w_bytes=weight_copies * taps1 * cin * width_c * b,
-        w_seg=fuse_gather * weight_seg, o_bytes=rows1 * width_c * b, **tile13(width_c),
+        weight=branch_weight * loop, kind=kind13, m=rows1 / loop, n=width_c, k=taps1 * cin, batches=gemms,
+        a_bytes=a1 / loop, a_seg=sp * fuse_gather * gather_seg1,
+        w_bytes=weight_copies / loop * taps1 * cin * width_c * b, w_seg=fuse_gather * weight_seg,
+        o_bytes=rows1 * width_c * b / loop, **tile13(width_c),
     )
-    conv1_epilogue = _record(weight=branch_weight * unfused_epi * (1.0 - gathered),
-                             o_bytes=2.0 * rows1 * width_c * b)
+    conv1_epilogue = _record(weight=branch_weight * loop * unfused_epi * (1.0 - gathered),
+                             o_bytes=2.0 * rows1 * width_c * b / loop)
 
-    # The residual joins the last conv where the engine can fuse it; scattered output
-    # rows are runs of S pixels.
+    # The residual joins the last conv where the engine can fuse it.
     residual_fused = jnp.where(
-        spatial, engine.fuse_scatter,
-        jnp.where(channel | (layer & multi), 0.0, engine.fused_epilogue),
+        spatial, e.fuse_scatter, jnp.where(channel | (compacting > 0.5), 0.0, e.fused_epilogue)
     )
-    residual_seg = run(size, cout)
 
-    # conv2 (3x3, stride s in bottlenecks) on the active patches with their halo.
+    # conv2 (3x3, stride s in bottlenecks): on patch windows with halo, or dense.
     n2 = jnp.where(bottleneck > 0.5, width_c, cout)
     k2 = 9.0 * width_c / groups
     p2 = jnp.where(bottleneck > 0.5, p_in, p_out)
     window_bytes = patches * window * window * width_c * b
-    # Halo engines hold compact windows already; pixel engines read windows from the
-    # full-resolution conv1 output. im2col (XLA) materializes the 9 taps of every row.
-    separate_window = sp * (1.0 - fuse_gather) * jnp.maximum(engine.im2col, 1.0 - halo)
+    im2col_rows = rows2 * 9.0 * width_c * b
+    patch_im2col = sp * (1.0 - fuse_gather) * f(size <= e.im2col_max_size)
+    dense_im2col = (1.0 - sp) * f(p_out <= e.dense_im2col_pixels) * f(groups < 1.5)
+    im2col = jnp.maximum(patch_im2col, dense_im2col)
+    # Without fused gathers the windows (or im2col rows) are gathered first; halo engines
+    # already hold compact windows; Pallas reads them in-kernel.
+    window_gather = sp * (1.0 - fuse_gather) * (1.0 - halo)
     gather_conv2 = _record(
-        weight=branch_weight * separate_window, a_bytes=window_bytes, a_seg=run(window, width_c),
-        o_bytes=jnp.where(engine.im2col > 0.5, rows2 * k2 * groups * b, window_bytes),
+        weight=branch_weight * loop * jnp.maximum(im2col, window_gather),
+        a_bytes=jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b) / loop,
+        a_seg=sp * run(window, width_c),
+        o_bytes=jnp.where(im2col > 0.5, im2col_rows, window_bytes) / loop,
     )
-    # Active-channel weights gathered outside the kernels: conv2's always (no Pallas
-    # kernel for it), conv1's and conv3's too where the engine does not gather in-kernel.
-    gathered_weights = weight_copies * b * (
-        9.0 * width_c * n2 / groups
-        + (1.0 - fuse_gather) * (taps1 * cin * width_c + bottleneck * width_c * cout)
-    )
+    # Active-channel weights gathered outside the kernels: conv2's always (no Pallas kernel
+    # for it), conv1's and conv3's too where the engine does not gather in-kernel.
     weight_gathers = 1.0 + (1.0 - fuse_gather) * (1.0 + bottleneck)
-    channel_weights = _record(weight=branch_weight * ch * weight_gathers,
-                              a_bytes=gathered_weights / weight_gathers, a_seg=weight_seg,
-                              o_bytes=gathered_weights / weight_gathers)
-    a2 = jnp.where(
-        spatial,
-        jnp.where(separate_window * engine.im2col > 0.5, rows2 * k2 * groups * b, window_bytes),
-        branch_batch * p2 * width_c * b,
+    gathered_weights = weight_copies * b * (
+        9.0 * width_c * n2 / groups + (1.0 - fuse_gather) * (taps1 * cin * width_c + bottleneck * width_c * cout)
     )
-    conv2_gathered = sp * fuse_gather * (1.0 - halo)  # pixel engines read windows in-kernel
+    channel_weights = _record(weight=branch_weight * ch * weight_gathers * loop,
+                              a_bytes=gathered_weights / weight_gathers / loop, a_seg=weight_seg,
+                              o_bytes=gathered_weights / weight_gathers / loop)
+    a2 = jnp.where(im2col > 0.5, im2col_rows, jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b))
+    conv2_gathered = sp * fuse_gather * (1.0 - halo)  # Pallas reads the windows in-kernel
     conv2 = _record(
-        weight=branch_weight, kind=jnp.where(conv2_gathered > 0.5, KIND_GATHERED, KIND_DENSE),
-        m=rows2, n=n2, k=k2, batches=weight_batches, a_bytes=a2,
-        a_seg=conv2_gathered * run(window, width_c), w_bytes=9.0 * width_c * n2 / groups * b,
-        o_bytes=rows2 * n2 * b, o_seg=(1.0 - bottleneck) * sp * residual_seg, tile_m=conv2_gathered * engine.sparse_tile_m,
+        weight=branch_weight * loop, kind=jnp.where(conv2_gathered > 0.5, KIND_GATHERED, KIND_DENSE),
+        m=rows2 / loop, n=n2, k=k2, batches=gemms, a_bytes=a2 / loop,
+        a_seg=conv2_gathered * run(window, width_c), w_bytes=weight_copies / loop * 9.0 * width_c * n2 / groups * b,
+        o_bytes=rows2 * n2 * b / loop, tile_m=conv2_gathered * e.sparse_tile_m,
         tile_n=conv2_gathered * sparse_tile_n(n2),
     )
-    conv2_epilogue = _record(weight=branch_weight * unfused_epi * bottleneck * (1.0 - conv2_gathered),
-                             o_bytes=2.0 * rows2 * n2 * b)
+    conv2_epilogue = _record(weight=branch_weight * loop * unfused_epi * bottleneck * (1.0 - conv2_gathered),
+                             o_bytes=2.0 * rows2 * n2 * b / loop)
     has_se = f(shape.se_channels > 0)
-    se = _record(weight=branch_weight * has_se * 3.0, o_bytes=rows2 * width_c * b,
-                 kind=KIND_MEMORY)
+    se = _record(weight=branch_weight * has_se * 3.0, o_bytes=rows2 * width_c * b)
     lc_scale = _record(weight=branch_weight * lc, o_bytes=2.0 * rows2 * width_c * b)
 
-    # conv3 (bottleneck) and the residual: fused into the last conv where the engine can.
+    # conv3 (bottleneck), then the residual (fused, one kernel, or a loop over patches).
     identity_rows = rows2 * cout * b
+    scattered = run(size, cout)
     conv3 = _record(
-        weight=branch_weight * bottleneck, kind=kind13, m=rows2, n=cout, k=width_c, batches=weight_batches,
-        a_bytes=rows2 * width_c * b, w_bytes=weight_copies * width_c * cout * b,
-        o_bytes=identity_rows * (1.0 + residual_fused), o_seg=sp * residual_seg, **tile13(cout),
+        weight=branch_weight * bottleneck * loop, kind=kind13, m=rows2 / loop, n=cout, k=width_c, batches=gemms,
+        a_bytes=rows2 * width_c * b / loop, w_bytes=weight_copies / loop * width_c * cout * b,
+        o_bytes=identity_rows * (1.0 + residual_fused) / loop, o_seg=sp * scattered * residual_fused, **tile13(cout),
     )
-    # Basic blocks: conv2 is the last conv; its residual read joins conv2's record.
-    conv2["o_bytes"] = conv2["o_bytes"] + (1.0 - bottleneck) * residual_fused * identity_rows
-    residual = _record(weight=branch_weight * (1.0 - residual_fused), o_bytes=3.0 * identity_rows,
-                       o_seg=sp * residual_seg)
+    # Basic blocks: conv2 is the last conv, so the fused residual joins its record.
+    conv2["o_bytes"] = conv2["o_bytes"] + (1.0 - bottleneck) * residual_fused * identity_rows / loop
+    # A loop steps over the active patches (or the compacted samples).
+    loop_units = jnp.where(spatial, active_patches, jnp.where(compacting > 0.5, executing, loop))
+    scatter_steps = jnp.where((e.scatter_loop > 0.5) & (spatial | (compacting > 0.5)), loop_units, loop)
+    residual = _record(weight=branch_weight * (1.0 - residual_fused) * scatter_steps,
+                       o_bytes=3.0 * identity_rows / jnp.maximum(scatter_steps, 1.0), o_seg=sp * scattered)
     full_out = batch * p_out * cout * b
-    identity_copy = _record(weight=engine.copy_identity * (sp + compacting), o_bytes=2.0 * full_out)
-    skipped_share = sp + ly * jnp.where(multi, 1.0, 1.0 - rho_l)
-    identity_relu = _record(weight=shape.downsample * jnp.minimum(skipped_share, 1.0), o_bytes=2.0 * full_out)
+    skipped = sp + ly * jnp.where(multi, 1.0, 1.0 - rho_l)  # blocks whose skipped positions read relu(identity)
+    identity_relu = _record(weight=shape.downsample * jnp.minimum(skipped, 1.0), o_bytes=2.0 * full_out)
     downsample = _record(
         weight=shape.downsample, kind=KIND_DENSE, m=batch * p_out, n=cout, k=cin,
         a_bytes=batch * p_out * cin * b, w_bytes=cin * cout * b, o_bytes=full_out,
@@ -490,10 +526,10 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     downsample_epilogue = _record(weight=shape.downsample * unfused_epi, o_bytes=2.0 * full_out)
 
     records = dict(
-        masker_pool=masker_pool, masker_conv=masker_conv, gate_fc=gate_fc, index_lists=index_lists,
-        layer_compact=layer_compact, gather_x=gather_x, conv1=conv1, conv1_epilogue=conv1_epilogue,
-        gather_conv2=gather_conv2, channel_weights=channel_weights, conv2=conv2, conv2_epilogue=conv2_epilogue,
-        se=se, lc_scale=lc_scale, conv3=conv3, residual=residual, identity_copy=identity_copy,
+        host_sync=host_sync, masker_pool=masker_pool, masker_conv=masker_conv, gate_fc=gate_fc,
+        index_lists=index_lists, layer_compact=layer_compact, gather_x=gather_x, conv1=conv1,
+        conv1_epilogue=conv1_epilogue, gather_conv2=gather_conv2, channel_weights=channel_weights, conv2=conv2,
+        conv2_epilogue=conv2_epilogue, se=se, lc_scale=lc_scale, conv3=conv3, residual=residual,
         identity_relu=identity_relu, downsample=downsample, downsample_epilogue=downsample_epilogue,
     )
     return _stack([records[name] for name in LAUNCH_NAMES])

@@ -18,6 +18,7 @@ import numpy as np
 from laud_jax.latency.kernels import (
     ENGINES,
     MODE_CODE,
+    OVERHEAD_SLOTS,
     BlockSetting,
     BlockShape,
     EngineModel,
@@ -50,9 +51,10 @@ def block_launch_times(profile: HardwareProfile, engine: EngineModel, shape: Blo
 
 
 def block_masker_time(profile: HardwareProfile, engine: EngineModel, shape: BlockShape, setting: BlockSetting):
-    """Seconds of the block's maskers, gates and index lists (what a dynamic block adds)."""
+    """Seconds of the block's host round trip, maskers, gates and index lists (what a
+    dynamic block adds at any rate)."""
     times = block_launch_times(profile, engine, shape, setting)
-    return jnp.sum(times[..., :4], axis=-1)
+    return jnp.sum(times[..., : len(OVERHEAD_SLOTS)], axis=-1)
 
 
 def _broadcast(setting: BlockSetting) -> tuple[BlockSetting, tuple[int, ...]]:

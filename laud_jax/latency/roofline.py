@@ -1,6 +1,7 @@
 """Roofline time of kernel launches on a hardware profile (pure jnp, jit/vmap/grad friendly).
 
-Per launch: ``weight * (launch_overhead + body)`` where body combines
+Per launch: ``weight * (launch_overhead + body)`` (host round trips: ``weight *
+call_overhead``) where body combines
 
 - compute: tiles of (tile_m x tile_n) outputs are spread over ``cores * tiles_per_core``
   slots; a wave of tiles takes ``2 tile_m tile_n k / slot_rate`` (a partial tile costs a
@@ -20,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from laud_jax.latency.kernels import KIND_GATHERED, Launches
+from laud_jax.latency.kernels import KIND_GATHERED, KIND_HOST, Launches
 from laud_jax.latency.profiles import HardwareProfile
 
 
@@ -80,7 +81,7 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
     dense = jnp.min(jnp.stack([with_tile(tiles[i, 0], tiles[i, 1]) for i in range(tiles.shape[0])]), axis=0)
     custom = with_tile(L.tile_m, L.tile_n)
     body = jnp.where(L.tile_m > 0, custom, dense)
-    return L.weight * (p.launch_overhead + body)
+    return L.weight * jnp.where(L.kind == KIND_HOST, p.call_overhead, p.launch_overhead + body)
 
 
 def total_time(profile: HardwareProfile, launches: Launches, half) -> jax.Array:
