@@ -7,8 +7,8 @@ record holds its expected number of executions (``weight``), its GEMM dimensions
 execution (m rows, n output channels, k reduction length, split into ``batches``
 independent GEMMs), the bytes it streams (activations ``a_bytes``, weights ``w_bytes``,
 everything else ``o_bytes``), the contiguous run length of gathered or scattered accesses
-(``a_seg``/``w_seg``/``o_seg``, 0 when contiguous) and its tile (0: the profile's
-dense-library tiles).
+(``a_seg``/``w_seg``/``o_seg``, 0 when contiguous) and the engine's kernel tile
+(gathered kernels run it; dense library calls may pick it or one of the profile's).
 
 How an engine executes a dynamic block is an :class:`EngineModel` (numbers, so it can be
 jitted and vmapped too). ``ENGINES``:
@@ -418,7 +418,8 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     # patches, or per-sample channel groups); otherwise dense library calls.
     gathered = jnp.where(spatial, fuse_gather, ch * fuse_gather)
     kind13 = jnp.where(gathered > 0.5, KIND_GATHERED, KIND_DENSE)
-    tile13 = lambda n: dict(tile_m=gathered * e.sparse_tile_m, tile_n=gathered * sparse_tile_n(n))  # noqa: E731
+    # the kernel tile: the gathered kernels' own, a candidate for dense library calls
+    tile = lambda n: dict(tile_m=e.sparse_tile_m, tile_n=sparse_tile_n(n))  # noqa: E731
 
     # Host round trip of the block-by-block driver; maskers / gates; index lists.
     host_sync = _record(weight=gated * e.block_calls, kind=KIND_HOST)
@@ -449,7 +450,7 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
         weight=branch_weight * loop, kind=kind13, m=rows1 / loop, n=width_c, k=taps1 * cin, batches=gemms,
         a_bytes=a1 / loop, a_seg=sp * fuse_gather * gather_seg1,
         w_bytes=weight_copies / loop * taps1 * cin * width_c * b, w_seg=fuse_gather * weight_seg,
-        o_bytes=rows1 * width_c * b / loop, **tile13(width_c),
+        o_bytes=rows1 * width_c * b / loop, **tile(width_c),
     )
     conv1_epilogue = _record(weight=branch_weight * loop * unfused_epi * (1.0 - gathered),
                              o_bytes=2.0 * rows1 * width_c * b / loop)
@@ -492,8 +493,7 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
         weight=branch_weight * loop, kind=jnp.where(conv2_gathered > 0.5, KIND_GATHERED, KIND_DENSE),
         m=rows2 / loop, n=n2, k=k2, batches=gemms, a_bytes=a2 / loop,
         a_seg=conv2_gathered * run(window, width_c), w_bytes=weight_copies / loop * 9.0 * width_c * n2 / groups * b,
-        o_bytes=rows2 * n2 * b / loop, tile_m=conv2_gathered * e.sparse_tile_m,
-        tile_n=conv2_gathered * sparse_tile_n(n2),
+        o_bytes=rows2 * n2 * b / loop, **tile(n2),
     )
     conv2_epilogue = _record(weight=branch_weight * loop * unfused_epi * bottleneck * (1.0 - conv2_gathered),
                              o_bytes=2.0 * rows2 * n2 * b / loop)
@@ -507,7 +507,7 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     conv3 = _record(
         weight=branch_weight * bottleneck * loop, kind=kind13, m=rows2 / loop, n=cout, k=width_c, batches=gemms,
         a_bytes=rows2 * width_c * b / loop, w_bytes=weight_copies / loop * width_c * cout * b,
-        o_bytes=identity_rows * (1.0 + residual_fused) / loop, o_seg=sp * scattered * residual_fused, **tile13(cout),
+        o_bytes=identity_rows * (1.0 + residual_fused) / loop, o_seg=sp * scattered * residual_fused, **tile(cout),
     )
     # Basic blocks: conv2 is the last conv, so the fused residual joins its record.
     conv2["o_bytes"] = conv2["o_bytes"] + (1.0 - bottleneck) * residual_fused * identity_rows / loop
@@ -521,7 +521,7 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     identity_relu = _record(weight=shape.downsample * jnp.minimum(skipped, 1.0), o_bytes=2.0 * full_out)
     downsample = _record(
         weight=shape.downsample, kind=KIND_DENSE, m=batch * p_out, n=cout, k=cin,
-        a_bytes=batch * p_out * cin * b, w_bytes=cin * cout * b, o_bytes=full_out,
+        a_bytes=batch * p_out * cin * b, w_bytes=cin * cout * b, o_bytes=full_out, **tile(cout),
     )
     downsample_epilogue = _record(weight=shape.downsample * unfused_epi, o_bytes=2.0 * full_out)
 

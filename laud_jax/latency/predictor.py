@@ -40,14 +40,25 @@ def default_engine(hardware: str) -> str:
     return CPU_ENGINE if hardware.lower() == "local" else GPU_ENGINE
 
 
+def block_launch_times(profile: HardwareProfile, engine: EngineModel, shape: BlockShape, setting: BlockSetting):
+    """Predicted seconds of each launch slot of one block (``kernels.LAUNCH_NAMES`` order).
+
+    Layer gates at batch > 1: compacting the executing samples costs a gather and a scatter,
+    so the block runs whichever is faster, the compacted branch or the branch on every
+    sample with the gate multiplied in (the rate-1 setting). This keeps latency monotone
+    in the rate.
+    """
+    times = launch_times(profile, block_launches(shape, setting, engine), setting.half)
+    all_samples = dataclasses.replace(setting, rho_layer=jnp.ones_like(setting.rho_layer))
+    uncompacted = launch_times(profile, block_launches(shape, all_samples, engine), setting.half)
+    layer = jnp.isin(setting.mode, jnp.asarray([MODE_CODE["layer"], MODE_CODE["lc"]], jnp.float32))
+    cheaper = layer & (setting.batch > 1.5) & (jnp.sum(uncompacted) < jnp.sum(times))
+    return jnp.where(cheaper, uncompacted, times)
+
+
 def block_time(profile: HardwareProfile, engine: EngineModel, shape: BlockShape, setting: BlockSetting):
     """Predicted seconds of one block (scalars in, scalar out; no call overhead)."""
-    return total_time(profile, block_launches(shape, setting, engine), setting.half)
-
-
-def block_launch_times(profile: HardwareProfile, engine: EngineModel, shape: BlockShape, setting: BlockSetting):
-    """Predicted seconds of each launch slot of one block (``kernels.LAUNCH_NAMES`` order)."""
-    return launch_times(profile, block_launches(shape, setting, engine), setting.half)
+    return jnp.sum(block_launch_times(profile, engine, shape, setting), axis=-1)
 
 
 def block_masker_time(profile: HardwareProfile, engine: EngineModel, shape: BlockShape, setting: BlockSetting):

@@ -84,8 +84,8 @@ class HardwareProfile:
 
 
 PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(HardwareProfile))
-GPU_DENSE_TILES = ((128.0, 128.0), (128.0, 64.0), (64.0, 64.0))
-CPU_DENSE_TILES = ((16.0, 16.0), (16.0, 16.0), (16.0, 16.0))
+# Candidate tiles of dense library kernels (the same set everywhere: one compiled predictor).
+DENSE_TILES = ((128.0, 128.0), (128.0, 64.0), (64.0, 64.0), (32.0, 64.0), (16.0, 64.0))
 
 
 def _gpu(**values: float) -> HardwareProfile:
@@ -95,13 +95,15 @@ def _gpu(**values: float) -> HardwareProfile:
         sector_bytes=32.0,
         k_half=0.0,
         sum_weight=0.0,
-        dense_tiles=GPU_DENSE_TILES,
+        dense_tiles=DENSE_TILES,
     )
     return HardwareProfile(**{**defaults, **values})
 
 
-# Datasheet peaks. eff_dense: fraction of peak cuDNN convs reach at large batch; eff_sparse:
-# Triton gathered implicit GEMMs assumed at 3/4 of that; mem_eff: copy bandwidth / peak.
+# Datasheet peaks. eff_dense: fraction of peak cuDNN convs reach at large batch. eff_sparse:
+# gathered-row implicit GEMMs (Triton) assumed at 0.8 of that on tensor-core GPUs, whose MMA
+# units starve on gathered operands (no bulk/TMA copies), and equal to it on the SIMT-only
+# TX2, where the FMA pipes, not the loads, bound a tile. mem_eff: copy bandwidth / peak.
 PRESETS: dict[str, HardwareProfile] = {
     "v100": _gpu(
         flops_fp32=15.7e12, flops_half=125e12, dram_bw=900e9, l2_bw=2.1e12, l2_size=6 * 2**20,
@@ -113,7 +115,7 @@ PRESETS: dict[str, HardwareProfile] = {
     ),
     "jetson_tx2": _gpu(
         flops_fp32=0.665e12, flops_half=1.33e12, dram_bw=59.7e9, l2_bw=150e9, l2_size=512 * 2**10,
-        cores=2.0, launch_overhead=10e-6, call_overhead=60e-6, eff_dense=0.7, eff_sparse=0.56,
+        cores=2.0, launch_overhead=10e-6, call_overhead=60e-6, eff_dense=0.7, eff_sparse=0.7,
         mem_eff=0.8,
     ),
     "a100": _gpu(
@@ -157,7 +159,7 @@ LOCAL_INITIAL = HardwareProfile(
     sector_bytes=64.0,
     k_half=16.0,
     sum_weight=0.5,
-    dense_tiles=CPU_DENSE_TILES,
+    dense_tiles=DENSE_TILES,
 )
 
 HARDWARE_NAMES = (*PRESETS, "local")

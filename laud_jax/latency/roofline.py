@@ -13,7 +13,8 @@ call_overhead``) where body combines
   once per extra M tile of its GEMM) at L2 bandwidth.
 
 and ``body = (1 - sum_weight) * max(compute, memory) + sum_weight * (compute + memory)``.
-Dense-library kernels (tile_m = 0) take the fastest of the profile's candidate tiles.
+Gathered kernels use their own tile; dense-library kernels the fastest of the profile's
+candidate tiles (shrunk to the problem) and of the engine's kernel tile.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
 
     rows = L.m / batches
 
-    def with_tile(tile_m, tile_n):
-        # a kernel never uses tiles much larger than its problem (at least 16 x 16)
-        tile_m = jnp.minimum(tile_m, jnp.maximum(16.0, 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(rows, 1.0)))))
-        tile_n = jnp.minimum(tile_n, jnp.maximum(16.0, 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(L.n, 1.0)))))
+    def with_tile(tile_m, tile_n, fit_problem):
+        if fit_problem:  # a library never picks tiles much larger than the problem (>= 16)
+            tile_m = jnp.minimum(tile_m, jnp.maximum(16.0, 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(rows, 1.0)))))
+            tile_n = jnp.minimum(tile_n, jnp.maximum(16.0, 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(L.n, 1.0)))))
         tiles_m = batches * jnp.ceil(_safe_div(rows, tile_m))
         tiles_n = jnp.ceil(_safe_div(L.n, tile_n))
         waves = jnp.ceil(_safe_div(tiles_m * tiles_n, slots))
@@ -77,10 +78,13 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
         both = jnp.maximum(compute, memory)
         return (1.0 - p.sum_weight) * both + p.sum_weight * (compute + memory)
 
+    # Gathered kernels run their own tile. Dense library kernels take the fastest of the
+    # profile's tiles and the engine's kernel tile (a library is never worse than ours).
     tiles = jnp.asarray(p.dense_tiles, jnp.float32).reshape(-1, 2)
-    dense = jnp.min(jnp.stack([with_tile(tiles[i, 0], tiles[i, 1]) for i in range(tiles.shape[0])]), axis=0)
-    custom = with_tile(L.tile_m, L.tile_n)
-    body = jnp.where(L.tile_m > 0, custom, dense)
+    library = jnp.min(jnp.stack([with_tile(tiles[i, 0], tiles[i, 1], True) for i in range(tiles.shape[0])]), axis=0)
+    custom = with_tile(L.tile_m, L.tile_n, False)
+    gathered = L.kind == KIND_GATHERED
+    body = jnp.where(gathered, custom, jnp.where(L.tile_m > 0, jnp.minimum(custom, library), library))
     return L.weight * jnp.where(L.kind == KIND_HOST, p.call_overhead, p.launch_overhead + body)
 
 
