@@ -383,6 +383,8 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     branch_batch = jnp.minimum(branch_batch, batch)
     compacting = f(layer & multi) * f(branch_batch < batch)
     branch_weight = jnp.where(layer & ~multi, rho_l, 1.0)
+    # nothing active: the engine skips the branch altogether
+    branch_weight = branch_weight * f((rho_s > 0.0) & (rho_l > 0.0))
 
     # Channel gates: active groups per sample (padded to the engine's capacity).
     group = setting.channel_granularity
