@@ -36,15 +36,17 @@ def write_markdown(path: str, report: dict) -> None:
     configs = report["configurations"]
     held = [c for c in configs if c["held_out"]]
     loads = [c["load_average"] for c in configs]
+    median_ratio = float(np.median([c["median_s"] / c["seconds"] for c in configs]))
     lines = [
         "# Latency predictor: predicted vs measured (local CPU)",
         "",
         f"The sparse engine (`laud_jax.sparse`, backend xla) timed per block on {report['machine']['cpus']} "
         f"CPU cores ({report['machine']['platform']}), {len(configs)} random configurations (block shapes of "
         "resnet_small at 64x64 and ResNet-50 / ResNet-18 / RegNetY-400MF at 112x112; every mode; S; "
-        "activation rates 0.1-1; batch 1-8), median of repeats after warm-up. The machine is shared: "
-        f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the timings (2 cores), so the "
-        "timings carry the noise of other processes. The local profile was fitted on "
+        "activation rates 0.1-1; batch 1-8). Each time is the minimum of the repeats after warm-up: the "
+        f"machine is shared, with a 1-minute load average of {min(loads):.1f}-{max(loads):.1f} during the "
+        f"timings on 2 cores, and the median of the repeats was {median_ratio:.2f}x their minimum (median "
+        "over configurations); other processes only add time. The local profile was fitted on "
         f"{report['train']['count']} configurations and is evaluated on {report['held_out']['count']} "
         "held-out ones.",
         "",

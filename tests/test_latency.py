@@ -21,6 +21,7 @@ from laud_jax.latency import (
     dilated_density,
     get_profile,
     grid_block_times,
+    grid_network_times,
     predict,
     profile_from_json,
     profile_to_json,
@@ -253,6 +254,19 @@ def test_network_prediction_adds_up_and_static_mode_is_exact():
     assert dynamic.dynamic_ms == pytest.approx(dynamic.fixed_ms + blocks + overhead, rel=1e-6)
     assert dynamic.static_ms == pytest.approx(static.static_ms, rel=1e-6)
     assert 0.4 < dynamic.mac_ratio < 0.75
+
+
+def test_network_grid_equals_per_configuration_predictions():
+    spec = network_spec({"arch": "resnet_small", "num_classes": 10}, (64, 64))
+    modes = ("static", "spatial", "layer")
+    setting = block_setting("spatial", 2, jnp.asarray([0.3, 0.8])[None, :, None], batch=jnp.asarray([1.0, 4.0]))
+    setting = dataclasses.replace(setting, mode=jnp.asarray([MODE_CODE[m] for m in modes], jnp.float32)[:, None, None])
+    grid = np.asarray(grid_network_times(PRESETS["rtx3090"], ENGINES["pallas"], spec, setting))
+    assert grid.shape == (3, 2, 2)
+    for mi, ri, bi in ((1, 0, 1), (2, 1, 0), (0, 1, 1)):
+        configured = network_spec({"arch": "resnet_small", "num_classes": 10, "mode": modes[mi], "granularity": 2}, (64, 64))
+        expected = predict(configured, PRESETS["rtx3090"], "pallas", rho=(0.3, 0.8)[ri], batch=(1, 4)[bi])
+        assert 1e3 * grid[mi, ri, bi] == pytest.approx(expected.dynamic_ms, rel=1e-5)
 
 
 def test_presets_agree_with_the_published_analysis():

@@ -17,7 +17,7 @@ from laud_jax.latency.kernels import (
     block_setting,
     dilated_density,
 )
-from laud_jax.latency.predictor import Prediction, block_time, grid_block_times, predict
+from laud_jax.latency.predictor import Prediction, block_time, grid_block_times, grid_network_times, predict
 from laud_jax.latency.profiles import PRESETS, HardwareProfile, get_profile, profile_from_json, profile_to_json
 from laud_jax.latency.roofline import launch_times, total_time
 from laud_jax.latency.search import SearchResult, search
@@ -38,6 +38,7 @@ __all__ = [
     "dilated_density",
     "get_profile",
     "grid_block_times",
+    "grid_network_times",
     "launch_times",
     "predict",
     "profile_from_json",

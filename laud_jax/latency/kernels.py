@@ -425,7 +425,9 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
 
     # Host round trip of the block-by-block driver; maskers / gates; index lists.
     host_sync = _record(weight=gated * e.block_calls, kind=KIND_HOST)
-    pools = sp + f(channel | layer)
+    # the spatial masker pools x to its grid, the channel masker averages it, the layer gate
+    # pools it to 1 x 1: separate reads of the block input
+    pools = sp + ch + ly
     masker_pool = _record(weight=gated * pools * (1.0 - e.fuse_masker), o_bytes=batch * p_in * cin * b)
     masker_conv = _record(weight=sp, kind=KIND_DENSE, m=batch * grid_h * grid_w, n=2.0 * setting.mask_groups,
                           k=cin, w_bytes=cin * 2.0 * setting.mask_groups * b)
@@ -525,7 +527,9 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
         weight=shape.downsample, kind=KIND_DENSE, m=batch * p_out, n=cout, k=cin,
         a_bytes=batch * p_out * cin * b, w_bytes=cin * cout * b, o_bytes=full_out, **tile(cout),
     )
-    downsample_epilogue = _record(weight=shape.downsample * unfused_epi, o_bytes=2.0 * full_out)
+    # unfused: the bias pass, and the strided input slice a 1x1 stride-s conv reads
+    strided_input = f(stride > 1.5) * batch * p_out * cin * b
+    downsample_epilogue = _record(weight=shape.downsample * unfused_epi, o_bytes=2.0 * (full_out + strided_input))
 
     records = dict(
         host_sync=host_sync, masker_pool=masker_pool, masker_conv=masker_conv, gate_fc=gate_fc,

@@ -8,6 +8,7 @@ settings (:func:`grid_block_times`), and :func:`predict` evaluates a configured 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,6 +104,25 @@ def fixed_time(profile: HardwareProfile, engine: EngineModel, spec: NetworkSpec,
     last = spec.blocks[-1]
     launches = layer_launches(spec.stem + spec.head, batch, half, engine, (last.h_out, last.w_out))
     return total_time(profile, launches, half)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _network_grid(profile, engine, spec, setting):
+    shapes = BlockShape.from_specs(spec.blocks)
+    blocks = jax.vmap(
+        lambda s: jnp.sum(jax.vmap(lambda shape: block_time(profile, engine, shape, s))(shapes))
+    )(setting)
+    fixed = jax.vmap(lambda batch, half: fixed_time(profile, engine, spec, batch, half))(setting.batch, setting.half)
+    return blocks + fixed + profile.call_overhead
+
+
+def grid_network_times(
+    profile: HardwareProfile, engine: EngineModel, spec: NetworkSpec, setting: BlockSetting
+) -> jax.Array:
+    """Whole-network seconds for every setting of a grid (every block takes the setting:
+    one mode, S and rate for the whole network; stem and head static). One jitted call."""
+    flat, grid_shape = _broadcast(setting)
+    return _network_grid(profile.as_arrays(), engine.as_arrays(), spec, flat).reshape(grid_shape)
 
 
 def spec_settings(spec: NetworkSpec, rho, batch, dtype: str, rho_conv1=None) -> BlockSetting:
