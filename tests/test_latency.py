@@ -30,7 +30,10 @@ from laud_jax.latency import (
 from laud_jax.latency.calibrate import FIT_FIELDS, Measurements, error_summary, fit_profile, predict_measured, relative_errors
 from laud_jax.latency.cli import main as cli
 from laud_jax.latency.kernels import (
+    KIND_CONV,
     KIND_DENSE,
+    KIND_HOST,
+    KIND_LOOP,
     KIND_MEMORY,
     LAUNCH_FIELDS,
     LAUNCH_NAMES,
@@ -51,8 +54,8 @@ from laud_jax.models.specs import MODES
 # A toy device: 4 cores, one 64 x 64 dense tile, no cache, round numbers.
 TOY = HardwareProfile(
     flops_fp32=1e12, flops_half=2e12, dram_bw=1e11, l2_bw=1e12, l2_size=0.0, cores=4.0, tiles_per_core=1.0,
-    launch_overhead=2e-6, call_overhead=1e-5, eff_dense=1.0, eff_sparse=0.5, mem_eff=0.5, sector_bytes=32.0,
-    k_half=0.0, sum_weight=0.0, dense_tiles=((64.0, 64.0),),
+    launch_overhead=2e-6, loop_overhead=3e-6, call_overhead=1e-5, eff_dense=1.0, eff_conv=0.25, eff_sparse=0.5,
+    mem_eff=0.5, gather_eff=0.5, sector_bytes=32.0, k_half=0.0, sum_weight=0.0, dense_tiles=((64.0, 64.0),),
 )
 
 
@@ -79,16 +82,21 @@ def test_compute_bound_matmul_matches_hand_count():
     assert compute > memory
     assert seconds(TOY, launch) == pytest.approx(2e-6 + compute, rel=1e-6)
     assert seconds(TOY.replace(sum_weight=1.0), launch) == pytest.approx(2e-6 + compute + memory, rel=1e-6)
-    # bf16 doubles the peak of the toy device
+    # bf16 doubles the peak of the toy device; a direct convolution runs at eff_conv = 1/4
     assert seconds(TOY, launch, half=1.0) == pytest.approx(2e-6 + max(compute / 2, memory), rel=1e-6)
+    conv = one_launch(kind=KIND_CONV, m=m, n=n, k=k, a_bytes=a, w_bytes=w, o_bytes=o)
+    assert seconds(TOY, conv) == pytest.approx(2e-6 + 4 * compute, rel=1e-6)
 
 
 def test_memory_bound_copy_and_gather_sector_waste():
     copy = one_launch(kind=KIND_MEMORY, o_bytes=2e8)
     assert seconds(TOY, copy) == pytest.approx(2e-6 + 2e8 / (1e11 * 0.5), rel=1e-6)
-    # runs of 8 bytes cost a whole 32-byte sector each: 4x the bytes
+    # runs of 8 bytes cost a whole 32-byte sector each (4x the bytes), at half the bandwidth
     gather = one_launch(kind=KIND_MEMORY, a_bytes=1e6, a_seg=8.0)
-    assert seconds(TOY, gather) == pytest.approx(2e-6 + 4e6 / 5e10, rel=1e-6)
+    assert seconds(TOY, gather) == pytest.approx(2e-6 + 2 * 4e6 / 5e10, rel=1e-6)
+    # a loop step pays the loop overhead, a host round trip only the call overhead
+    assert seconds(TOY, one_launch(kind=KIND_LOOP, o_bytes=2e8)) == pytest.approx(3e-6 + 2e8 / 5e10, rel=1e-6)
+    assert seconds(TOY, one_launch(kind=KIND_HOST, weight=2.0)) == pytest.approx(2e-5, rel=1e-6)
     # a cache that holds the whole working set serves it at cache bandwidth
     cached = TOY.replace(l2_size=1e9)
     assert seconds(cached, copy) == pytest.approx(2e-6 + 2e8 / 1e12, rel=1e-6)
@@ -343,7 +351,7 @@ def test_search_rejects_bad_requests():
 def test_calibration_recovers_a_known_profile_from_its_timings():
     rng = np.random.default_rng(1)
     specs = list(SMALL_BLOCKS) + list(network_spec({"arch": "resnet50", "num_classes": 10}, (112, 112)).blocks[::3])
-    n = 80
+    n = 120
     picks = rng.integers(0, len(specs), n)
     settings = []
     for i in picks:
@@ -352,8 +360,9 @@ def test_calibration_recovers_a_known_profile_from_its_timings():
                                       batch=int(rng.choice([1, 2, 4, 8]))))
     shapes = BlockShape.from_specs([specs[i] for i in picks])
     settings = jax.tree.map(lambda *x: jnp.stack(x), *settings)
-    truth = LOCAL_INITIAL.replace(flops_fp32=90e9, dram_bw=12e9, l2_bw=45e9, launch_overhead=8e-6,
-                                  call_overhead=45e-6, k_half=24.0, sum_weight=0.3)
+    truth = LOCAL_INITIAL.replace(flops_fp32=90e9, eff_conv=0.6, dram_bw=12e9, l2_bw=45e9, gather_eff=0.4,
+                                  launch_overhead=8e-6, loop_overhead=3e-6, call_overhead=45e-6, k_half=24.0,
+                                  sum_weight=0.3)
     exact = np.asarray(predict_measured(truth.as_arrays(), ENGINES["xla"].as_arrays(), shapes, settings))
     noisy = exact * np.exp(rng.normal(0.0, 0.02, n))  # 2% timing noise
     data = Measurements(shapes, settings, jnp.asarray(noisy, jnp.float32))

@@ -28,8 +28,11 @@ from laud_jax.latency.predictor import block_time
 from laud_jax.latency.profiles import LOCAL_INITIAL, HardwareProfile, profile_to_json
 
 # Free parameters of the local (CPU) fit and how they are kept in range.
-FIT_FIELDS = ("flops_fp32", "dram_bw", "l2_bw", "launch_overhead", "call_overhead", "k_half", "sum_weight")
-UNIT_FIELDS = ("sum_weight",)  # in [0, 1] (logistic); the others are positive (log)
+FIT_FIELDS = (
+    "flops_fp32", "eff_conv", "dram_bw", "l2_bw", "gather_eff", "launch_overhead", "loop_overhead",
+    "call_overhead", "k_half", "sum_weight",
+)
+UNIT_FIELDS = ("eff_conv", "gather_eff", "sum_weight")  # in [0, 1] (logistic); the others positive (log)
 
 
 @jax.tree_util.register_dataclass

@@ -51,7 +51,9 @@ import numpy as np
 
 from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
 
-KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST = 0.0, 1.0, 2.0, 3.0
+# Launch kinds: dense GEMM, direct convolution, gathered-tile kernel, memory-bound op, host
+# round trip, step of an on-device loop.
+KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST, KIND_CONV, KIND_LOOP = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0
 MODE_CODE: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
 
 
@@ -375,13 +377,17 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     # contiguous bytes of a run of consecutive pixels of one row (all channels in NHWC)
     run = lambda n_pixels, channels: n_pixels * jnp.where(e.channels_last > 0.5, channels, 1.0) * b  # noqa: E731
 
+    # Channel gates at batch > 1 give every sample its own channels (and weights); engines
+    # with a per-sample loop run only the executing samples, one after the other.
+    per_sample = channel & multi
+    sample_loop = per_sample & (e.per_sample_loop > 0.5)
     # Layer gates: at batch 1 the branch runs with probability rho; at batch > 1 the
     # executing samples are compacted (padded to a capacity) and the branch runs on them.
     executing = rho_l * batch
     branch_batch = jnp.where(layer & multi, jnp.maximum(ladder_capacity(executing, batch, steps), 1.0), batch)
     branch_batch = jnp.where(layer & multi & (e.capacity_steps == 0), jnp.maximum(bucket(executing), 1.0), branch_batch)
-    branch_batch = jnp.minimum(branch_batch, batch)
-    compacting = f(layer & multi) * f(branch_batch < batch)
+    branch_batch = jnp.where(sample_loop, executing, jnp.minimum(branch_batch, batch))
+    compacting = f(layer & multi & ~sample_loop) * f(branch_batch < batch)
     branch_weight = jnp.where(layer & ~multi, rho_l, 1.0)
     # nothing active: the engine skips the branch altogether
     branch_weight = branch_weight * f((rho_s > 0.0) & (rho_l > 0.0))
@@ -391,11 +397,10 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     n_groups = width / group
     active_groups = jnp.where(channel, ladder_capacity(rho_c * n_groups, n_groups, steps), n_groups)
     width_c = jnp.maximum(active_groups, 1.0) * group
-    per_sample = channel & multi  # each sample has its own channels (and weights)
     weight_copies = jnp.where(per_sample, branch_batch, 1.0)
     weight_seg = jnp.where(channel, group * b, 0.0)
     # one launch per sample when the engine loops over samples, else one launch for all
-    loop = jnp.where(per_sample & (e.per_sample_loop > 0.5), branch_batch, 1.0)
+    loop = jnp.where(sample_loop, jnp.maximum(branch_batch, 1e-6), 1.0)
     gemms = jnp.where(channel, branch_batch, 1.0) / loop  # independent GEMMs per launch
 
     # Spatial gates: active patches on the output grid, conv1 pixels on conv1's grid.
@@ -450,8 +455,10 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     gather_x = _record(weight=branch_weight * sp * (1.0 - fuse_gather), a_bytes=rows1 * taps1 * cin * b,
                        a_seg=gather_seg1, o_bytes=rows1 * taps1 * cin * b)
     a1 = jnp.where(spatial, rows1 * taps1 * cin * b, branch_batch * p_in * cin * b)
+    # basic blocks' dense 3x3 conv1: im2col + GEMM on small maps, a direct conv otherwise
+    direct1 = (1.0 - gathered) * (1.0 - sp) * (1.0 - bottleneck) * f(p_out > e.dense_im2col_pixels)
     conv1 = _record(
-        weight=branch_weight * loop, kind=kind13, m=rows1 / loop, n=width_c, k=taps1 * cin, batches=gemms,
+        weight=branch_weight * loop, kind=jnp.where(direct1 > 0.5, KIND_CONV, kind13), m=rows1 / loop, n=width_c, k=taps1 * cin, batches=gemms,
         a_bytes=a1 / loop, a_seg=sp * fuse_gather * gather_seg1,
         w_bytes=weight_copies / loop * taps1 * cin * width_c * b, w_seg=fuse_gather * weight_seg,
         o_bytes=rows1 * width_c * b / loop, **tile(width_c),
@@ -476,11 +483,13 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     # Without fused gathers the windows (or im2col rows) are gathered first; halo engines
     # already hold compact windows; Pallas reads them in-kernel.
     window_gather = sp * (1.0 - fuse_gather) * (1.0 - halo)
+    # dense im2col: one strided slice per tap and a concatenation; on patches: one gather
+    gather_ops = jnp.where(dense_im2col > 0.5, 10.0, 1.0)
     gather_conv2 = _record(
-        weight=branch_weight * loop * jnp.maximum(im2col, window_gather),
-        a_bytes=jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b) / loop,
+        weight=branch_weight * loop * jnp.maximum(im2col, window_gather) * gather_ops,
+        a_bytes=jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b) / loop / gather_ops,
         a_seg=sp * run(window, width_c),
-        o_bytes=jnp.where(im2col > 0.5, im2col_rows, window_bytes) / loop,
+        o_bytes=jnp.where(im2col > 0.5, im2col_rows, window_bytes) / loop / gather_ops,
     )
     # Active-channel weights gathered outside the kernels: conv2's always (no Pallas kernel
     # for it), conv1's and conv3's too where the engine does not gather in-kernel.
@@ -493,8 +502,9 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
                               o_bytes=gathered_weights / weight_gathers / loop)
     a2 = jnp.where(im2col > 0.5, im2col_rows, jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b))
     conv2_gathered = sp * fuse_gather * (1.0 - halo)  # Pallas reads the windows in-kernel
+    conv2_kind = jnp.where(conv2_gathered > 0.5, KIND_GATHERED, jnp.where(im2col > 0.5, KIND_DENSE, KIND_CONV))
     conv2 = _record(
-        weight=branch_weight * loop, kind=jnp.where(conv2_gathered > 0.5, KIND_GATHERED, KIND_DENSE),
+        weight=branch_weight * loop, kind=conv2_kind,
         m=rows2 / loop, n=n2, k=k2, batches=gemms, a_bytes=a2 / loop,
         a_seg=conv2_gathered * run(window, width_c), w_bytes=weight_copies / loop * 9.0 * width_c * n2 / groups * b,
         o_bytes=rows2 * n2 * b / loop, **tile(n2),
@@ -518,7 +528,9 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     # A loop steps over the active patches (or the compacted samples).
     loop_units = jnp.where(spatial, active_patches, jnp.where(compacting > 0.5, executing, loop))
     scatter_steps = jnp.where((e.scatter_loop > 0.5) & (spatial | (compacting > 0.5)), loop_units, loop)
+    looped = (e.scatter_loop > 0.5) & (spatial | (compacting > 0.5))
     residual = _record(weight=branch_weight * (1.0 - residual_fused) * scatter_steps,
+                       kind=jnp.where(looped, KIND_LOOP, KIND_MEMORY),
                        o_bytes=3.0 * identity_rows / jnp.maximum(scatter_steps, 1.0), o_seg=sp * scattered)
     full_out = batch * p_out * cout * b
     skipped = sp + ly * jnp.where(multi, 1.0, 1.0 - rho_l)  # blocks whose skipped positions read relu(identity)
@@ -595,8 +607,8 @@ def layer_launches(
         if layer.kind == "conv":
             taps = layer.kernel * layer.kernel
             out = batch * p_out * layer.out_channels * b
-            records.append(_record(weight=1.0, kind=KIND_DENSE, m=batch * p_out, n=layer.out_channels,
-                                   k=taps * layer.in_channels, a_bytes=batch * p_in * layer.in_channels * b,
+            records.append(_record(weight=1.0, kind=KIND_CONV if taps > 1 else KIND_DENSE, m=batch * p_out,
+                                   n=layer.out_channels, k=taps * layer.in_channels, a_bytes=batch * p_in * layer.in_channels * b,
                                    w_bytes=taps * layer.in_channels * layer.out_channels * b, o_bytes=out))
             records.append(_record(weight=unfused_epi, o_bytes=2.0 * out))
         elif layer.kind == "maxpool":

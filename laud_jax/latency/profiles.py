@@ -39,10 +39,13 @@ class HardwareProfile:
     cores: SMs (GPU) or CPU cores; tiles_per_core: tiles resident per core at once
       (wave quantization is over cores * tiles_per_core slots).
     launch_overhead: seconds per kernel launch (GPU) or per XLA op (CPU).
+    loop_overhead: seconds per step of an on-device loop (a scatter loop's iteration).
     call_overhead: seconds per jitted call (host dispatch), once per network or block call.
-    eff_dense: fraction of peak FLOP/s that dense convs reach (cuDNN / XLA dots).
+    eff_dense: fraction of peak FLOP/s that dense GEMMs reach (cuBLAS / cuDNN / XLA dots).
+    eff_conv: the same for direct convolutions (cuDNN; XLA:CPU's convolution).
     eff_sparse: fraction of peak that gathered-tile kernels reach (indirect addressing).
     mem_eff: fraction of DRAM bandwidth that streaming kernels reach.
+    gather_eff: fraction of that bandwidth that gathers and scatters of rows reach.
     sector_bytes: DRAM access granularity; gathers of shorter runs waste the rest.
     k_half: reduction length at which matmul efficiency halves (0: no penalty).
     sum_weight: 0 combines compute and memory time by max (full overlap), 1 by sum.
@@ -58,10 +61,13 @@ class HardwareProfile:
     cores: Any
     tiles_per_core: Any
     launch_overhead: Any
+    loop_overhead: Any
     call_overhead: Any
     eff_dense: Any
+    eff_conv: Any
     eff_sparse: Any
     mem_eff: Any
+    gather_eff: Any
     sector_bytes: Any
     k_half: Any
     sum_weight: Any
@@ -89,7 +95,10 @@ DENSE_TILES = ((128.0, 128.0), (128.0, 64.0), (64.0, 64.0), (32.0, 64.0), (16.0,
 
 
 def _gpu(**values: float) -> HardwareProfile:
+    values.setdefault("eff_conv", values["eff_dense"])  # cuDNN: GEMM-class efficiency
+    values.setdefault("loop_overhead", values["launch_overhead"])
     defaults = dict(
+        gather_eff=1.0,
         tiles_per_core=1.0,
         call_overhead=20e-6,
         sector_bytes=32.0,
@@ -152,10 +161,13 @@ LOCAL_INITIAL = HardwareProfile(
     cores=float(os.cpu_count() or 1),
     tiles_per_core=1.0,
     launch_overhead=5e-6,
+    loop_overhead=5e-6,
     call_overhead=30e-6,
     eff_dense=1.0,
+    eff_conv=0.5,
     eff_sparse=1.0,
     mem_eff=1.0,
+    gather_eff=0.5,
     sector_bytes=64.0,
     k_half=16.0,
     sum_weight=0.5,

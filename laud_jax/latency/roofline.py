@@ -1,7 +1,7 @@
 """Roofline time of kernel launches on a hardware profile (pure jnp, jit/vmap/grad friendly).
 
-Per launch: ``weight * (launch_overhead + body)`` (host round trips: ``weight *
-call_overhead``) where body combines
+Per launch: ``weight * (launch_overhead + body)`` (loop steps pay ``loop_overhead``, host
+round trips ``call_overhead`` only) where body combines
 
 - compute: tiles of (tile_m x tile_n) outputs are spread over ``cores * tiles_per_core``
   slots; a wave of tiles takes ``2 tile_m tile_n k / slot_rate`` (a partial tile costs a
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from laud_jax.latency.kernels import KIND_GATHERED, KIND_HOST, Launches
+from laud_jax.latency.kernels import KIND_CONV, KIND_GATHERED, KIND_HOST, KIND_LOOP, Launches
 from laud_jax.latency.profiles import HardwareProfile
 
 
@@ -31,10 +31,12 @@ def _safe_div(num, den):
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _gather_bytes(nbytes, seg, sector):
-    """Bytes moved for ``nbytes`` read in contiguous runs of ``seg`` bytes (0: contiguous)."""
+def _gather_bytes(nbytes, seg, sector, gather_eff):
+    """Bandwidth-equivalent bytes of ``nbytes`` accessed in contiguous runs of ``seg`` bytes
+    (0: contiguous): a run shorter than a sector moves the whole sector, and indexed
+    accesses reach ``gather_eff`` of the streaming bandwidth."""
     runs = jnp.where(seg > 0, seg, 1.0)
-    waste = jnp.where(seg > 0, jnp.ceil(runs / sector) * sector / runs, 1.0)
+    waste = jnp.where(seg > 0, jnp.ceil(runs / sector) * sector / runs / gather_eff, 1.0)
     return nbytes * waste
 
 
@@ -49,12 +51,12 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
     """Time in seconds of every launch slot (same shape as ``launches.weight``)."""
     p, L = profile, launches
     peak = jnp.where(jnp.asarray(half) > 0.5, p.flops_half, p.flops_fp32)
-    eff = jnp.where(L.kind == KIND_GATHERED, p.eff_sparse, p.eff_dense)
+    eff = jnp.where(L.kind == KIND_GATHERED, p.eff_sparse, jnp.where(L.kind == KIND_CONV, p.eff_conv, p.eff_dense))
     slots = p.cores * p.tiles_per_core
     slot_rate = peak * eff / slots
-    a_moved = _gather_bytes(L.a_bytes, L.a_seg, p.sector_bytes)
-    w_moved = _gather_bytes(L.w_bytes, L.w_seg, p.sector_bytes)
-    o_moved = _gather_bytes(L.o_bytes, L.o_seg, p.sector_bytes)
+    a_moved = _gather_bytes(L.a_bytes, L.a_seg, p.sector_bytes, p.gather_eff)
+    w_moved = _gather_bytes(L.w_bytes, L.w_seg, p.sector_bytes, p.gather_eff)
+    o_moved = _gather_bytes(L.o_bytes, L.o_seg, p.sector_bytes, p.gather_eff)
     streamed = stream_time(p, a_moved + o_moved, w_moved)
     is_matmul = (L.m > 0) & (L.k > 0) & (L.n > 0)
     batches = jnp.maximum(L.batches, 1.0)
@@ -85,7 +87,8 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
     custom = with_tile(L.tile_m, L.tile_n, False)
     gathered = L.kind == KIND_GATHERED
     body = jnp.where(gathered, custom, jnp.where(L.tile_m > 0, jnp.minimum(custom, library), library))
-    return L.weight * jnp.where(L.kind == KIND_HOST, p.call_overhead, p.launch_overhead + body)
+    overhead = jnp.where(L.kind == KIND_LOOP, p.loop_overhead, p.launch_overhead)
+    return L.weight * jnp.where(L.kind == KIND_HOST, p.call_overhead, overhead + body)
 
 
 def total_time(profile: HardwareProfile, launches: Launches, half) -> jax.Array:

@@ -106,12 +106,13 @@ def _block_variables(spec: BlockSpec, batch: int, key: jax.Array):
 
 
 def _step(ops, spec: BlockSpec, plan, params, x, forced):
-    """Gates (maskers run, decisions replaced), index lists, and the block's execution."""
+    """Gates (maskers run, decisions replaced), index lists and their counts (which the
+    driver reads on the host), and the block's execution."""
     gates = sparse_engine.compute_gates(spec, params.get("gates"), x, jnp.zeros(()), None)
     # keep the maskers' work: the forced decisions depend on the computed ones (x * 0 stays)
     gates = {k: (forced[k] + 0.0 * v if k in forced else v) for k, v in gates.items()}
-    routing, _ = sparse_engine._routing(spec, gates, x.shape[0])
-    return executor.run_block(ops, spec, plan, params, x, gates, routing)
+    routing, counts = sparse_engine._routing(spec, gates, x.shape[0])
+    return executor.run_block(ops, spec, plan, params, x, gates, routing), counts
 
 
 _STEP = jax.jit(_step, static_argnames=("ops", "spec", "plan"))
@@ -163,7 +164,7 @@ def time_config(config: TimingConfig, repeats: int, backend: str = "xla", warmup
     for i in range(warmup + repeats):
         xi = jnp.array(x, copy=True).block_until_ready()
         start = time.perf_counter()
-        step(ops, spec, plan, params, xi, forced).block_until_ready()
+        jax.block_until_ready(step(ops, spec, plan, params, xi, forced))
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return {
