@@ -51,9 +51,11 @@ import numpy as np
 
 from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
 
-# Launch kinds: dense GEMM, direct convolution, gathered-tile kernel, memory-bound op, host
-# round trip, step of an on-device loop.
-KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST, KIND_CONV, KIND_LOOP = 0.0, 1.0, 2.0, 3.0, 4.0, 5.0
+# Launch kinds: dense GEMM, direct convolution, grouped convolution, gathered-tile kernel,
+# memory-bound op, host round trip, step of an on-device loop.
+KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST, KIND_CONV, KIND_LOOP, KIND_GROUPED = (
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
+)
 MODE_CODE: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
 
 
@@ -270,7 +272,9 @@ LAUNCH_NAMES = (
     "conv1",
     "conv1_epilogue",    # bias + relu pass (unfused epilogues)
     "gather_conv2",      # separate window gather / im2col before conv2
-    "channel_weights",   # gathers of the active channels' weights outside the kernels
+    "channel_weight_cols",  # gathers of the active channels' weights along an output axis
+    "channel_weight_rows",  # ... and along an input axis (whole rows)
+    "channel_expand",    # kept channels scattered to full width and back (grouped conv2)
     "conv2",
     "conv2_epilogue",
     "se",                # squeeze-excitation: pool + FCs + scale (RegNetY)
@@ -471,9 +475,13 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
         spatial, e.fuse_scatter, jnp.where(channel | (compacting > 0.5), 0.0, e.fused_epilogue)
     )
 
-    # conv2 (3x3, stride s in bottlenecks): on patch windows with halo, or dense.
-    n2 = jnp.where(bottleneck > 0.5, width_c, cout)
-    k2 = 9.0 * width_c / groups
+    # conv2 (3x3, stride s in bottlenecks): on patch windows with halo, or dense. A grouped
+    # conv2 under channel gates runs at full width on the kept channels scattered back.
+    grouped = groups > 1.5
+    expanded = f(grouped & channel)
+    width2 = jnp.where(grouped & channel, width, width_c)
+    n2 = jnp.where(bottleneck > 0.5, width2, cout)
+    k2 = 9.0 * width2 / groups
     p2 = jnp.where(bottleneck > 0.5, p_in, p_out)
     window_bytes = patches * window * window * width_c * b
     im2col_rows = rows2 * 9.0 * width_c * b
@@ -492,21 +500,34 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
         o_bytes=jnp.where(im2col > 0.5, im2col_rows, window_bytes) / loop / gather_ops,
     )
     # Active-channel weights gathered outside the kernels: conv2's always (no Pallas kernel
-    # for it), conv1's and conv3's too where the engine does not gather in-kernel.
-    weight_gathers = 1.0 + (1.0 - fuse_gather) * (1.0 + bottleneck)
-    gathered_weights = weight_copies * b * (
-        9.0 * width_c * n2 / groups + (1.0 - fuse_gather) * (taps1 * cin * width_c + bottleneck * width_c * cout)
-    )
-    channel_weights = _record(weight=branch_weight * ch * weight_gathers * loop,
-                              a_bytes=gathered_weights / weight_gathers / loop, a_seg=weight_seg,
-                              o_bytes=gathered_weights / weight_gathers / loop)
-    a2 = jnp.where(im2col > 0.5, im2col_rows, jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b))
+    # for it), conv1's and conv3's too where the engine does not gather in-kernel. Gathers
+    # along a weight's last (output) axis pick runs of one group; along an input axis, rows.
+    unfused = 1.0 - fuse_gather
+    column_elems = (unfused * taps1 * cin * width_c                             # conv1: output channels
+                    + (1.0 - expanded) * bottleneck * 9.0 * width_c * width_c / groups)  # conv2 (bottleneck)
+    row_elems = ((1.0 - expanded) * 9.0 * width_c * jnp.where(bottleneck > 0.5, width, cout) / groups  # conv2 inputs
+                 + unfused * bottleneck * width_c * cout)                        # conv3: input channels
+    row_seg = jnp.where(bottleneck > 0.5, width, cout) * b
+    gathers_cols = unfused + (1.0 - expanded) * bottleneck
+    gathers_rows = 1.0 - expanded + unfused * bottleneck
+    channel_weight_cols = _record(weight=branch_weight * ch * gathers_cols * loop, a_seg=weight_seg,
+                                  a_bytes=weight_copies * column_elems * b / jnp.maximum(gathers_cols, 1.0) / loop,
+                                  o_bytes=weight_copies * column_elems * b / jnp.maximum(gathers_cols, 1.0) / loop)
+    channel_weight_rows = _record(weight=branch_weight * ch * gathers_rows * loop, a_seg=row_seg,
+                                  a_bytes=weight_copies * row_elems * b / jnp.maximum(gathers_rows, 1.0) / loop,
+                                  o_bytes=weight_copies * row_elems * b / jnp.maximum(gathers_rows, 1.0) / loop)
+    channel_expand = _record(weight=branch_weight * loop * expanded * 2.0,
+                             o_bytes=rows2 * (width + width_c) * b / loop)
+    a2 = jnp.where(im2col > 0.5, im2col_rows, jnp.where(spatial, window_bytes, branch_batch * p2 * width2 * b))
     conv2_gathered = sp * fuse_gather * (1.0 - halo)  # Pallas reads the windows in-kernel
-    conv2_kind = jnp.where(conv2_gathered > 0.5, KIND_GATHERED, jnp.where(im2col > 0.5, KIND_DENSE, KIND_CONV))
+    conv2_kind = jnp.where(
+        conv2_gathered > 0.5, KIND_GATHERED,
+        jnp.where(im2col > 0.5, KIND_DENSE, jnp.where(grouped, KIND_GROUPED, KIND_CONV)),
+    )
     conv2 = _record(
         weight=branch_weight * loop, kind=conv2_kind,
         m=rows2 / loop, n=n2, k=k2, batches=gemms, a_bytes=a2 / loop,
-        a_seg=conv2_gathered * run(window, width_c), w_bytes=weight_copies / loop * 9.0 * width_c * n2 / groups * b,
+        a_seg=conv2_gathered * run(window, width_c), w_bytes=weight_copies / loop * 9.0 * width2 * n2 / groups * b,
         o_bytes=rows2 * n2 * b / loop, **tile(n2),
     )
     conv2_epilogue = _record(weight=branch_weight * loop * unfused_epi * bottleneck * (1.0 - conv2_gathered),
@@ -529,9 +550,11 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     loop_units = jnp.where(spatial, active_patches, jnp.where(compacting > 0.5, executing, loop))
     scatter_steps = jnp.where((e.scatter_loop > 0.5) & (spatial | (compacting > 0.5)), loop_units, loop)
     looped = (e.scatter_loop > 0.5) & (spatial | (compacting > 0.5))
+    # a loop step moves one window with dynamic slices (contiguous rows, no indexed gather)
     residual = _record(weight=branch_weight * (1.0 - residual_fused) * scatter_steps,
                        kind=jnp.where(looped, KIND_LOOP, KIND_MEMORY),
-                       o_bytes=3.0 * identity_rows / jnp.maximum(scatter_steps, 1.0), o_seg=sp * scattered)
+                       o_bytes=3.0 * identity_rows / jnp.maximum(scatter_steps, 1.0),
+                       o_seg=sp * scattered * (1.0 - f(looped)))
     full_out = batch * p_out * cout * b
     skipped = sp + ly * jnp.where(multi, 1.0, 1.0 - rho_l)  # blocks whose skipped positions read relu(identity)
     identity_relu = _record(weight=shape.downsample * jnp.minimum(skipped, 1.0), o_bytes=2.0 * full_out)
@@ -546,7 +569,8 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     records = dict(
         host_sync=host_sync, masker_pool=masker_pool, masker_conv=masker_conv, gate_fc=gate_fc,
         index_lists=index_lists, layer_compact=layer_compact, gather_x=gather_x, conv1=conv1,
-        conv1_epilogue=conv1_epilogue, gather_conv2=gather_conv2, channel_weights=channel_weights, conv2=conv2,
+        conv1_epilogue=conv1_epilogue, gather_conv2=gather_conv2, channel_weight_cols=channel_weight_cols,
+        channel_weight_rows=channel_weight_rows, channel_expand=channel_expand, conv2=conv2,
         conv2_epilogue=conv2_epilogue, se=se, lc_scale=lc_scale, conv3=conv3, residual=residual,
         identity_relu=identity_relu, downsample=downsample, downsample_epilogue=downsample_epilogue,
     )

@@ -43,6 +43,7 @@ class HardwareProfile:
     call_overhead: seconds per jitted call (host dispatch), once per network or block call.
     eff_dense: fraction of peak FLOP/s that dense GEMMs reach (cuBLAS / cuDNN / XLA dots).
     eff_conv: the same for direct convolutions (cuDNN; XLA:CPU's convolution).
+    eff_grouped: the same for grouped convolutions (RegNetY's conv2).
     eff_sparse: fraction of peak that gathered-tile kernels reach (indirect addressing).
     mem_eff: fraction of DRAM bandwidth that streaming kernels reach.
     gather_eff: fraction of that bandwidth that gathers and scatters of rows reach.
@@ -65,6 +66,7 @@ class HardwareProfile:
     call_overhead: Any
     eff_dense: Any
     eff_conv: Any
+    eff_grouped: Any
     eff_sparse: Any
     mem_eff: Any
     gather_eff: Any
@@ -96,6 +98,7 @@ DENSE_TILES = ((128.0, 128.0), (128.0, 64.0), (64.0, 64.0), (32.0, 64.0), (16.0,
 
 def _gpu(**values: float) -> HardwareProfile:
     values.setdefault("eff_conv", values["eff_dense"])  # cuDNN: GEMM-class efficiency
+    values.setdefault("eff_grouped", 0.3 * values["eff_dense"])  # narrow groups starve the MMA units
     values.setdefault("loop_overhead", values["launch_overhead"])
     defaults = dict(
         gather_eff=1.0,
@@ -165,10 +168,11 @@ LOCAL_INITIAL = HardwareProfile(
     call_overhead=30e-6,
     eff_dense=1.0,
     eff_conv=0.5,
+    eff_grouped=0.05,
     eff_sparse=1.0,
     mem_eff=1.0,
     gather_eff=0.5,
-    sector_bytes=64.0,
+    sector_bytes=4.0,  # activations and weights of a block stay in the 32 MB L3: no line waste
     k_half=16.0,
     sum_weight=0.5,
     dense_tiles=DENSE_TILES,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from laud_jax.latency.kernels import KIND_CONV, KIND_GATHERED, KIND_HOST, KIND_LOOP, Launches
+from laud_jax.latency.kernels import KIND_CONV, KIND_GATHERED, KIND_GROUPED, KIND_HOST, KIND_LOOP, Launches
 from laud_jax.latency.profiles import HardwareProfile
 
 
@@ -51,7 +51,10 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
     """Time in seconds of every launch slot (same shape as ``launches.weight``)."""
     p, L = profile, launches
     peak = jnp.where(jnp.asarray(half) > 0.5, p.flops_half, p.flops_fp32)
-    eff = jnp.where(L.kind == KIND_GATHERED, p.eff_sparse, jnp.where(L.kind == KIND_CONV, p.eff_conv, p.eff_dense))
+    eff = jnp.select(
+        [L.kind == KIND_GATHERED, L.kind == KIND_CONV, L.kind == KIND_GROUPED],
+        [p.eff_sparse, p.eff_conv, p.eff_grouped], p.eff_dense,
+    )
     slots = p.cores * p.tiles_per_core
     slot_rate = peak * eff / slots
     a_moved = _gather_bytes(L.a_bytes, L.a_seg, p.sector_bytes, p.gather_eff)
