@@ -350,8 +350,9 @@ def test_search_rejects_bad_requests():
 
 def test_calibration_recovers_a_known_profile_from_its_timings():
     rng = np.random.default_rng(1)
-    specs = list(SMALL_BLOCKS) + list(network_spec({"arch": "resnet50", "num_classes": 10}, (112, 112)).blocks[::3])
-    n = 120
+    specs = (list(SMALL_BLOCKS) + list(network_spec({"arch": "resnet50", "num_classes": 10}, (112, 112)).blocks[::3])
+             + list(network_spec({"arch": "regnety_400mf", "num_classes": 10}, (112, 112)).blocks[::4]))
+    n = 160
     picks = rng.integers(0, len(specs), n)
     settings = []
     for i in picks:
@@ -360,9 +361,9 @@ def test_calibration_recovers_a_known_profile_from_its_timings():
                                       batch=int(rng.choice([1, 2, 4, 8]))))
     shapes = BlockShape.from_specs([specs[i] for i in picks])
     settings = jax.tree.map(lambda *x: jnp.stack(x), *settings)
-    truth = LOCAL_INITIAL.replace(flops_fp32=90e9, eff_conv=0.6, dram_bw=12e9, l2_bw=45e9, gather_eff=0.4,
-                                  launch_overhead=8e-6, loop_overhead=3e-6, call_overhead=45e-6, k_half=24.0,
-                                  sum_weight=0.3)
+    truth = LOCAL_INITIAL.replace(flops_fp32=90e9, eff_conv=0.6, eff_grouped=0.08, dram_bw=12e9, l2_bw=45e9,
+                                  gather_eff=0.4, sector_bytes=16.0, launch_overhead=8e-6, loop_overhead=3e-6,
+                                  call_overhead=45e-6, k_half=24.0, sum_weight=0.3)
     exact = np.asarray(predict_measured(truth.as_arrays(), ENGINES["xla"].as_arrays(), shapes, settings))
     noisy = exact * np.exp(rng.normal(0.0, 0.02, n))  # 2% timing noise
     data = Measurements(shapes, settings, jnp.asarray(noisy, jnp.float32))

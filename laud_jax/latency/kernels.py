@@ -21,10 +21,12 @@ jitted and vmapped too). ``ENGINES``:
   windows + a VALID conv otherwise; conv3 is a matmul on the patches; a loop over the
   active patches writes relu(identity + branch) into the block input in place (a fresh
   relu(identity) for downsampling blocks). Channel: the active channels' weights are
-  gathered (per sample, in a loop over samples at batch > 1) and the branch runs dense on
-  them. Layer: the executing samples are gathered, the branch runs on them, a loop writes
-  them back (batch 1: the branch runs or not). Dense 3x3 convs use im2col for maps of at
-  most 256 pixels. Bias and relu are separate elementwise passes.
+  gathered (per executing sample, in a loop over samples at batch > 1) and the branch runs
+  dense on them; a grouped conv2 runs at full width on the kept channels scattered back.
+  Layer: the executing samples are gathered, the branch runs on them, a loop writes them
+  back (batch 1: the branch runs or not). Dense 3x3 convs use im2col (a strided slice per
+  tap) for maps of at most 256 pixels, XLA's convolution otherwise (grouped: its grouped
+  convolution). Bias and relu are separate elementwise passes.
 - ``pallas``: the same driver with the Pallas GPU kernels of ``pallas_kernels/``:
   ``gather_conv1x1`` (conv1 + bias + relu on the dilated pixel list, into a
   full-resolution buffer), ``gather_conv3x3`` (3x3 conv reading each patch window with
