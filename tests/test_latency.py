@@ -54,7 +54,8 @@ from laud_jax.models.specs import MODES
 # A toy device: 4 cores, one 64 x 64 dense tile, no cache, round numbers.
 TOY = HardwareProfile(
     flops_fp32=1e12, flops_half=2e12, dram_bw=1e11, l2_bw=1e12, l2_size=0.0, cores=4.0, tiles_per_core=1.0,
-    launch_overhead=2e-6, loop_overhead=3e-6, call_overhead=1e-5, eff_dense=1.0, eff_conv=0.25, eff_sparse=0.5,
+    launch_overhead=2e-6, loop_overhead=3e-6, call_overhead=1e-5, eff_dense=1.0, eff_conv=0.25, eff_grouped=0.1,
+    eff_sparse=0.5,
     mem_eff=0.5, gather_eff=0.5, sector_bytes=32.0, k_half=0.0, sum_weight=0.0, dense_tiles=((64.0, 64.0),),
 )
 
@@ -198,7 +199,7 @@ def _slot_grid(profile, engine, shapes, setting):
 
 @pytest.mark.parametrize("engine", ["xla", "pallas", "halo"])
 @pytest.mark.parametrize("hardware", ["v100", "jetson_tx2", "local_initial"])
-def test_latency_is_monotone_in_rho_and_full_rate_is_never_faster_than_static(engine, hardware):
+def test_latency_is_monotone_in_rho_and_full_rate_beats_static_by_less_than_the_maskers(engine, hardware):
     profile = LOCAL_INITIAL if hardware == "local_initial" else PRESETS[hardware]
     slots = np.asarray(_slot_grid(profile.as_arrays(), ENGINES[engine].as_arrays(),
                                   BlockShape.from_specs(SMALL_BLOCKS), _grid_setting()), np.float64)
@@ -206,10 +207,10 @@ def test_latency_is_monotone_in_rho_and_full_rate_is_never_faster_than_static(en
     assert np.all(np.isfinite(total)) and np.all(total > 0)
     steps = np.diff(total, axis=3)
     assert np.all(steps >= -1e-9 * total[:, :, :, 1:]), "latency decreases as rho grows"
-    static = total[:, MODES.index("static")]
-    overhead = slots[..., : len(OVERHEAD_SLOTS)].sum(-1)
-    full = total[:, :, :, -1] - overhead[:, :, :, -1]  # every gate fully on, minus the maskers' cost
-    assert np.all(full >= static[:, None, :, -1] * (1 - 1e-6))
+    static = total[:, MODES.index("static")][:, None, :, -1]
+    masker = slots[..., : len(OVERHEAD_SLOTS)].sum(-1)[:, :, :, -1]  # host round trip, maskers, index lists
+    full = total[:, :, :, -1]  # every gate fully on
+    assert np.all(full >= (static - masker) * (1 - 1e-6))
 
 
 # The search grid of resnet_small (64 x 64): candidate S x modes x channel group sizes x rates.
@@ -362,18 +363,22 @@ def test_calibration_recovers_a_known_profile_from_its_timings():
     shapes = BlockShape.from_specs([specs[i] for i in picks])
     settings = jax.tree.map(lambda *x: jnp.stack(x), *settings)
     truth = LOCAL_INITIAL.replace(flops_fp32=90e9, eff_conv=0.6, eff_grouped=0.08, dram_bw=12e9, l2_bw=45e9,
-                                  gather_eff=0.4, sector_bytes=16.0, launch_overhead=8e-6, loop_overhead=3e-6,
+                                  gather_eff=0.4, launch_overhead=8e-6, loop_overhead=3e-6,
                                   call_overhead=45e-6, k_half=24.0, sum_weight=0.3)
     exact = np.asarray(predict_measured(truth.as_arrays(), ENGINES["xla"].as_arrays(), shapes, settings))
-    noisy = exact * np.exp(rng.normal(0.0, 0.02, n))  # 2% timing noise
-    data = Measurements(shapes, settings, jnp.asarray(noisy, jnp.float32))
-    fitted, summary = fit_profile(data, ENGINES["xla"])
+    # exact timings: every parameter comes back
+    fitted, _ = fit_profile(Measurements(shapes, settings, jnp.asarray(exact, jnp.float32)), ENGINES["xla"])
     for field in FIT_FIELDS:
-        if field == "sum_weight":  # the max/sum blend is the least determined: absolute bound
-            assert float(fitted.sum_weight) == pytest.approx(0.3, abs=0.1)
-        else:
-            assert float(getattr(fitted, field)) == pytest.approx(float(getattr(truth, field)), rel=0.1), field
-    errors = error_summary(relative_errors(fitted, ENGINES["xla"], data))
+        assert float(getattr(fitted, field)) == pytest.approx(float(getattr(truth, field)), rel=0.01), field
+    # 2% timing noise: the parameters that carry most of the time stay within 10%, the
+    # weakly determined ones (bandwidths, max/sum blend) within 30%, predictions within 3%
+    noisy = exact * np.exp(rng.normal(0.0, 0.02, n))
+    data = Measurements(shapes, settings, jnp.asarray(noisy, jnp.float32))
+    fitted, _ = fit_profile(data, ENGINES["xla"])
+    for field in FIT_FIELDS:
+        weak = field in ("dram_bw", "l2_bw", "gather_eff", "k_half", "sum_weight")
+        assert float(getattr(fitted, field)) == pytest.approx(float(getattr(truth, field)), rel=0.3 if weak else 0.1), field
+    errors = error_summary(relative_errors(fitted, ENGINES["xla"], Measurements(shapes, settings, jnp.asarray(exact))))
     assert errors["median_abs_rel_error"] < 0.03 and errors["within_20pct"] == 1.0
     with pytest.raises(ValueError, match="cannot fit"):
         fit_profile(data, ENGINES["xla"], fields=("cores",))

@@ -29,8 +29,8 @@ from laud_jax.latency.profiles import LOCAL_INITIAL, HardwareProfile, profile_to
 
 # Free parameters of the local (CPU) fit and how they are kept in range.
 FIT_FIELDS = (
-    "flops_fp32", "eff_conv", "eff_grouped", "dram_bw", "l2_bw", "gather_eff", "sector_bytes",
-    "launch_overhead", "loop_overhead", "call_overhead", "k_half", "sum_weight",
+    "flops_fp32", "eff_conv", "eff_grouped", "dram_bw", "l2_bw", "gather_eff", "launch_overhead",
+    "loop_overhead", "call_overhead", "k_half", "sum_weight",
 )
 UNIT_FIELDS = ("eff_conv", "eff_grouped", "gather_eff", "sum_weight")  # in [0, 1] (logistic); the others positive (log)
 
