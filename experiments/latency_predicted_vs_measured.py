@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from laud_jax.latency.calibrate import FIT_FIELDS, error_summary  # noqa: E402
 
 UNITS = {"flops_fp32": (1e-9, "GFLOP/s"), "dram_bw": (1e-9, "GB/s"), "l2_bw": (1e-9, "GB/s"),
-         "launch_overhead": (1e6, "us"), "call_overhead": (1e6, "us"), "k_half": (1.0, ""), "sum_weight": (1.0, "")}
+         "launch_overhead": (1e6, "us"), "loop_overhead": (1e6, "us"), "call_overhead": (1e6, "us")}
 
 
 def _pct(v: float) -> str:
@@ -68,7 +68,7 @@ def write_markdown(path: str, report: dict) -> None:
     profile = report["profile"]
     lines += ["", "Fitted parameters:", "", "| parameter | value |", "|---|---|"]
     for field in FIT_FIELDS:
-        scale, unit = UNITS[field]
+        scale, unit = UNITS.get(field, (1.0, ""))
         lines.append(f"| {field} | {profile[field] * scale:.4g} {unit} |")
     worst = sorted(held, key=lambda c: -abs(c["rel_error"]))[:10]
     lines += ["", "Largest held-out errors:", "",

@@ -314,13 +314,14 @@ def bucket(count):
 def ladder_capacity(count, total, steps):
     """Capacity the engine pads ``count`` of ``total`` units to: the smallest entry of the
     ladder {powers of two below total/steps} + {multiples of total/steps}, capped at total
-    (``laud_jax.sparse.routing.capacity_ladder``); the count itself when ``steps`` is 0."""
-    count = jnp.maximum(jnp.ceil(count - 1e-4), 0.0)
+    (``laud_jax.sparse.routing.capacity_ladder``); the (expected) count itself when
+    ``steps`` is 0."""
+    whole = jnp.maximum(jnp.ceil(count - 1e-4), 0.0)
     quantum = total / jnp.maximum(steps, 1.0)
-    power = bucket(count)
-    multiple = jnp.minimum(total, jnp.ceil(jnp.ceil(count / quantum - 1e-6) * quantum - 1e-6))
+    power = bucket(whole)
+    multiple = jnp.minimum(total, jnp.ceil(jnp.ceil(whole / quantum - 1e-6) * quantum - 1e-6))
     padded = jnp.where(power < quantum, power, multiple)
-    return jnp.where(steps > 0, jnp.where(count > 0, padded, 0.0), count)
+    return jnp.where(steps > 0, jnp.where(whole > 0, padded, 0.0), count)
 
 
 def _next_pow2(x):
