@@ -215,7 +215,13 @@ def run_search(args) -> dict[str, Any]:
 
 
 def run_calibrate(args) -> dict[str, Any]:
-    from laud_jax.latency.calibrate import calibrate_local  # imports the sparse engine
+    from laud_jax.latency.calibrate import calibrate_local
+
+    try:
+        import laud_jax.sparse  # noqa: F401  (what calibration times)
+    except ModuleNotFoundError:
+        raise SystemExit("error: calibrate times the sparse engine, laud_jax.sparse, which this checkout "
+                         "lacks; merge it (git merge main) first") from None
 
     if not 0.0 < args.holdout < 1.0:
         raise SystemExit(f"error: --holdout must lie in (0, 1), got {args.holdout}")
