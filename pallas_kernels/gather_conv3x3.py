@@ -1,0 +1,234 @@
+"""Kernel 2: fused patch gather + 3x3 conv (stride 1 or 2, zero padding 1) + bias + relu.
+
+For every active S x S output patch, reads its ((S-1)*s+3)^2 input window with halo
+straight from the full-resolution intermediate written by kernel 1 (no gathered copy is
+materialized) and writes the patch's S x S x Cout result into a compact buffer
+(capacity, S, S, Cout). Reads outside the image are the conv's zero padding. Only the
+pixels of the dilated mask (conv2's receptive field of the active patches) are read.
+
+Tiling: the M dimension of the implicit GEMM runs over the flat compact rows
+slot * S * S + y * S + x, so a tile of 64 rows holds 64 patches at S=1, 16 at S=2, 4 at
+S=4, one at S=8 and 1.3 at S=7: M stays a power of two >= 16 for tl.dot and S=7 wastes
+nothing (no padding to 8). The reduction runs over 9 taps x Cin in one pipelined loop.
+
+Patch ids: p = b * Hm * Wm + i * Wm + j on the mask grid Hm = ceil(Ho / S), Wm = ceil(Wo / S),
+Ho = (H - 1) // s + 1. Pixels of a partial border patch that fall outside the image
+are written as 0; padding slots (>= patch_count) are never written.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common as c
+from pallas_kernels._common import Implementation, TileConfig
+
+NAME = "gather_conv3x3"
+
+
+def output_size(size: int, stride: int) -> int:
+    """Output extent of a 3x3 conv with padding 1 and the given stride."""
+    return (size - 1) // stride + 1
+
+
+def mask_grid(size: int, stride: int, patch_size: int) -> int:
+    """Number of patches along one axis of the output grid (ceil)."""
+    return -(-output_size(size, stride) // patch_size)
+
+
+def default_tiles(cin: int, cout: int, dtype: jnp.dtype) -> TileConfig:
+    """Default tiles: 64 output rows, output channel tiles up to 128, K steps up to 64/32."""
+    k_cap = 64 if jnp.dtype(dtype).itemsize == 2 else 32
+    return TileConfig(
+        block_m=64,
+        block_n=c.channel_tile(cout, 128),
+        block_k=c.channel_tile(cin, k_cap),
+        num_warps=4,
+        num_stages=3,
+    )
+
+
+def reference(
+    h: jax.Array,
+    patch_indices: jax.Array,
+    patch_count: jax.Array | int,
+    w: jax.Array,
+    b: jax.Array,
+    *,
+    patch_size: int,
+    stride: int,
+    out: jax.Array | None = None,
+) -> jax.Array:
+    """Dense XLA conv of the whole input, cut into patches; valid slots written to `out`."""
+    batch, height, width, _ = h.shape
+    cout = w.shape[-1]
+    size = patch_size
+    y = jax.lax.conv_general_dilated(
+        h.astype(jnp.float32),
+        w.astype(jnp.float32),
+        window_strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    y = jnp.maximum(y + b.astype(jnp.float32), 0.0).astype(h.dtype)
+    hm, wm = mask_grid(height, stride, size), mask_grid(width, stride, size)
+    y = jnp.pad(y, ((0, 0), (0, hm * size - y.shape[1]), (0, wm * size - y.shape[2]), (0, 0)))
+    patches = y.reshape(batch, hm, size, wm, size, cout).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(batch * hm * wm, size, size, cout)
+    capacity = patch_indices.shape[0]
+    valid = jnp.arange(capacity) < patch_count
+    gathered = patches[jnp.where(valid, patch_indices, 0)]
+    if out is None:
+        out = jnp.zeros((capacity, size, size, cout), h.dtype)
+    return out.at[jnp.where(valid, jnp.arange(capacity), capacity)].set(gathered, mode="drop")
+
+
+def _kernel(
+    count_ref, idx_ref, h_ref, w_ref, b_ref, *refs, geometry, cin, cout, capacity, tiles
+):
+    o_ref = refs[-1]
+    height, width, out_h, out_w, grid_h, grid_w, size, stride = geometry
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    rows_per_patch = size * size
+    pid_m, pid_n = pl.program_id(0), pl.program_id(1)
+    count = jnp.minimum(c.load_scalar(count_ref), capacity)
+
+    @pl.when(pid_m * bm < count * rows_per_patch)
+    def _compute():
+        rows = c.tile_range(pid_m, bm)
+        slot = rows // rows_per_patch
+        within = rows % rows_per_patch
+        slot_ok = slot < count
+        patch = c.load(idx_ref, slot, slot_ok)
+        image = patch // (grid_h * grid_w)
+        cell = patch % (grid_h * grid_w)
+        oy = (cell // grid_w) * size + within // size
+        ox = (cell % grid_w) * size + within % size
+        out_ok = slot_ok & (oy < out_h) & (ox < out_w)
+        top = oy * stride - 1
+        left = ox * stride - 1
+        cols = c.tile_range(pid_n, bn)
+        col_ok = cols < cout
+        k_steps = pl.cdiv(cin, bk)
+
+        def step(it, acc):
+            tap = it // k_steps
+            ks = (it % k_steps) * bk + jnp.arange(bk, dtype=jnp.int32)
+            k_ok = ks < cin
+            iy = top + tap // 3
+            ix = left + tap % 3
+            inside = out_ok & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+            pixel = (image * height + iy) * width + ix
+            a = c.load(h_ref, pixel[:, None] * cin + ks[None, :], inside[:, None] & k_ok[None, :])
+            w_rows = tap * cin + ks
+            wt = c.load(
+                w_ref, w_rows[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :]
+            )
+            return acc + c.dot(a, wt)
+
+        acc = jax.lax.fori_loop(0, 9 * k_steps, step, jnp.zeros((bm, bn), jnp.float32))
+        bias = c.load(b_ref, cols, col_ok).astype(jnp.float32)
+        y = jnp.where(out_ok[:, None], jnp.maximum(acc + bias[None, :], 0.0), 0.0)
+        c.store(o_ref, rows[:, None] * cout + cols[None, :], y, slot_ok[:, None] & col_ok[None, :])
+
+
+def gather_conv3x3(
+    h: jax.Array,
+    patch_indices: jax.Array,
+    patch_count: jax.Array | int,
+    w: jax.Array,
+    b: jax.Array,
+    *,
+    patch_size: int,
+    stride: int,
+    out: jax.Array | None = None,
+    tiles: TileConfig | None = None,
+    implementation: Implementation = "pallas",
+) -> jax.Array:
+    """relu(conv3x3_stride(h) + b) on every listed S x S output patch, compact.
+
+    Args:
+      h: (B, H, W, Cin) input (kernel 1's output); only the pixels in the 3x3 receptive
+        field of the listed patches are read.
+      patch_indices: (capacity,) int32 patch ids b * Hm * Wm + i * Wm + j; entries
+        >= patch_count are padding.
+      patch_count: number of valid entries.
+      w: (3, 3, Cin, Cout) HWIO weight with BN folded in, same dtype as h.
+      b: (Cout,) folded BN bias.
+      patch_size: S, the patch side on the output grid (any S >= 1).
+      stride: 1 or 2.
+      out: optional (capacity, S, S, Cout) buffer (aliased); padding slots keep its values.
+      tiles: tile sizes; `default_tiles(Cin, Cout, dtype)` when None.
+      implementation: 'pallas', 'interpret' or 'reference'.
+
+    Returns:
+      (capacity, S, S, Cout): slot k holds patch patch_indices[k] for k < patch_count.
+    """
+    c.check_implementation(NAME, implementation)
+    c.check_ndim(NAME, "h", h, 4, "NHWC (B, H, W, Cin)")
+    c.check_dtype(NAME, "h", h)
+    batch, height, width, cin = h.shape
+    if stride not in (1, 2):
+        raise ValueError(f"{NAME}: stride={stride!r}; supported strides are 1 and 2.")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"{NAME}: patch_size={patch_size!r}; must be an int >= 1.")
+    c.check_ndim(NAME, "w", w, 4, "HWIO (3, 3, Cin, Cout)")
+    if w.shape[:3] != (3, 3, cin):
+        raise ValueError(
+            f"{NAME}: w.shape={w.shape}, expected (3, 3, {cin}, Cout) for h with Cin={cin}."
+        )
+    c.check_dtype(NAME, "w", w, h.dtype)
+    cout = w.shape[3]
+    c.check_shape(NAME, "b", b, (cout,))
+    c.check_dtype(NAME, "b", b)
+    c.check_index_list(NAME, "patch_indices", patch_indices)
+    count = c.as_count(NAME, "patch_count", patch_count)
+    capacity = patch_indices.shape[0]
+    out_shape = (capacity, patch_size, patch_size, cout)
+    if out is not None:
+        c.check_shape(NAME, "out", out, out_shape)
+        c.check_dtype(NAME, "out", out, h.dtype)
+    c.check_addressable(NAME, "h", h)
+    c.check_addressable(NAME, "out", jax.ShapeDtypeStruct(out_shape, h.dtype))
+
+    if implementation == "reference":
+        return reference(
+            h, patch_indices, count, w, b, patch_size=patch_size, stride=stride, out=out
+        )
+    if capacity == 0:
+        return jnp.zeros(out_shape, h.dtype)
+    tiles = tiles or default_tiles(cin, cout, h.dtype)
+    geometry = (
+        height,
+        width,
+        output_size(height, stride),
+        output_size(width, stride),
+        mask_grid(height, stride, patch_size),
+        mask_grid(width, stride, patch_size),
+        patch_size,
+        stride,
+    )
+    kernel = functools.partial(
+        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles
+    )
+    operands = [count.reshape(1), patch_indices, h.reshape(-1), w.reshape(-1), b]
+    aliases = {}
+    if out is not None:
+        aliases = {len(operands): 0}
+        operands.append(out.reshape(-1))
+    rows = capacity * patch_size * patch_size
+    call = c.pallas_call(
+        kernel,
+        name=NAME,
+        grid=(pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
+        out_shape=jax.ShapeDtypeStruct((rows * cout,), h.dtype),
+        tiles=tiles,
+        implementation=implementation,
+        input_output_aliases=aliases,
+    )
+    return call(*operands).reshape(out_shape)
