@@ -2,10 +2,7 @@
 argument checks and the masked gather/scatter helpers used inside kernels.
 
 Every kernel addresses its operands as flat 1-D buffers through computed element
-offsets (Triton style). Masked-off lanes are pointed at a safe address: offset 0 for
-loads (never dereferenced on GPU, clamped by the CPU interpreter) and one past the end
-for stores (never written on GPU, dropped by the CPU interpreter's scatter), so padding
-slots can never write anywhere.
+offsets (Triton style) with masked loads and stores, so padding slots never write.
 """
 
 from __future__ import annotations
@@ -170,16 +167,29 @@ def pallas_call(
 # ---- helpers used inside kernel bodies ------------------------------------------------
 
 
-def load(ref: Any, offsets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked gather of a flat ref; masked lanes read as 0."""
-    safe = jnp.where(mask, offsets, 0)
-    return plgpu.load(ref.at[safe], mask=mask, other=0)
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Masked gathers and scatters on flat refs, for the GPU or the CPU interpreter.
 
+    On the GPU masked lanes are never dereferenced, so offsets are used as computed
+    (keeping Triton's contiguity analysis, i.e. vectorized accesses). The interpreter
+    turns a masked store into a scatter that writes the old value back at masked lanes,
+    which could race with a real write to the same address: there masked stores are
+    sent one past the end, where the scatter drops them. (Its gathers clamp or wrap any
+    address, and masked lanes are replaced by 0.)
+    """
 
-def store(ref: Any, offsets: jax.Array, value: jax.Array, mask: jax.Array) -> None:
-    """Masked scatter into a flat ref; masked lanes write nothing."""
-    safe = jnp.where(mask, offsets, ref.shape[0])
-    plgpu.store(ref.at[safe], value.astype(ref.dtype), mask=mask)
+    interpret: bool
+
+    def load(self, ref: Any, offsets: jax.Array, mask: jax.Array) -> jax.Array:
+        """Masked gather; masked lanes read as 0."""
+        return plgpu.load(ref.at[offsets], mask=mask, other=0)
+
+    def store(self, ref: Any, offsets: jax.Array, value: jax.Array, mask: jax.Array) -> None:
+        """Masked scatter; masked lanes write nothing."""
+        if self.interpret:
+            offsets = jnp.where(mask, offsets, ref.shape[0])
+        plgpu.store(ref.at[offsets], value.astype(ref.dtype), mask=mask)
 
 
 def load_scalar(ref: Any) -> jax.Array:
@@ -194,6 +204,38 @@ def tile_range(program: jax.Array, block: int) -> jax.Array:
     interpreter does not substitute program ids inside nested control flow.
     """
     return program * block + jnp.arange(block, dtype=jnp.int32)
+
+
+def div(a: jax.Array, b: int | jax.Array) -> jax.Array:
+    """a // b for non-negative ints (plain truncating division, no sign fix-ups)."""
+    return jax.lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def rem(a: jax.Array, b: int | jax.Array) -> jax.Array:
+    """a % b for non-negative ints."""
+    return jax.lax.rem(a, jnp.asarray(b, a.dtype))
+
+
+def patch_rows(
+    mem: Memory,
+    rows: jax.Array,
+    count: jax.Array,
+    idx_ref: Any,
+    size: int,
+    grid_h: int,
+    grid_w: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Decode compact rows slot * S * S + y * S + x of the patch list into
+    (slot is valid, image, output row, output column)."""
+    slot = div(rows, size * size)
+    within = rem(rows, size * size)
+    slot_ok = slot < count
+    patch = mem.load(idx_ref, slot, slot_ok)
+    image = div(patch, grid_h * grid_w)
+    cell = rem(patch, grid_h * grid_w)
+    oy = div(cell, grid_w) * size + div(within, size)
+    ox = rem(cell, grid_w) * size + rem(within, size)
+    return slot_ok, image, oy, ox
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -92,7 +92,7 @@ def reference(
     return y.astype(dtype)
 
 
-def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tiles):
+def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tiles, mem):
     in_groups_ref = in_count_ref = out_groups_ref = out_count_ref = None
     refs = list(refs)
     if gi:
@@ -110,36 +110,37 @@ def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tile
     if go:
         n_valid = jnp.minimum(out_count_ref[sample], go) * group_size
         col_ok = cols < n_valid
-        group = c.load(out_groups_ref, sample * go + cols // group_size, col_ok)
-        w_cols = group * group_size + cols % group_size
+        group = mem.load(out_groups_ref, sample * go + c.div(cols, group_size), col_ok)
+        w_cols = group * group_size + c.rem(cols, group_size)
     else:
         n_valid = n
         col_ok = cols < n
         w_cols = cols
     k_valid = jnp.minimum(in_count_ref[sample], gi) * group_size if gi else k
-    k_steps = jnp.where(pid_n * bn < n_valid, pl.cdiv(k_valid, bk), 0)
+    # No reduction for output tiles that hold only padding slots.
+    k_steps = (pid_n * bn < n_valid).astype(jnp.int32) * pl.cdiv(k_valid, bk)
     x_rows = (sample * m + rows) * kx
 
     def step(k_step, acc):
         ts = k_step * bk + jnp.arange(bk, dtype=jnp.int32)
         t_ok = ts < k_valid
         if gi:
-            group = c.load(in_groups_ref, sample * gi + ts // group_size, t_ok)
-            w_rows = group * group_size + ts % group_size
+            group = mem.load(in_groups_ref, sample * gi + c.div(ts, group_size), t_ok)
+            w_rows = group * group_size + c.rem(ts, group_size)
             x_cols = ts if x_compact else w_rows
         else:
             w_rows = x_cols = ts
-        a = c.load(x_ref, x_rows[:, None] + x_cols[None, :], row_ok[:, None] & t_ok[None, :])
-        wt = c.load(w_ref, w_rows[:, None] * n + w_cols[None, :], t_ok[:, None] & col_ok[None, :])
+        a = mem.load(x_ref, x_rows[:, None] + x_cols[None, :], row_ok[:, None] & t_ok[None, :])
+        wt = mem.load(w_ref, w_rows[:, None] * n + w_cols[None, :], t_ok[:, None] & col_ok[None, :])
         return acc + c.dot(a, wt)
 
     acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
-    y = acc + c.load(b_ref, w_cols, col_ok).astype(jnp.float32)[None, :]
+    y = acc + mem.load(b_ref, w_cols, col_ok).astype(jnp.float32)[None, :]
     if relu:
         y = jnp.maximum(y, 0.0)
     y = jnp.where(col_ok[None, :], y, 0.0)
     offsets = (sample * m + rows)[:, None] * n_out + cols[None, :]
-    c.store(o_ref, offsets, y, row_ok[:, None] & (cols < n_out)[None, :])
+    mem.store(o_ref, offsets, y, row_ok[:, None] & (cols < n_out)[None, :])
 
 
 def channel_gather_matmul(
@@ -235,6 +236,7 @@ def channel_gather_matmul(
     kernel = functools.partial(
         _kernel, m=m, k=k, kx=kx, n=n, n_out=n_out, gi=gi, go=go, group_size=group_size,
         x_compact=x_compact, relu=relu, tiles=tiles,
+        mem=c.Memory(implementation == "interpret"),
     )
     operands = []
     if gi:

@@ -71,7 +71,7 @@ def reference(
 
 def _kernel(
     count_ref, idx_ref, h_ref, w_ref, b_ref, _identity_in, o_ref, *, geometry, cin, cout,
-    capacity, tiles,
+    capacity, tiles, mem,
 ):
     height, width, grid_h, grid_w, size = geometry
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
@@ -82,14 +82,7 @@ def _kernel(
     @pl.when(pid_m * bm < count * rows_per_patch)
     def _compute():
         rows = c.tile_range(pid_m, bm)
-        slot = rows // rows_per_patch
-        within = rows % rows_per_patch
-        slot_ok = slot < count
-        patch = c.load(idx_ref, slot, slot_ok)
-        image = patch // (grid_h * grid_w)
-        cell = patch % (grid_h * grid_w)
-        oy = (cell // grid_w) * size + within // size
-        ox = (cell % grid_w) * size + within % size
+        slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, size, grid_h, grid_w)
         out_ok = slot_ok & (oy < height) & (ox < width)
         pixel = (image * height + oy) * width + ox
         cols = c.tile_range(pid_n, bn)
@@ -98,17 +91,17 @@ def _kernel(
         def step(k_step, acc):
             ks = k_step * bk + jnp.arange(bk, dtype=jnp.int32)
             k_ok = ks < cin
-            a = c.load(h_ref, rows[:, None] * cin + ks[None, :], slot_ok[:, None] & k_ok[None, :])
-            wt = c.load(w_ref, ks[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :])
+            a = mem.load(h_ref, rows[:, None] * cin + ks[None, :], slot_ok[:, None] & k_ok[None, :])
+            wt = mem.load(w_ref, ks[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :])
             return acc + c.dot(a, wt)
 
         acc = jax.lax.fori_loop(0, pl.cdiv(cin, bk), step, jnp.zeros((bm, bn), jnp.float32))
-        bias = c.load(b_ref, cols, col_ok).astype(jnp.float32)
+        bias = mem.load(b_ref, cols, col_ok).astype(jnp.float32)
         offsets = pixel[:, None] * cout + cols[None, :]
         write = out_ok[:, None] & col_ok[None, :]
-        identity = c.load(o_ref, offsets, write).astype(jnp.float32)
+        identity = mem.load(o_ref, offsets, write).astype(jnp.float32)
         y = jnp.maximum(acc + bias[None, :] + identity, 0.0)
-        c.store(o_ref, offsets, y, write)
+        mem.store(o_ref, offsets, y, write)
 
 
 def conv1x1_scatter_add(
@@ -165,7 +158,8 @@ def conv1x1_scatter_add(
     tiles = tiles or default_tiles(cin, cout, h.dtype)
     geometry = (height, width, -(-height // size), -(-width // size), size)
     kernel = functools.partial(
-        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles
+        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles,
+        mem=c.Memory(implementation == "interpret"),
     )
     rows = capacity * size * size
     call = c.pallas_call(

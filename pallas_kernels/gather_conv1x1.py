@@ -64,7 +64,7 @@ def reference(
     return flat.reshape(out.shape)
 
 
-def _kernel(count_ref, idx_ref, x_ref, w_ref, b_ref, *refs, cin, cout, capacity, tiles):
+def _kernel(count_ref, idx_ref, x_ref, w_ref, b_ref, *refs, cin, cout, capacity, tiles, mem):
     o_ref = refs[-1]
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     pid_m, pid_n = pl.program_id(0), pl.program_id(1)
@@ -74,21 +74,21 @@ def _kernel(count_ref, idx_ref, x_ref, w_ref, b_ref, *refs, cin, cout, capacity,
     def _compute():
         slots = c.tile_range(pid_m, bm)
         valid = slots < count
-        pixels = c.load(idx_ref, slots, valid)
+        pixels = mem.load(idx_ref, slots, valid)
         cols = c.tile_range(pid_n, bn)
         col_ok = cols < cout
 
         def step(k_step, acc):
             ks = k_step * bk + jnp.arange(bk, dtype=jnp.int32)
             k_ok = ks < cin
-            a = c.load(x_ref, pixels[:, None] * cin + ks[None, :], valid[:, None] & k_ok[None, :])
-            wt = c.load(w_ref, ks[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :])
+            a = mem.load(x_ref, pixels[:, None] * cin + ks[None, :], valid[:, None] & k_ok[None, :])
+            wt = mem.load(w_ref, ks[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :])
             return acc + c.dot(a, wt)
 
         acc = jax.lax.fori_loop(0, pl.cdiv(cin, bk), step, jnp.zeros((bm, bn), jnp.float32))
-        bias = c.load(b_ref, cols, col_ok).astype(jnp.float32)
+        bias = mem.load(b_ref, cols, col_ok).astype(jnp.float32)
         y = jnp.maximum(acc + bias[None, :], 0.0)
-        c.store(o_ref, pixels[:, None] * cout + cols[None, :], y, valid[:, None] & col_ok[None, :])
+        mem.store(o_ref, pixels[:, None] * cout + cols[None, :], y, valid[:, None] & col_ok[None, :])
 
 
 def gather_conv1x1(
@@ -143,7 +143,8 @@ def gather_conv1x1(
         return out if out is not None else jnp.zeros(out_shape, x.dtype)
     tiles = tiles or default_tiles(cin, cout, x.dtype)
     kernel = functools.partial(
-        _kernel, cin=cin, cout=cout, capacity=capacity, tiles=tiles
+        _kernel, cin=cin, cout=cout, capacity=capacity, tiles=tiles,
+        mem=c.Memory(implementation == "interpret"),
     )
     operands = [count.reshape(1), pixel_indices, x.reshape(-1), w.reshape(-1), b]
     aliases = {}

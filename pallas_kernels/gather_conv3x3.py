@@ -89,7 +89,7 @@ def reference(
 
 
 def _kernel(
-    count_ref, idx_ref, h_ref, w_ref, b_ref, *refs, geometry, cin, cout, capacity, tiles
+    count_ref, idx_ref, h_ref, w_ref, b_ref, *refs, geometry, cin, cout, capacity, tiles, mem
 ):
     o_ref = refs[-1]
     height, width, out_h, out_w, grid_h, grid_w, size, stride = geometry
@@ -101,14 +101,7 @@ def _kernel(
     @pl.when(pid_m * bm < count * rows_per_patch)
     def _compute():
         rows = c.tile_range(pid_m, bm)
-        slot = rows // rows_per_patch
-        within = rows % rows_per_patch
-        slot_ok = slot < count
-        patch = c.load(idx_ref, slot, slot_ok)
-        image = patch // (grid_h * grid_w)
-        cell = patch % (grid_h * grid_w)
-        oy = (cell // grid_w) * size + within // size
-        ox = (cell % grid_w) * size + within % size
+        slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, size, grid_h, grid_w)
         out_ok = slot_ok & (oy < out_h) & (ox < out_w)
         top = oy * stride - 1
         left = ox * stride - 1
@@ -117,24 +110,24 @@ def _kernel(
         k_steps = pl.cdiv(cin, bk)
 
         def step(it, acc):
-            tap = it // k_steps
-            ks = (it % k_steps) * bk + jnp.arange(bk, dtype=jnp.int32)
+            tap = c.div(it, k_steps)
+            ks = c.rem(it, k_steps) * bk + jnp.arange(bk, dtype=jnp.int32)
             k_ok = ks < cin
-            iy = top + tap // 3
-            ix = left + tap % 3
+            iy = top + c.div(tap, 3)
+            ix = left + c.rem(tap, 3)
             inside = out_ok & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
             pixel = (image * height + iy) * width + ix
-            a = c.load(h_ref, pixel[:, None] * cin + ks[None, :], inside[:, None] & k_ok[None, :])
+            a = mem.load(h_ref, pixel[:, None] * cin + ks[None, :], inside[:, None] & k_ok[None, :])
             w_rows = tap * cin + ks
-            wt = c.load(
+            wt = mem.load(
                 w_ref, w_rows[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :]
             )
             return acc + c.dot(a, wt)
 
         acc = jax.lax.fori_loop(0, 9 * k_steps, step, jnp.zeros((bm, bn), jnp.float32))
-        bias = c.load(b_ref, cols, col_ok).astype(jnp.float32)
+        bias = mem.load(b_ref, cols, col_ok).astype(jnp.float32)
         y = jnp.where(out_ok[:, None], jnp.maximum(acc + bias[None, :], 0.0), 0.0)
-        c.store(o_ref, rows[:, None] * cout + cols[None, :], y, slot_ok[:, None] & col_ok[None, :])
+        mem.store(o_ref, rows[:, None] * cout + cols[None, :], y, slot_ok[:, None] & col_ok[None, :])
 
 
 def gather_conv3x3(
@@ -214,7 +207,8 @@ def gather_conv3x3(
         stride,
     )
     kernel = functools.partial(
-        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles
+        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles,
+        mem=c.Memory(implementation == "interpret"),
     )
     operands = [count.reshape(1), patch_indices, h.reshape(-1), w.reshape(-1), b]
     aliases = {}
