@@ -135,15 +135,19 @@ def as_count(kernel: str, name: str, count: jax.Array | int, shape: tuple[int, .
 
 def pallas_call(
     kernel: Callable[..., None],
+    operands: Sequence[jax.Array],
     *,
     name: str,
     grid: tuple[int, ...],
-    out_shape: jax.ShapeDtypeStruct,
+    out_shape: tuple[tuple[int, ...], Any],
     tiles: TileConfig,
     implementation: str,
     input_output_aliases: dict[int, int] | None = None,
-) -> Callable[..., jax.Array]:
-    """pl.pallas_call on whole (flat) buffers, compiled by Triton or interpreted on CPU."""
+) -> jax.Array:
+    """Run `kernel` on whole (flat) buffers: compiled by Triton or interpreted on CPU.
+
+    Inside `jax.shard_map` the output varies over the mesh axes its operands vary over.
+    """
     if min(grid) < 1:
         raise AssertionError(f"{name}: refusing to launch an empty grid {grid}.")
     if implementation == "interpret":
@@ -154,14 +158,26 @@ def pallas_call(
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages
             )
         }
-    return pl.pallas_call(
+    varying = frozenset().union(*(jax.typeof(op).manual_axis_type.varying for op in operands))
+    # Replicated operands (weights) are marked varying like the rest (a no-op at run time).
+    operands = [
+        jax.lax.pcast(op, tuple(sorted(varying - jax.typeof(op).manual_axis_type.varying)),
+                      to="varying")
+        for op in operands
+    ]
+    shape, dtype = out_shape
+    result = jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
+    )
+    call = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=result,
         grid=grid,
         input_output_aliases=input_output_aliases or {},
         name=name,
         **extra,
     )
+    return call(*operands)
 
 
 # ---- helpers used inside kernel bodies ------------------------------------------------

@@ -248,13 +248,14 @@ def channel_gather_matmul(
     if out is not None:
         aliases = {len(operands): 0}
         operands.append(out.reshape(-1))
-    call = c.pallas_call(
+    result = c.pallas_call(
         kernel,
+        operands,
         name=NAME,
         grid=(pl.cdiv(m, tiles.block_m), pl.cdiv(n_out, tiles.block_n), batch),
-        out_shape=jax.ShapeDtypeStruct((batch * m * n_out,), x.dtype),
+        out_shape=((batch * m * n_out,), x.dtype),
         tiles=tiles,
         implementation=implementation,
         input_output_aliases=aliases,
     )
-    return call(*operands).reshape(out_shape)
+    return result.reshape(out_shape)

@@ -162,14 +162,15 @@ def conv1x1_scatter_add(
         mem=c.Memory(implementation == "interpret"),
     )
     rows = capacity * size * size
-    call = c.pallas_call(
+    operands = [count.reshape(1), patch_indices, h.reshape(-1), w.reshape(-1), b, identity.reshape(-1)]
+    result = c.pallas_call(
         kernel,
+        operands,
         name=NAME,
         grid=(pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
-        out_shape=jax.ShapeDtypeStruct((identity.size,), identity.dtype),
+        out_shape=((identity.size,), identity.dtype),
         tiles=tiles,
         implementation=implementation,
         input_output_aliases={5: 0},
     )
-    out = call(count.reshape(1), patch_indices, h.reshape(-1), w.reshape(-1), b, identity.reshape(-1))
-    return out.reshape(identity.shape)
+    return result.reshape(identity.shape)

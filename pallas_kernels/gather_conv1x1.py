@@ -151,13 +151,14 @@ def gather_conv1x1(
     if out is not None:
         aliases = {len(operands): 0}
         operands.append(out.reshape(-1))
-    call = c.pallas_call(
+    result = c.pallas_call(
         kernel,
+        operands,
         name=NAME,
         grid=(pl.cdiv(capacity, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
-        out_shape=jax.ShapeDtypeStruct((batch * height * width * cout,), x.dtype),
+        out_shape=((batch * height * width * cout,), x.dtype),
         tiles=tiles,
         implementation=implementation,
         input_output_aliases=aliases,
     )
-    return call(*operands).reshape(out_shape)
+    return result.reshape(out_shape)

@@ -216,13 +216,14 @@ def gather_conv3x3(
         aliases = {len(operands): 0}
         operands.append(out.reshape(-1))
     rows = capacity * patch_size * patch_size
-    call = c.pallas_call(
+    result = c.pallas_call(
         kernel,
+        operands,
         name=NAME,
         grid=(pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
-        out_shape=jax.ShapeDtypeStruct((rows * cout,), h.dtype),
+        out_shape=((rows * cout,), h.dtype),
         tiles=tiles,
         implementation=implementation,
         input_output_aliases=aliases,
     )
-    return call(*operands).reshape(out_shape)
+    return result.reshape(out_shape)
