@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import cuda_build
-from pallas_kernels._common import TileConfig
+from pallas_kernels._common import TileConfig, channel_tile
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
@@ -221,6 +221,7 @@ class Launch:
     tiles: TileConfig
     fn: Callable[..., Any]
     args: tuple[jax.ShapeDtypeStruct, ...]
+    label: str = ""  # the tuning candidate it belongs to
 
 
 def _block_count(models: Sequence[str], stage: int, first: bool) -> str:
@@ -334,14 +335,18 @@ def _channel_fn(group_size: int, mode: str, tiles: TileConfig) -> Callable[..., 
     return fn
 
 
+DEFAULT_TILES = {
+    "gather_conv1x1": conv1_tiles,
+    "gather_conv3x3": conv3x3_tiles,
+    "conv1x1_scatter_add": scatter_tiles,
+    "channel_gather_matmul": channel_tiles,
+}
+KERNELS = tuple(DEFAULT_TILES)
+
+
 def default_tiles(kernel: str, cin: int, cout: int, dtype: Any) -> TileConfig:
     """The kernels' own default tile heuristics (what the engine launches)."""
-    return {
-        "gather_conv1x1": conv1_tiles,
-        "gather_conv3x3": conv3x3_tiles,
-        "conv1x1_scatter_add": scatter_tiles,
-        "channel_gather_matmul": channel_tiles,
-    }[kernel](cin, cout, dtype)
+    return DEFAULT_TILES[kernel](cin, cout, dtype)
 
 
 # ---- running the report -----------------------------------------------------------------
@@ -389,6 +394,7 @@ def _record(launch: Launch, arch: int, kernel: cuda_build.TritonKernel, m: Measu
         "block_k": launch.tiles.block_k,
         "grid": list(kernel.grid),
         **dataclasses.asdict(m),
+        **({"candidate": launch.label} if launch.label else {}),
     }
 
 
@@ -455,6 +461,70 @@ def summarize(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ---- tuning -----------------------------------------------------------------------------
+
+# (block_m, block_n cap, block_k cap, num_warps, num_stages); the n/k tiles shrink to the
+# channel counts. The first row is the initial heuristic (bf16; float32 used block_k 32).
+TUNING_CANDIDATES = (
+    (64, 128, 64, 4, 3),
+    (64, 128, 32, 4, 3),
+    (64, 64, 64, 4, 3),
+    (64, 64, 32, 4, 3),
+    (64, 64, 32, 4, 2),
+    (64, 64, 32, 4, 4),
+    (64, 64, 32, 8, 3),
+    (128, 64, 32, 8, 3),
+    (32, 64, 32, 4, 3),
+)
+TUNING_SHAPES = ("stage1.rest", "stage1 conv3", "stage3.rest", "stage3 conv3")
+
+
+def _candidate_label(candidate: tuple[int, ...]) -> str:
+    return "m{}/n<={}/k<={} w{}/s{}".format(*candidate)
+
+
+def tuning_launches(dtypes: Sequence[str], group_size: int = 2) -> list[Launch]:
+    """Every candidate on the stage-1 and stage-3 ResNet-50 launches (batch 8, S=2)."""
+    launches = []
+    for candidate in TUNING_CANDIDATES:
+        block_m, n_cap, k_cap, warps, stages = candidate
+
+        def tiles_for(kernel, cin, cout, dtype, m=block_m, n=n_cap, k=k_cap, w=warps, s=stages):
+            return TileConfig(m, channel_tile(cout, n), channel_tile(cin, k), w, s)
+
+        for launch in engine_launches(["resnet50"], [8], dtypes, [2], group_size, tiles_for):
+            if launch.where.startswith(TUNING_SHAPES):
+                launches.append(dataclasses.replace(launch, label=_candidate_label(candidate)))
+    return launches
+
+
+def tuning_table(records: Sequence[dict[str, Any]]) -> tuple[str, dict[tuple[str, str], str]]:
+    """Per kernel and dtype, every candidate's worst figures over shapes and targets, and
+    the pick: holds the bar everywhere, then most resident warps per SM (latency hiding
+    for the gathered loads), then fewest registers."""
+    groups: dict[tuple, list] = collections.defaultdict(list)
+    for r in records:
+        groups[(r["kernel"], r["dtype"], r["candidate"])].append(r)
+    rows, picks, best = [], {}, {}
+    for (kernel, dtype, label), rs in sorted(groups.items()):
+        passes = not any(check_bar(r) for r in rs)
+        score = (passes, min(r["occupancy_warps"] for r in rs), -max(r["registers"] for r in rs))
+        rows.append((kernel, dtype, label, passes, rs, score))
+        if (kernel, dtype) not in best or score > best[(kernel, dtype)]:
+            best[(kernel, dtype)], picks[(kernel, dtype)] = score, label
+    lines = ["| kernel | dtype | candidate | bar | min warps/SM | max regs | max spill | max smem | tensor-core ops | pick |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for kernel, dtype, label, passes, rs, _ in rows:
+        ops = sorted({r["mma"].split(",")[0].split(".")[1] if r["mma"] else "none" for r in rs})
+        lines.append(
+            f"| {kernel} | {dtype} | {label} | {'ok' if passes else 'FAIL'} | "
+            f"{min(r['occupancy_warps'] for r in rs)} | {max(r['registers'] for r in rs)} | "
+            f"{max(r['spill_bytes'] for r in rs)} | {max(r['shared_bytes'] for r in rs)} | "
+            f"{' '.join(ops)} | {'<-' if picks[(kernel, dtype)] == label else ''} |"
+        )
+    return "\n".join(lines), picks
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pallas_kernels.report",
@@ -469,7 +539,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     parser.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="S values")
     parser.add_argument("--group-size", type=int, default=2, help="channels per channel-mask group")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    parser.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
     parser.add_argument("--quick", action="store_true", help="S=2, batch 1, sm_90 only (CI smoke run)")
+    parser.add_argument("--tune", action="store_true",
+                        help="compare the tile candidates on stage-1/3 shapes instead of the report")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--json", metavar="FILE", help="write one record per kernel/shape/target")
     parser.add_argument("--markdown", metavar="FILE", help="write the summary and table as Markdown")
@@ -484,7 +558,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    launches = engine_launches(args.models, args.batch, args.dtype, args.patch_sizes, args.group_size)
+    if args.tune:
+        records = build_records(tuning_launches(args.dtype, args.group_size), args.arch, args.jobs,
+                                progress=not args.no_progress)
+        table, picks = tuning_table(records)
+        print(table)
+        for (kernel, dtype), label in sorted(picks.items()):
+            print(f"pick {kernel} {dtype}: {label}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(table + "\n")
+        return 0
+    launches = [
+        launch
+        for launch in engine_launches(args.models, args.batch, args.dtype, args.patch_sizes, args.group_size)
+        if launch.kernel in args.kernels and int(launch.where[len("stage")]) in args.stages
+    ]
     print(f"{len(launches)} launches x {len(args.arch)} targets", file=sys.stderr)
     records = build_records(launches, args.arch, args.jobs, progress=not args.no_progress)
     failures = [f for r in records for f in check_bar(r)]
