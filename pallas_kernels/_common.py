@@ -67,6 +67,20 @@ def channel_tile(channels: int, cap: int) -> int:
     return max(MIN_DOT_DIM, min(cap, next_power_of_2(channels)))
 
 
+def tuned_tiles(k: int, n: int) -> TileConfig:
+    """The default of every kernel, picked with `python -m pallas_kernels.report --tune`
+    (docs/gpu_build_report.md): 64-row tiles (one Hopper warpgroup MMA per 4 warps), up to
+    64 output and 32 reduction channels, 8 warps, 3 pipeline stages. No spills on sm_80 /
+    sm_90 in float32 and bfloat16, HGMMA on sm_90, 24-40 resident warps per SM."""
+    return TileConfig(
+        block_m=64,
+        block_n=channel_tile(n, 64),
+        block_k=channel_tile(k, 32),
+        num_warps=8,
+        num_stages=3,
+    )
+
+
 def gpu_is_target() -> bool:
     """True when a CUDA/ROCm GPU is the default device or the abstract lowering target."""
     abstract = jax.sharding.get_abstract_mesh().abstract_device

@@ -32,16 +32,9 @@ from pallas_kernels._common import Implementation, TileConfig
 NAME = "channel_gather_matmul"
 
 
-def default_tiles(k: int, n: int, dtype: jnp.dtype) -> TileConfig:
-    """Default tiles: 64 rows, output tiles up to 128 channels, K steps up to 64/32."""
-    k_cap = 64 if jnp.dtype(dtype).itemsize == 2 else 32
-    return TileConfig(
-        block_m=64,
-        block_n=c.channel_tile(n, 128),
-        block_k=c.channel_tile(k, k_cap),
-        num_warps=4,
-        num_stages=3,
-    )
+def default_tiles(k: int, n: int) -> TileConfig:
+    """Default tiles for K=k input and N=n output channels."""
+    return c.tuned_tiles(k, n)
 
 
 def _channels(groups: jax.Array, count: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
@@ -171,7 +164,7 @@ def channel_gather_matmul(
       x_compact: x holds only the Gi * g listed input channels (Kx = Gi * g).
       relu: apply relu after the bias.
       out: optional buffer of the output's shape (aliased; every element is written).
-      tiles: tile sizes; `default_tiles(K, N, dtype)` when None.
+      tiles: tile sizes; `default_tiles(K, N)` when None.
       implementation: 'pallas', 'interpret' or 'reference'.
     """
     c.check_implementation(NAME, implementation)
@@ -232,7 +225,7 @@ def channel_gather_matmul(
         )
     if batch * m * n_out == 0:
         return jnp.zeros(out_shape, x.dtype)
-    tiles = tiles or default_tiles(k, n, x.dtype)
+    tiles = tiles or default_tiles(k, n)
     kernel = functools.partial(
         _kernel, m=m, k=k, kx=kx, n=n, n_out=n_out, gi=gi, go=go, group_size=group_size,
         x_compact=x_compact, relu=relu, tiles=tiles,

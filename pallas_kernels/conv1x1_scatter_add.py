@@ -25,16 +25,9 @@ from pallas_kernels._common import Implementation, TileConfig
 NAME = "conv1x1_scatter_add"
 
 
-def default_tiles(cin: int, cout: int, dtype: jnp.dtype) -> TileConfig:
-    """Default tiles: 64 rows, output channel tiles up to 128, K steps up to 64/32."""
-    k_cap = 64 if jnp.dtype(dtype).itemsize == 2 else 32
-    return TileConfig(
-        block_m=64,
-        block_n=c.channel_tile(cout, 128),
-        block_k=c.channel_tile(cin, k_cap),
-        num_warps=4,
-        num_stages=3,
-    )
+def default_tiles(cin: int, cout: int) -> TileConfig:
+    """Default tiles for Cin=cin input and Cout=cout output channels."""
+    return c.tuned_tiles(cin, cout)
 
 
 def reference(
@@ -125,7 +118,7 @@ def conv1x1_scatter_add(
       w: (Cin, Cout) conv3 weight with BN folded in, same dtype as h.
       b: (Cout,) folded BN bias.
       identity: (B, H, W, Cout) residual, same dtype as h; aliased to the output.
-      tiles: tile sizes; `default_tiles(Cin, Cout, dtype)` when None.
+      tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
       implementation: 'pallas', 'interpret' or 'reference'.
     """
     c.check_implementation(NAME, implementation)
@@ -155,7 +148,7 @@ def conv1x1_scatter_add(
         return reference(h, patch_indices, count, w, b, identity)
     if capacity == 0:
         return identity
-    tiles = tiles or default_tiles(cin, cout, h.dtype)
+    tiles = tiles or default_tiles(cin, cout)
     geometry = (height, width, -(-height // size), -(-width // size), size)
     kernel = functools.partial(
         _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles,

@@ -24,16 +24,9 @@ from pallas_kernels._common import Implementation, TileConfig
 NAME = "gather_conv1x1"
 
 
-def default_tiles(cin: int, cout: int, dtype: jnp.dtype) -> TileConfig:
-    """Default tiles: whole output channel tiles up to 128, K steps of 64 (bf16) / 32 (f32)."""
-    k_cap = 64 if jnp.dtype(dtype).itemsize == 2 else 32
-    return TileConfig(
-        block_m=64,
-        block_n=c.channel_tile(cout, 128),
-        block_k=c.channel_tile(cin, k_cap),
-        num_warps=4,
-        num_stages=3,
-    )
+def default_tiles(cin: int, cout: int) -> TileConfig:
+    """Default tiles for Cin=cin input and Cout=cout output channels."""
+    return c.tuned_tiles(cin, cout)
 
 
 def reference(
@@ -112,7 +105,7 @@ def gather_conv1x1(
       b: (Cout,) folded BN bias (float32 or x's dtype).
       out: optional (B, H, W, Cout) buffer to write into (aliased, updated in place);
         unlisted pixels keep its values. Without it they are undefined.
-      tiles: tile sizes; `default_tiles(Cin, Cout, dtype)` when None.
+      tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
       implementation: 'pallas' (Triton GPU kernel), 'interpret' (the same kernel
         interpreted on CPU, slow) or 'reference' (pure jnp).
     """
@@ -141,7 +134,7 @@ def gather_conv1x1(
     capacity = pixel_indices.shape[0]
     if capacity == 0:
         return out if out is not None else jnp.zeros(out_shape, x.dtype)
-    tiles = tiles or default_tiles(cin, cout, x.dtype)
+    tiles = tiles or default_tiles(cin, cout)
     kernel = functools.partial(
         _kernel, cin=cin, cout=cout, capacity=capacity, tiles=tiles,
         mem=c.Memory(implementation == "interpret"),

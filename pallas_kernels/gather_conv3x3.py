@@ -40,16 +40,9 @@ def mask_grid(size: int, stride: int, patch_size: int) -> int:
     return -(-output_size(size, stride) // patch_size)
 
 
-def default_tiles(cin: int, cout: int, dtype: jnp.dtype) -> TileConfig:
-    """Default tiles: 64 output rows, output channel tiles up to 128, K steps up to 64/32."""
-    k_cap = 64 if jnp.dtype(dtype).itemsize == 2 else 32
-    return TileConfig(
-        block_m=64,
-        block_n=c.channel_tile(cout, 128),
-        block_k=c.channel_tile(cin, k_cap),
-        num_warps=4,
-        num_stages=3,
-    )
+def default_tiles(cin: int, cout: int) -> TileConfig:
+    """Default tiles for Cin=cin input and Cout=cout output channels."""
+    return c.tuned_tiles(cin, cout)
 
 
 def reference(
@@ -156,7 +149,7 @@ def gather_conv3x3(
       patch_size: S, the patch side on the output grid (any S >= 1).
       stride: 1 or 2.
       out: optional (capacity, S, S, Cout) buffer (aliased); padding slots keep its values.
-      tiles: tile sizes; `default_tiles(Cin, Cout, dtype)` when None.
+      tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
       implementation: 'pallas', 'interpret' or 'reference'.
 
     Returns:
@@ -195,7 +188,7 @@ def gather_conv3x3(
         )
     if capacity == 0:
         return jnp.zeros(out_shape, h.dtype)
-    tiles = tiles or default_tiles(cin, cout, h.dtype)
+    tiles = tiles or default_tiles(cin, cout)
     geometry = (
         height,
         width,

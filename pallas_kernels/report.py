@@ -237,7 +237,7 @@ def engine_launches(
     dtypes: Sequence[str],
     patch_sizes: Sequence[int],
     group_size: int = 2,
-    tiles_for: Callable[[str, int, int, Any], TileConfig] | None = None,
+    tiles_for: Callable[[str, int, int], TileConfig] | None = None,
 ) -> list[Launch]:
     """Every distinct kernel launch of spatial and channel modes for the given models
     (ResNet-50 and -101 share all shapes; they differ in how many stage-3 blocks run).
@@ -256,7 +256,7 @@ def engine_launches(
                     dt = DTYPES[dtype_name]
                     common = dict(blocks=blocks, batch=batch, dtype=dtype_name)
                     pixels = batch * in_hw * in_hw
-                    t = tiles_for("gather_conv1x1", cin, width, dt)
+                    t = tiles_for("gather_conv1x1", cin, width)
                     launches.append(Launch(
                         kernel="gather_conv1x1", where=f"{block} conv1", mode="spatial",
                         patch_size=None, shape=f"{batch}x{in_hw}x{in_hw}x{cin}->{width}", tiles=t,
@@ -267,7 +267,7 @@ def engine_launches(
                     for size in patch_sizes:
                         grid = mask_grid(in_hw, stride, size)
                         capacity = batch * grid * grid
-                        t = tiles_for("gather_conv3x3", width, width, dt)
+                        t = tiles_for("gather_conv3x3", width, width)
                         launches.append(Launch(
                             kernel="gather_conv3x3", where=f"{block} conv2", mode="spatial",
                             patch_size=size, tiles=t,
@@ -277,7 +277,7 @@ def engine_launches(
                                   S((3, 3, width, width), dt), S((width,), F32)),
                             **common))
                         if first:  # every block of a stage launches the same conv3 shape
-                            t = tiles_for("conv1x1_scatter_add", width, cout, dt)
+                            t = tiles_for("conv1x1_scatter_add", width, cout)
                             launches.append(Launch(
                                 kernel="conv1x1_scatter_add", where=f"stage{stage + 1} conv3",
                                 mode="spatial", patch_size=size, tiles=t,
@@ -288,7 +288,7 @@ def engine_launches(
                                       S((batch, out_hw, out_hw, cout), dt)),
                                 **{**common, "blocks": _stage_blocks(models, stage)}))
                     groups = width // group_size
-                    t = tiles_for("channel_gather_matmul", cin, width, dt)
+                    t = tiles_for("channel_gather_matmul", cin, width)
                     launches.append(Launch(
                         kernel="channel_gather_matmul", where=f"{block} conv1", mode="channel",
                         patch_size=None, tiles=t,
@@ -298,7 +298,7 @@ def engine_launches(
                               S((batch, groups), I32), S((batch,), I32)),
                         **common))
                     if first:
-                        t = tiles_for("channel_gather_matmul", width, cout, dt)
+                        t = tiles_for("channel_gather_matmul", width, cout)
                         launches.append(Launch(
                             kernel="channel_gather_matmul", where=f"stage{stage + 1} conv3",
                             mode="channel", patch_size=None, tiles=t,
@@ -344,9 +344,9 @@ DEFAULT_TILES = {
 KERNELS = tuple(DEFAULT_TILES)
 
 
-def default_tiles(kernel: str, cin: int, cout: int, dtype: Any) -> TileConfig:
+def default_tiles(kernel: str, cin: int, cout: int) -> TileConfig:
     """The kernels' own default tile heuristics (what the engine launches)."""
-    return DEFAULT_TILES[kernel](cin, cout, dtype)
+    return DEFAULT_TILES[kernel](cin, cout)
 
 
 # ---- running the report -----------------------------------------------------------------
@@ -489,7 +489,7 @@ def tuning_launches(dtypes: Sequence[str], group_size: int = 2) -> list[Launch]:
     for candidate in TUNING_CANDIDATES:
         block_m, n_cap, k_cap, warps, stages = candidate
 
-        def tiles_for(kernel, cin, cout, dtype, m=block_m, n=n_cap, k=k_cap, w=warps, s=stages):
+        def tiles_for(kernel, cin, cout, m=block_m, n=n_cap, k=k_cap, w=warps, s=stages):
             return TileConfig(m, channel_tile(cout, n), channel_tile(cin, k), w, s)
 
         for launch in engine_launches(["resnet50"], [8], dtypes, [2], group_size, tiles_for):
@@ -500,15 +500,17 @@ def tuning_launches(dtypes: Sequence[str], group_size: int = 2) -> list[Launch]:
 
 def tuning_table(records: Sequence[dict[str, Any]]) -> tuple[str, dict[tuple[str, str], str]]:
     """Per kernel and dtype, every candidate's worst figures over shapes and targets, and
-    the pick: holds the bar everywhere, then most resident warps per SM (latency hiding
-    for the gathered loads), then fewest registers."""
+    the pick: holds the bar everywhere, then uses Hopper's warpgroup MMA (HGMMA) on sm_90,
+    then most resident warps per SM (latency hiding for the gathered loads), then fewest
+    registers."""
     groups: dict[tuple, list] = collections.defaultdict(list)
     for r in records:
         groups[(r["kernel"], r["dtype"], r["candidate"])].append(r)
     rows, picks, best = [], {}, {}
     for (kernel, dtype, label), rs in sorted(groups.items()):
         passes = not any(check_bar(r) for r in rs)
-        score = (passes, min(r["occupancy_warps"] for r in rs), -max(r["registers"] for r in rs))
+        wgmma = all("HGMMA" in r["mma"] for r in rs if r["target"] == "sm_90")
+        score = (passes, wgmma, min(r["occupancy_warps"] for r in rs), -max(r["registers"] for r in rs))
         rows.append((kernel, dtype, label, passes, rs, score))
         if (kernel, dtype) not in best or score > best[(kernel, dtype)]:
             best[(kernel, dtype)], picks[(kernel, dtype)] = score, label

@@ -94,24 +94,37 @@ def test_bf16_matmul_is_found_on_tensor_cores(arch, op):
 
 
 def test_forced_register_limit_is_reported_as_spills():
-    """The same matmul assembled by ptxas with 24 registers per thread must spill."""
+    """The matmul for sm_80 assembled with `.maxnreg 32` must spill: ptxas -v,
+    cuobjdump's resource usage and the SASS (local stores/loads) all have to say so.
+    (sm_80: ptxas rejects so low a limit for Hopper's warpgroup MMA.)"""
+    import triton
     from triton.backends.nvidia.compiler import get_ptxas
 
     a = jax.ShapeDtypeStruct((64, 64), jnp.float32)
-    kernel = _compile(_matmul, a, a, a, arch=90)
-    compiled = cuda_build.compile_kernel(kernel, 90)
+    kernel = _compile(_matmul, a, a, a, arch=80)
+    ptx = cuda_build.compile_kernel(kernel, 80).ptx
+    assert ".reqntid 128" in ptx
+    ptx = ptx.replace(".reqntid 128", ".reqntid 128\n.maxnreg 32", 1)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.ptx)
-        result = subprocess.run(
-            [get_ptxas(90).path, "-v", "-maxrregcount=24", "--gpu-name=sm_90a", ptx,
-             "-o", os.path.join(tmp, "k.o")],
+        source, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(source, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [get_ptxas(80).path, "-v", "--gpu-name=sm_80", source, "-o", cubin],
             capture_output=True, text=True, check=True,
         )
-    info = report.parse_ptxas_log(result.stdout + result.stderr)
-    assert info.registers <= 24
-    assert info.spill_store_bytes > 0 and info.spill_load_bytes > 0 and info.stack_bytes > 0
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+        usage = report.parse_res_usage(
+            subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
+        )[kernel.name]
+        ops = report.sass_op_counts(
+            subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+        )
+    info = report.parse_ptxas_log(log.stdout + log.stderr)
+    assert info.registers == usage["REG"] == 32
+    assert info.spill_store_bytes > 0 and info.spill_load_bytes > 0
+    assert info.stack_bytes == usage["STACK"] > 0
+    assert ops.get("STL", 0) > 0 and ops.get("LDL", 0) > 0
 
 
 def test_parsers_on_tool_output():
