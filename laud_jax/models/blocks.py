@@ -1,0 +1,275 @@
+"""Dynamic residual blocks (training form: dense compute, multiplied by hard masks).
+
+A block computes its gates from its input, applies them, and returns its output with the
+per-block record that the losses, the evaluator and the sparse engine read (see
+:func:`block_record`). Masks multiply every conv output they govern, so the dense result
+equals what a sparse executor computes when it skips the masked-out work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from laud_jax.models.gates import (
+    ChannelMasker,
+    ScaleHead,
+    SpatialMasker,
+    dilate_mask,
+    upsample_nearest,
+)
+from laud_jax.models.specs import BlockSpec
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(train: bool, name: str, zero_scale: bool = False) -> nn.BatchNorm:
+    """BatchNorm with torch's momentum (0.1) and epsilon (1e-5)."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        name=name,
+    )
+
+
+def expand_groups(mask: jax.Array, channels: int) -> jax.Array:
+    """Repeat a (..., G) group mask to (..., channels); channel k belongs to group k // (C / G)."""
+    return jnp.repeat(mask, channels // mask.shape[-1], axis=-1)
+
+
+class BlockGates(nn.Module):
+    """All gates of one block, computed from the block input ``x``.
+
+    Returns a dict with ``spatial`` (B, Hm, Wm, G), ``channel`` (B, Gc), ``layer`` (B,)
+    (``None`` where the mode has no such gate) and, in ``lc`` mode, ``channel_scale``
+    (B, Gc) and ``layer_scale`` (B,). Entries of ``forced`` replace the gates' decisions.
+    """
+
+    spec: BlockSpec
+
+    @nn.compact
+    def __call__(self, x, *, train, tau, gate_offset, forced: Mapping[str, Any] | None):
+        spec = self.spec
+        forced = forced or {}
+        kwargs = dict(train=train, tau=tau, gate_offset=gate_offset)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        gates: dict[str, Any] = {"spatial": None, "channel": None, "layer": None}
+        if spec.spatial:
+            gates["spatial"] = SpatialMasker(spec.mask_grid, spec.mask_groups, name="masker_spatial")(
+                x, **kwargs
+            )
+        if spec.channel:
+            gates["channel"] = ChannelMasker(spec.channel_groups, name="masker_channel")(
+                pooled, **kwargs
+            )
+        if spec.layer:
+            gates["layer"] = SpatialMasker((1, 1), 1, name="layer_gate")(x, **kwargs)[:, 0, 0, 0]
+        if spec.mode == "lc":
+            gates["channel_scale"], gates["layer_scale"] = ScaleHead(
+                spec.channel_groups, name="scale_head"
+            )(pooled)
+        for key, value in forced.items():
+            if gates.get(key) is None:
+                raise ValueError(f"block {spec.name} (mode {spec.mode!r}) has no {key!r} gate to force")
+            gates[key] = jnp.broadcast_to(jnp.asarray(value, jnp.float32), gates[key].shape)
+        return gates
+
+
+def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "_MaskApplier", batch: int) -> dict[str, Any]:
+    """The per-block aux record: hard masks, per-conv densities and MACs (per sample)."""
+    ones = jnp.ones((batch,), jnp.float32)
+    if gates["spatial"] is None:
+        spatial_out = spatial_in = ones
+        spatial_mask = jnp.ones((batch, 1, 1, 1), jnp.float32)
+    else:
+        spatial_out = jnp.mean(masks.spatial_out, axis=(1, 2, 3))
+        spatial_in = jnp.mean(masks.spatial_conv1, axis=(1, 2, 3))
+        spatial_mask = gates["spatial"]
+    if gates["channel"] is None:
+        channel_mask, channel = jnp.ones((batch, 1), jnp.float32), ones
+    else:
+        channel_mask, channel = gates["channel"], jnp.mean(gates["channel"], axis=-1)
+    layer = ones if gates["layer"] is None else gates["layer"]
+    density = {"conv1": spatial_in * channel * layer}
+    if spec.kind == "bottleneck":
+        density["conv2"] = spatial_out * channel * channel * layer
+        density["conv3"] = spatial_out * channel * layer
+    else:
+        density["conv2"] = spatial_out * channel * layer
+    macs = (
+        spec.conv1_macs * density["conv1"]
+        + spec.conv2_macs * density["conv2"]
+        + spec.conv3_macs * density.get("conv3", 0.0)
+        + spec.se_macs * layer
+        + spec.downsample_macs
+        + spec.masker_macs
+    )
+    return {
+        "stage": spec.stage,
+        "index": spec.index,
+        "spatial_mask": spatial_mask,
+        "channel_mask": channel_mask,
+        "layer_gate": layer,
+        "density": density,
+        "macs": macs,
+        "dense_macs": jnp.asarray(spec.dense_macs, jnp.float32),
+        "dynamic": jnp.asarray(spec.mode != "static", jnp.float32),
+    }
+
+
+class _MaskApplier:
+    """Multiplies activations by the block's gates (spatial masks per conv, channel mask)."""
+
+    def __init__(self, spec: BlockSpec, gates: Mapping[str, Any]):
+        self.spec = spec
+        self.channel = gates["channel"]
+        self.spatial_out = None
+        self.spatial_conv1 = None
+        if gates["spatial"] is not None:
+            self.spatial_out = upsample_nearest(gates["spatial"], spec.granularity)
+            stride = spec.stride if spec.kind == "bottleneck" else 1
+            self.spatial_conv1 = dilate_mask(self.spatial_out, stride, spec.conv1_hw)
+
+    def channel_mask(self, h: jax.Array) -> jax.Array:
+        if self.channel is None:
+            return h
+        return h * expand_groups(self.channel, h.shape[-1])[:, None, None, :].astype(h.dtype)
+
+    @staticmethod
+    def _spatial(h: jax.Array, mask: jax.Array | None) -> jax.Array:
+        if mask is None:
+            return h
+        return h * expand_groups(mask, h.shape[-1]).astype(h.dtype)
+
+    def conv1_spatial(self, h):
+        return self._spatial(h, self.spatial_conv1)
+
+    def out_spatial(self, h):
+        return self._spatial(h, self.spatial_out)
+
+
+class _DynamicBlockBase(nn.Module):
+    spec: BlockSpec
+    dtype: Any = jnp.float32
+    zero_init_residual: bool = False
+
+    def conv(self, features, kernel, stride=1, groups=1, name=None):
+        pad = kernel // 2
+        return nn.Conv(
+            features,
+            (kernel, kernel),
+            strides=(stride, stride),
+            padding=((pad, pad), (pad, pad)),
+            feature_group_count=groups,
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    def conv_bn_relu(self, h, conv, bn, masks: _MaskApplier, spatial, relu=True):
+        """conv -> [channel mask if pre_bn] -> bn -> relu -> [channel mask if post_act] -> spatial."""
+        h = conv(h)
+        pre_bn = self.spec.channel_mask_position == "pre_bn"
+        if pre_bn:
+            h = masks.channel_mask(h)
+        h = bn(h)
+        if relu:
+            h = nn.relu(h)
+        if not pre_bn:
+            h = masks.channel_mask(h)
+        return spatial(h)
+
+    def finish(self, x, h, gates, masks, train):
+        """Identity / downsample, layer gate, residual add, relu, and the aux record."""
+        spec = self.spec
+        if gates["layer"] is not None:
+            scale = gates["layer"]
+            if spec.mode == "lc":
+                scale = scale * gates["layer_scale"]
+            h = h * scale[:, None, None, None].astype(h.dtype)
+        identity = x
+        if spec.downsample:
+            identity = self.conv(spec.out_channels, 1, spec.stride, name="downsample_conv")(x)
+            identity = batch_norm(train, "downsample_bn")(identity)
+        out = nn.relu(identity + h)
+        return out, block_record(spec, gates, masks, x.shape[0])
+
+
+class DynamicBottleneck(_DynamicBlockBase):
+    """1x1 -> 3x3 (stride, groups) [-> SE] -> 1x1 bottleneck with dynamic gates."""
+
+    @nn.compact
+    def __call__(self, x, *, train, tau, gate_offset, forced=None):
+        spec = self.spec
+        gates = BlockGates(spec, name="gates")(
+            x, train=train, tau=tau, gate_offset=gate_offset, forced=forced
+        )
+        masks = _MaskApplier(spec, gates)
+        h = self.conv_bn_relu(
+            x, self.conv(spec.width, 1, name="conv1"), batch_norm(train, "bn1"), masks,
+            masks.conv1_spatial,
+        )
+        h = self.conv_bn_relu(
+            h,
+            self.conv(spec.width, 3, spec.stride, spec.groups, name="conv2"),
+            batch_norm(train, "bn2"),
+            masks,
+            masks.out_spatial,
+        )
+        if spec.mode == "lc":
+            h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :].astype(h.dtype)
+        if spec.se_channels:
+            h = h * SqueezeExcitation(spec.se_channels, name="se")(h, masks.spatial_out)
+        h = self.conv(spec.out_channels, 1, name="conv3")(h)
+        h = batch_norm(train, "bn3", zero_scale=self.zero_init_residual)(h)
+        h = masks.out_spatial(h)
+        return self.finish(x, h, gates, masks, train)
+
+
+class DynamicBasicBlock(_DynamicBlockBase):
+    """3x3 (stride) -> 3x3 basic block with dynamic gates."""
+
+    @nn.compact
+    def __call__(self, x, *, train, tau, gate_offset, forced=None):
+        spec = self.spec
+        gates = BlockGates(spec, name="gates")(
+            x, train=train, tau=tau, gate_offset=gate_offset, forced=forced
+        )
+        masks = _MaskApplier(spec, gates)
+        h = self.conv_bn_relu(
+            x, self.conv(spec.width, 3, spec.stride, name="conv1"), batch_norm(train, "bn1"),
+            masks, masks.conv1_spatial,
+        )
+        if spec.mode == "lc":
+            h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :].astype(h.dtype)
+        h = self.conv(spec.out_channels, 3, name="conv2")(h)
+        h = batch_norm(train, "bn2", zero_scale=self.zero_init_residual)(h)
+        h = masks.out_spatial(h)
+        return self.finish(x, h, gates, masks, train)
+
+
+class SqueezeExcitation(nn.Module):
+    """SE on the active positions: mean over executed pixels -> 1x1 -> relu -> 1x1 -> sigmoid."""
+
+    squeeze: int
+
+    @nn.compact
+    def __call__(self, h, spatial_mask=None):
+        channels = h.shape[-1]
+        h32 = h.astype(jnp.float32)
+        if spatial_mask is None:
+            pooled = jnp.mean(h32, axis=(1, 2))
+        else:
+            mask = expand_groups(spatial_mask, channels)
+            pooled = jnp.sum(h32 * mask, axis=(1, 2)) / jnp.maximum(jnp.sum(mask, axis=(1, 2)), 1.0)
+        s = nn.relu(nn.Dense(self.squeeze, name="reduce")(pooled))
+        s = nn.sigmoid(nn.Dense(channels, name="expand")(s))
+        return s[:, None, None, :].astype(h.dtype)
