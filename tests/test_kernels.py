@@ -433,3 +433,14 @@ def test_bad_arguments_fail_before_compute(call, message):
         warnings.simplefilter("ignore")
         with pytest.raises((ValueError, TypeError), match=message):
             call()
+
+
+def test_selfcheck_on_a_small_block():
+    """The GPU self-check's correctness path, run here in interpret mode on a tiny block."""
+    from pallas_kernels import selfcheck
+
+    records = selfcheck.check("interpret", "float32", 2, [0.5], [("tiny", 8, 32, 16, 32, 4)], repeats=1)
+    assert [r["path"] for r in records] == ["spatial block", "channel conv1"]
+    for record in records:
+        assert record["relative_error"] <= 1e-5, record
+        assert record["dense_ms"] > 0 and record["sparse_ms"] > 0
