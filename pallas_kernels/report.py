@@ -2,8 +2,9 @@
 CPU host and read what the GPU would run.
 
 For every kernel launch the sparse engine makes in ResNet-50 / ResNet-101 at 224 x 224
-(each stage, first and later blocks, S in {1, 2, 4, 8}, batch 1 and 8, float32 and
-bfloat16), the kernel is lowered for CUDA (pallas_kernels.cuda_build), compiled by the
+(shapes from laud_jax's network_spec: each stage, first and later blocks, every S in
+{1, 2, 4, 7, 8} that divides the stage's grid, batch 1 and 8, float32 and bfloat16;
+spatial and channel modes), the kernel is lowered for CUDA (pallas_kernels.cuda_build), compiled by the
 triton package to PTX and a cubin, and measured with the NVIDIA tools Triton ships:
 `ptxas -v` (registers, spill stores/loads, stack frame) and `cuobjdump` (resource
 usage, SASS). From those: shared memory per block, theoretical occupancy (resident warps
@@ -38,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from laud_jax.models.specs import ARCHS, BlockSpec, network_spec
 from pallas_kernels import cuda_build
 from pallas_kernels._common import TileConfig, channel_tile
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
@@ -200,10 +202,9 @@ S = jax.ShapeDtypeStruct
 I32 = jnp.int32
 F32 = jnp.float32
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# torchvision v1.5 bottleneck stages at 224 x 224: (width, out channels, output size)
-RESNET_STAGES = ((64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7))
-RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
-STEM_CHANNELS = 64
+FUSED_ARCHS = tuple(
+    name for name, arch in ARCHS.items() if arch.block == "bottleneck" and not arch.group_width
+)  # the kernels fuse bottlenecks with a dense 3x3 conv2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,11 +225,26 @@ class Launch:
     label: str = ""  # the tuning candidate it belongs to
 
 
-def _block_count(models: Sequence[str], stage: int, first: bool) -> str:
-    def count(model):
-        return 1 if first else RESNET_BLOCKS[model][stage] - 1
+def _block_shapes(models: Sequence[str], image_size: int) -> list[tuple[str, str, BlockSpec, dict]]:
+    """Distinct bottleneck shapes of the models, in network order: (block label, conv3
+    label, a representative BlockSpec, {model: number of blocks with this shape})."""
+    shapes: dict[tuple, tuple[str, str, BlockSpec, dict]] = {}
+    for model in models:
+        if model not in FUSED_ARCHS:
+            raise ValueError(f"{model}: the kernels fuse bottleneck blocks with a dense conv2; "
+                             f"choose from {FUSED_ARCHS}")
+        spec = network_spec({"arch": model, "num_classes": 1000}, (image_size, image_size))
+        for block in spec.blocks:
+            key = (block.stage, block.in_channels, block.width, block.out_channels,
+                   block.stride, block.h_in, block.w_in)
+            label = f"stage{block.stage + 1}.{'first' if block.index == 0 else 'rest'}"
+            entry = shapes.setdefault(key, (label, f"stage{block.stage + 1}", block, {}))
+            entry[3][model] = entry[3].get(model, 0) + 1
+    return list(shapes.values())
 
-    return " / ".join(f"{m.replace('resnet', 'R')} {count(m)}" for m in models)
+
+def _counts(counts: dict[str, int]) -> str:
+    return " / ".join(f"{m.replace('resnet', 'R')} {n}" for m, n in counts.items())
 
 
 def engine_launches(
@@ -238,90 +254,79 @@ def engine_launches(
     patch_sizes: Sequence[int],
     group_size: int = 2,
     tiles_for: Callable[[str, int, int], TileConfig] | None = None,
+    image_size: int = 224,
 ) -> list[Launch]:
-    """Every distinct kernel launch of spatial and channel modes for the given models
-    (ResNet-50 and -101 share all shapes; they differ in how many stage-3 blocks run).
-    Capacities are full (density 1): the compiled code does not depend on the density."""
+    """Every distinct kernel launch of spatial and channel modes for the models' blocks
+    (from laud_jax's network_spec). A patch size S is used on the stages whose output
+    grid it divides (the models accept no other). Capacities are full (density 1): the
+    compiled code does not depend on the density."""
     tiles_for = tiles_for or default_tiles
-    launches = []
-    for stage, (width, cout, out_hw) in enumerate(RESNET_STAGES):
-        for first in (True, False):
-            cin = (STEM_CHANNELS if stage == 0 else RESNET_STAGES[stage - 1][1]) if first else cout
-            stride = 2 if first and stage > 0 else 1
-            in_hw = out_hw * stride
-            block = f"stage{stage + 1}.{'first' if first else 'rest'}"
-            blocks = _block_count(models, stage, first)
-            for batch in batches:
-                for dtype_name in dtypes:
-                    dt = DTYPES[dtype_name]
-                    common = dict(blocks=blocks, batch=batch, dtype=dtype_name)
-                    pixels = batch * in_hw * in_hw
-                    t = tiles_for("gather_conv1x1", cin, width)
+    shapes = _block_shapes(models, image_size)
+    conv3_counts: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    for _, stage, block, counts in shapes:
+        for model, n in counts.items():
+            conv3_counts[stage][model] = conv3_counts[stage].get(model, 0) + n
+    launches, conv3_done = [], set()
+    for label, stage, block, counts in shapes:
+        cin, width, cout, stride = block.in_channels, block.width, block.out_channels, block.stride
+        in_hw, out_hw = block.h_in, block.h_out
+        sizes = [size for size in patch_sizes if out_hw % size == 0]
+        first_of_stage = stage not in conv3_done  # every block of a stage has the same conv3
+        conv3_done.add(stage)
+        for batch in batches:
+            for dtype_name in dtypes:
+                dt = DTYPES[dtype_name]
+                common = dict(blocks=_counts(counts), batch=batch, dtype=dtype_name)
+                stage_common = {**common, "blocks": _counts(conv3_counts[stage])}
+                t = tiles_for("gather_conv1x1", cin, width)
+                launches.append(Launch(
+                    kernel="gather_conv1x1", where=f"{label} conv1", mode="spatial",
+                    patch_size=None, shape=f"{batch}x{in_hw}x{in_hw}x{cin}->{width}", tiles=t,
+                    fn=functools.partial(gather_conv1x1, tiles=t),
+                    args=(S((batch, in_hw, in_hw, cin), dt), S((batch * in_hw * in_hw,), I32),
+                          S((), I32), S((cin, width), dt), S((width,), F32)),
+                    **common))
+                for size in sizes:
+                    grid = mask_grid(in_hw, stride, size)
+                    capacity = batch * grid * grid
+                    t = tiles_for("gather_conv3x3", width, width)
                     launches.append(Launch(
-                        kernel="gather_conv1x1", where=f"{block} conv1", mode="spatial",
-                        patch_size=None, shape=f"{batch}x{in_hw}x{in_hw}x{cin}->{width}", tiles=t,
-                        fn=functools.partial(gather_conv1x1, tiles=t),
-                        args=(S((batch, in_hw, in_hw, cin), dt), S((pixels,), I32), S((), I32),
-                              S((cin, width), dt), S((width,), F32)),
+                        kernel="gather_conv3x3", where=f"{label} conv2", mode="spatial",
+                        patch_size=size, tiles=t,
+                        shape=f"{capacity}x{size}x{size}x{width}<-{batch}x{in_hw}x{in_hw}/s{stride}",
+                        fn=functools.partial(gather_conv3x3, patch_size=size, stride=stride, tiles=t),
+                        args=(S((batch, in_hw, in_hw, width), dt), S((capacity,), I32), S((), I32),
+                              S((3, 3, width, width), dt), S((width,), F32)),
                         **common))
-                    for size in patch_sizes:
-                        grid = mask_grid(in_hw, stride, size)
-                        capacity = batch * grid * grid
-                        t = tiles_for("gather_conv3x3", width, width)
+                    if first_of_stage:
+                        t = tiles_for("conv1x1_scatter_add", width, cout)
                         launches.append(Launch(
-                            kernel="gather_conv3x3", where=f"{block} conv2", mode="spatial",
+                            kernel="conv1x1_scatter_add", where=f"{stage} conv3", mode="spatial",
                             patch_size=size, tiles=t,
-                            shape=f"{capacity}x{size}x{size}x{width}<-{batch}x{in_hw}x{in_hw}/s{stride}",
-                            fn=functools.partial(gather_conv3x3, patch_size=size, stride=stride, tiles=t),
-                            args=(S((batch, in_hw, in_hw, width), dt), S((capacity,), I32), S((), I32),
-                                  S((3, 3, width, width), dt), S((width,), F32)),
-                            **common))
-                        if first:  # every block of a stage launches the same conv3 shape
-                            t = tiles_for("conv1x1_scatter_add", width, cout)
-                            launches.append(Launch(
-                                kernel="conv1x1_scatter_add", where=f"stage{stage + 1} conv3",
-                                mode="spatial", patch_size=size, tiles=t,
-                                shape=f"{capacity}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
-                                fn=functools.partial(conv1x1_scatter_add, tiles=t),
-                                args=(S((capacity, size, size, width), dt), S((capacity,), I32),
-                                      S((), I32), S((width, cout), dt), S((cout,), F32),
-                                      S((batch, out_hw, out_hw, cout), dt)),
-                                **{**common, "blocks": _stage_blocks(models, stage)}))
-                    groups = width // group_size
-                    t = tiles_for("channel_gather_matmul", cin, width)
+                            shape=f"{capacity}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
+                            fn=functools.partial(conv1x1_scatter_add, tiles=t),
+                            args=(S((capacity, size, size, width), dt), S((capacity,), I32), S((), I32),
+                                  S((width, cout), dt), S((cout,), F32), S((batch, out_hw, out_hw, cout), dt)),
+                            **stage_common))
+                groups = width // group_size
+                t = tiles_for("channel_gather_matmul", cin, width)
+                launches.append(Launch(
+                    kernel="channel_gather_matmul", where=f"{label} conv1", mode="channel",
+                    patch_size=None, tiles=t, shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
+                    fn=_channel_fn(group_size, "out", t),
+                    args=(S((batch, in_hw * in_hw, cin), dt), S((cin, width), dt), S((width,), F32),
+                          S((batch, groups), I32), S((batch,), I32)),
+                    **common))
+                if first_of_stage:
+                    t = tiles_for("channel_gather_matmul", width, cout)
                     launches.append(Launch(
-                        kernel="channel_gather_matmul", where=f"{block} conv1", mode="channel",
-                        patch_size=None, tiles=t,
-                        shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
-                        fn=_channel_fn(group_size, "out", t),
-                        args=(S((batch, in_hw * in_hw, cin), dt), S((cin, width), dt), S((width,), F32),
+                        kernel="channel_gather_matmul", where=f"{stage} conv3", mode="channel",
+                        patch_size=None, tiles=t, shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
+                        fn=_channel_fn(group_size, "compact", t),
+                        args=(S((batch, out_hw * out_hw, width), dt), S((width, cout), dt), S((cout,), F32),
                               S((batch, groups), I32), S((batch,), I32)),
-                        **common))
-                    if first:
-                        t = tiles_for("channel_gather_matmul", width, cout)
-                        launches.append(Launch(
-                            kernel="channel_gather_matmul", where=f"stage{stage + 1} conv3",
-                            mode="channel", patch_size=None, tiles=t,
-                            shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
-                            fn=_channel_fn(group_size, "compact", t),
-                            args=(S((batch, out_hw * out_hw, width), dt), S((width, cout), dt),
-                                  S((cout,), F32), S((batch, groups), I32), S((batch,), I32)),
-                            **{**common, "blocks": _stage_blocks(models, stage)}))
-    return _unique(launches)
-
-
-def _stage_blocks(models: Sequence[str], stage: int) -> str:
-    return " / ".join(f"{m.replace('resnet', 'R')} {RESNET_BLOCKS[m][stage]}" for m in models)
-
-
-def _unique(launches: list[Launch]) -> list[Launch]:
-    seen, unique = set(), []
-    for launch in launches:
-        key = (launch.kernel, launch.where, launch.shape, launch.dtype, launch.mode)
-        if key not in seen:
-            seen.add(key)
-            unique.append(launch)
-    return unique
+                        **stage_common))
+    return launches
 
 
 def _channel_fn(group_size: int, mode: str, tiles: TileConfig) -> Callable[..., jax.Array]:
@@ -536,10 +541,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS),
                         help="compute capabilities to compile for (90 = H100, 80 = A100)")
-    parser.add_argument("--models", nargs="+", default=["resnet50", "resnet101"], choices=sorted(RESNET_BLOCKS))
+    parser.add_argument("--models", nargs="+", default=["resnet50", "resnet101"], choices=FUSED_ARCHS)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="S values")
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 7, 8],
+                        help="S values; each stage uses those that divide its output grid")
     parser.add_argument("--group-size", type=int, default=2, help="channels per channel-mask group")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
@@ -576,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     launches = [
         launch
-        for launch in engine_launches(args.models, args.batch, args.dtype, args.patch_sizes, args.group_size)
+        for launch in engine_launches(args.models, args.batch, args.dtype, args.patch_sizes,
+                                      args.group_size, image_size=args.image_size)
         if launch.kernel in args.kernels and int(launch.where[len("stage")]) in args.stages
     ]
     print(f"{len(launches)} launches x {len(args.arch)} targets", file=sys.stderr)
