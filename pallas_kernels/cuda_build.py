@@ -17,7 +17,7 @@ import dataclasses
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -149,8 +149,3 @@ def compile_for_cuda(
 ) -> list[CompiledKernel]:
     """Lower jit(fn)(*args) for sm_<arch> and compile every Pallas kernel in it."""
     return [compile_kernel(k, arch) for k in triton_kernels(lower_for_cuda(fn, *args, arch=arch))]
-
-
-def shape_structs(*arrays: Sequence[Any]) -> list[jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of the given arrays (to lower without allocating)."""
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]

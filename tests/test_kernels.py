@@ -444,3 +444,33 @@ def test_selfcheck_on_a_small_block():
     for record in records:
         assert record["relative_error"] <= 1e-5, record
         assert record["dense_ms"] > 0 and record["sparse_ms"] > 0
+
+
+@pytest.mark.parametrize("size, stride, hw", [(1, 1, 6), (2, 2, 9), (4, 1, 8), (7, 2, 13)])
+def test_dilated_pixel_mask_is_conv2_receptive_field(size, stride, hw):
+    """Brute force: every input pixel a 3x3/stride conv reads for an active output pixel."""
+    rng = np.random.default_rng(5)
+    grid = mask_grid(hw, stride, size)
+    out_hw = (hw - 1) // stride + 1
+    patches = _random_mask(rng, (2, grid, grid), 0.3)
+    expected = np.zeros((2, hw, hw), bool)
+    for b, oy, ox in np.argwhere(np.kron(patches, np.ones((1, size, size), bool))[:, :out_hw, :out_hw]):
+        for dy in range(3):
+            for dx in range(3):
+                y, x = oy * stride + dy - 1, ox * stride + dx - 1
+                if 0 <= y < hw and 0 <= x < hw:
+                    expected[b, y, x] = True
+    actual = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (hw, hw))
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_active_indices_and_capacity_buckets():
+    mask = jnp.asarray([[True, False, True], [False, True, True]])
+    ids, count = indices.active_indices(mask, 8)
+    assert int(count) == 4 and ids.dtype == jnp.int32
+    np.testing.assert_array_equal(ids[:4], [0, 2, 4, 5])
+    _, overflow = indices.active_indices(mask, 2)
+    assert int(overflow) == 4  # the caller sees that capacity 2 was too small
+    assert [indices.capacity_bucket(n, 100) for n in (0, 1, 3, 64, 65, 100)] == [1, 1, 4, 64, 100, 100]
+    with pytest.raises(ValueError, match="count=5 must lie in"):
+        indices.capacity_bucket(5, 4)
