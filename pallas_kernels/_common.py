@@ -268,6 +268,41 @@ def patch_rows(
     return slot_ok, image, oy, ox
 
 
+def tap_matmul(
+    mem: Memory,
+    src_ref: Any,
+    w_ref: Any,
+    *,
+    source: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    n_taps: int,
+    cin: int,
+    cout: int,
+    cols: jax.Array,
+    col_ok: jax.Array,
+    tiles: TileConfig,
+) -> jax.Array:
+    """sum_t src[rows_t] @ w[t * cin : (t + 1) * cin, cols] for one (block_m, block_n) tile.
+
+    `source(t)` gives the tile's source rows for tap t and which of them are valid
+    (invalid rows read as 0). One pipelined loop runs over taps x channel chunks.
+    """
+    bk = tiles.block_k
+    k_steps = pl.cdiv(cin, bk)
+
+    def step(it, acc):
+        tap = div(it, k_steps) if n_taps > 1 else 0
+        ks = rem(it, k_steps) * bk + jnp.arange(bk, dtype=jnp.int32)
+        k_ok = ks < cin
+        rows, ok = source(tap)
+        a = mem.load(src_ref, rows[:, None] * cin + ks[None, :], ok[:, None] & k_ok[None, :])
+        w_rows = tap * cin + ks
+        wt = mem.load(w_ref, w_rows[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :])
+        return acc + dot(a, wt)
+
+    zeros = jnp.zeros((tiles.block_m, tiles.block_n), jnp.float32)
+    return jax.lax.fori_loop(0, n_taps * k_steps, step, zeros)
+
+
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """Tile matmul with float32 accumulation (tf32 tensor cores for float32 on GPU)."""
     return jnp.dot(a, b, preferred_element_type=jnp.float32)

@@ -2,13 +2,11 @@
 
 Takes kernel 2's compact patches (capacity, S, S, Cin), computes conv3, adds the
 identity at each patch's place in the full-resolution output and applies relu. The
-identity buffer is aliased to the output (`input_output_aliases`): only the pixels of
-active patches are written; every other pixel keeps the identity unchanged.
-
-Skipped pixels of a bottleneck output relu(identity); that equals the identity when
-the identity is the previous block's (post-relu) output. When the identity can be
-negative (a downsample branch), apply relu to the whole result afterwards: relu is
-idempotent, so the active pixels are unaffected.
+output aliases a base buffer (`input_output_aliases`): only the pixels of active
+patches are written; every other pixel keeps the base. The base defaults to the identity
+itself (updated in place): skipped pixels of a bottleneck output relu(identity), which
+is the identity when it is the previous block's (post-relu) output. For a downsample
+identity (which can be negative) pass base=relu(identity).
 """
 
 from __future__ import annotations
@@ -37,6 +35,8 @@ def reference(
     w: jax.Array,
     b: jax.Array,
     identity: jax.Array,
+    *,
+    base: jax.Array | None = None,
 ) -> jax.Array:
     """Dense form: paste the patches on a canvas, dense 1x1 conv, masked residual + relu."""
     capacity, size, _, cin = h.shape
@@ -59,20 +59,20 @@ def reference(
         "bhwc,cd->bhwd", canvas, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
     y = jnp.maximum(identity.astype(jnp.float32) + branch + b.astype(jnp.float32), 0.0)
-    return jnp.where(active, y.astype(identity.dtype), identity)
+    return jnp.where(active, y.astype(identity.dtype), identity if base is None else base)
 
 
 def _kernel(
-    count_ref, idx_ref, h_ref, w_ref, b_ref, _identity_in, o_ref, *, geometry, cin, cout,
-    capacity, tiles, mem,
+    count_ref, idx_ref, h_ref, w_ref, b_ref, id_ref, *refs, geometry, cin, cout, capacity,
+    tiles, mem,
 ):
+    o_ref = refs[-1]  # the base buffer (the identity itself when no base is given)
     height, width, grid_h, grid_w, size = geometry
-    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    rows_per_patch = size * size
+    bm, bn = tiles.block_m, tiles.block_n
     pid_m, pid_n = pl.program_id(0), pl.program_id(1)
     count = jnp.minimum(c.load_scalar(count_ref), capacity)
 
-    @pl.when(pid_m * bm < count * rows_per_patch)
+    @pl.when(pid_m * bm < count * size * size)
     def _compute():
         rows = c.tile_range(pid_m, bm)
         slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, size, grid_h, grid_w)
@@ -80,19 +80,14 @@ def _kernel(
         pixel = (image * height + oy) * width + ox
         cols = c.tile_range(pid_n, bn)
         col_ok = cols < cout
-
-        def step(k_step, acc):
-            ks = k_step * bk + jnp.arange(bk, dtype=jnp.int32)
-            k_ok = ks < cin
-            a = mem.load(h_ref, rows[:, None] * cin + ks[None, :], slot_ok[:, None] & k_ok[None, :])
-            wt = mem.load(w_ref, ks[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :])
-            return acc + c.dot(a, wt)
-
-        acc = jax.lax.fori_loop(0, pl.cdiv(cin, bk), step, jnp.zeros((bm, bn), jnp.float32))
+        acc = c.tap_matmul(
+            mem, h_ref, w_ref, source=lambda _: (rows, slot_ok), n_taps=1, cin=cin, cout=cout,
+            cols=cols, col_ok=col_ok, tiles=tiles,
+        )
         bias = mem.load(b_ref, cols, col_ok).astype(jnp.float32)
         offsets = pixel[:, None] * cout + cols[None, :]
         write = out_ok[:, None] & col_ok[None, :]
-        identity = mem.load(o_ref, offsets, write).astype(jnp.float32)
+        identity = mem.load(id_ref, offsets, write).astype(jnp.float32)
         y = jnp.maximum(acc + bias[None, :] + identity, 0.0)
         mem.store(o_ref, offsets, y, write)
 
@@ -105,10 +100,12 @@ def conv1x1_scatter_add(
     b: jax.Array,
     identity: jax.Array,
     *,
+    base: jax.Array | None = None,
     tiles: TileConfig | None = None,
     implementation: Implementation = "pallas",
 ) -> jax.Array:
-    """identity with relu(identity + h @ w + b) pasted at every listed patch.
+    """`base` (default: the identity) with relu(identity + h @ w + b) pasted at every
+    listed patch.
 
     Args:
       h: (capacity, S, S, Cin) compact patches (kernel 2's output).
@@ -117,7 +114,10 @@ def conv1x1_scatter_add(
       patch_count: number of valid entries.
       w: (Cin, Cout) conv3 weight with BN folded in, same dtype as h.
       b: (Cout,) folded BN bias.
-      identity: (B, H, W, Cout) residual, same dtype as h; aliased to the output.
+      identity: (B, H, W, Cout) residual, same dtype as h; aliased to the output when
+        no base is given.
+      base: optional (B, H, W, Cout) output buffer (aliased): what pixels outside the
+        active patches hold, e.g. relu(identity) for a downsample identity.
       tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
       implementation: 'pallas', 'interpret' or 'reference'.
     """
@@ -141,13 +141,16 @@ def conv1x1_scatter_add(
     c.check_shape(NAME, "patch_indices", patch_indices, (capacity,))
     c.check_index_list(NAME, "patch_indices", patch_indices)
     count = c.as_count(NAME, "patch_count", patch_count)
+    if base is not None:
+        c.check_shape(NAME, "base", base, identity.shape)
+        c.check_dtype(NAME, "base", base, identity.dtype)
     c.check_addressable(NAME, "h", h)
     c.check_addressable(NAME, "identity", identity)
 
     if implementation == "reference":
-        return reference(h, patch_indices, count, w, b, identity)
+        return reference(h, patch_indices, count, w, b, identity, base=base)
     if capacity == 0:
-        return identity
+        return identity if base is None else base
     tiles = tiles or default_tiles(cin, cout)
     geometry = (height, width, -(-height // size), -(-width // size), size)
     kernel = functools.partial(
@@ -156,6 +159,8 @@ def conv1x1_scatter_add(
     )
     rows = capacity * size * size
     operands = [count.reshape(1), patch_indices, h.reshape(-1), w.reshape(-1), b, identity.reshape(-1)]
+    if base is not None:
+        operands.append(base.reshape(-1))
     result = c.pallas_call(
         kernel,
         operands,
@@ -164,6 +169,6 @@ def conv1x1_scatter_add(
         out_shape=((identity.size,), identity.dtype),
         tiles=tiles,
         implementation=implementation,
-        input_output_aliases={5: 0},
+        input_output_aliases={len(operands) - 1: 0},
     )
     return result.reshape(identity.shape)

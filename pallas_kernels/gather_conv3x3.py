@@ -82,45 +82,83 @@ def reference(
 
 
 def _kernel(
-    count_ref, idx_ref, h_ref, w_ref, b_ref, *refs, geometry, cin, cout, capacity, tiles, mem
+    count_ref, idx_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, capacity, relu,
+    tiles, mem,
 ):
+    """Rows slot * S * S + y * S + x of the compact output. `geometry` selects how a
+    tap's input row is found: ("image", H, W, Ho, Wo, Hm, Wm, S, s) computes its address
+    in the full-resolution input from the patch id; ("slots", T, S, s, R) reads it from
+    the (P, T, T) slot table (ids outside [0, R) read zeros)."""
     o_ref = refs[-1]
-    height, width, out_h, out_w, grid_h, grid_w, size, stride = geometry
-    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    rows_per_patch = size * size
+    bm, bn = tiles.block_m, tiles.block_n
     pid_m, pid_n = pl.program_id(0), pl.program_id(1)
     count = jnp.minimum(c.load_scalar(count_ref), capacity)
+    size, stride = geometry[-2:] if geometry[0] == "image" else geometry[2:4]
 
-    @pl.when(pid_m * bm < count * rows_per_patch)
+    @pl.when(pid_m * bm < count * size * size)
     def _compute():
         rows = c.tile_range(pid_m, bm)
-        slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, size, grid_h, grid_w)
-        out_ok = slot_ok & (oy < out_h) & (ox < out_w)
-        top = oy * stride - 1
-        left = ox * stride - 1
+        if geometry[0] == "image":
+            height, width, out_h, out_w, grid_h, grid_w = geometry[1:7]
+            slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, size, grid_h, grid_w)
+            out_ok = slot_ok & (oy < out_h) & (ox < out_w)
+
+            def source(tap):
+                iy = oy * stride - 1 + c.div(tap, 3)
+                ix = ox * stride - 1 + c.rem(tap, 3)
+                inside = out_ok & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+                return (image * height + iy) * width + ix, inside
+        else:
+            span, n_src = geometry[1], geometry[4]
+            slot = c.div(rows, size * size)
+            within = c.rem(rows, size * size)
+            slot_ok = out_ok = slot < count
+            top = slot * span * span + c.div(within, size) * stride * span + c.rem(within, size) * stride
+
+            def source(tap):
+                src_rows = mem.load(idx_ref, top + c.div(tap, 3) * span + c.rem(tap, 3), slot_ok)
+                return src_rows, slot_ok & (src_rows >= 0) & (src_rows < n_src)
+
         cols = c.tile_range(pid_n, bn)
         col_ok = cols < cout
-        k_steps = pl.cdiv(cin, bk)
-
-        def step(it, acc):
-            tap = c.div(it, k_steps)
-            ks = c.rem(it, k_steps) * bk + jnp.arange(bk, dtype=jnp.int32)
-            k_ok = ks < cin
-            iy = top + c.div(tap, 3)
-            ix = left + c.rem(tap, 3)
-            inside = out_ok & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
-            pixel = (image * height + iy) * width + ix
-            a = mem.load(h_ref, pixel[:, None] * cin + ks[None, :], inside[:, None] & k_ok[None, :])
-            w_rows = tap * cin + ks
-            wt = mem.load(
-                w_ref, w_rows[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :]
-            )
-            return acc + c.dot(a, wt)
-
-        acc = jax.lax.fori_loop(0, 9 * k_steps, step, jnp.zeros((bm, bn), jnp.float32))
-        bias = mem.load(b_ref, cols, col_ok).astype(jnp.float32)
-        y = jnp.where(out_ok[:, None], jnp.maximum(acc + bias[None, :], 0.0), 0.0)
+        acc = c.tap_matmul(
+            mem, src_ref, w_ref, source=source, n_taps=9, cin=cin, cout=cout, cols=cols,
+            col_ok=col_ok, tiles=tiles,
+        )
+        y = acc + mem.load(b_ref, cols, col_ok).astype(jnp.float32)[None, :]
+        if relu:
+            y = jnp.maximum(y, 0.0)
+        y = jnp.where(out_ok[:, None], y, 0.0)
         mem.store(o_ref, rows[:, None] * cout + cols[None, :], y, slot_ok[:, None] & col_ok[None, :])
+
+
+def _launch(
+    name: str, count: jax.Array, index: jax.Array, src: jax.Array, w: jax.Array, b: jax.Array,
+    out: jax.Array | None, *, geometry: tuple, capacity: int, size: int, relu: bool,
+    tiles: TileConfig, implementation: str,
+) -> jax.Array:
+    cin, cout = w.shape[2], w.shape[3]
+    kernel = functools.partial(
+        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, relu=relu,
+        tiles=tiles, mem=c.Memory(implementation == "interpret"),
+    )
+    operands = [count.reshape(1), index.reshape(-1), src.reshape(-1), w.reshape(-1), b]
+    aliases = {}
+    if out is not None:
+        aliases = {len(operands): 0}
+        operands.append(out.reshape(-1))
+    rows = capacity * size * size
+    result = c.pallas_call(
+        kernel,
+        operands,
+        name=name,
+        grid=(pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
+        out_shape=((rows * cout,), src.dtype),
+        tiles=tiles,
+        implementation=implementation,
+        input_output_aliases=aliases,
+    )
+    return result.reshape(capacity, size, size, cout)
 
 
 def gather_conv3x3(
@@ -190,6 +228,7 @@ def gather_conv3x3(
         return jnp.zeros(out_shape, h.dtype)
     tiles = tiles or default_tiles(cin, cout)
     geometry = (
+        "image",
         height,
         width,
         output_size(height, stride),
@@ -199,24 +238,88 @@ def gather_conv3x3(
         patch_size,
         stride,
     )
-    kernel = functools.partial(
-        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles,
-        mem=c.Memory(implementation == "interpret"),
+    return _launch(
+        NAME, count, patch_indices, h, w, b, out, geometry=geometry, capacity=capacity,
+        size=patch_size, relu=True, tiles=tiles, implementation=implementation,
     )
-    operands = [count.reshape(1), patch_indices, h.reshape(-1), w.reshape(-1), b]
-    aliases = {}
-    if out is not None:
-        aliases = {len(operands): 0}
-        operands.append(out.reshape(-1))
-    rows = capacity * patch_size * patch_size
-    result = c.pallas_call(
-        kernel,
-        operands,
-        name=NAME,
-        grid=(pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
-        out_shape=((rows * cout,), h.dtype),
-        tiles=tiles,
-        implementation=implementation,
-        input_output_aliases=aliases,
+
+
+def patch_conv_reference(
+    rows: jax.Array, slots: jax.Array, w: jax.Array, b: jax.Array, *, stride: int, relu: bool
+) -> jax.Array:
+    """Pure-jnp patch_conv: gather the windows, VALID conv."""
+    patches, span, _ = slots.shape
+    slots = jnp.where(slots >= 0, slots, rows.shape[0])  # negative ids read zeros too
+    windows = jnp.take(rows, slots.reshape(-1), axis=0, mode="fill", fill_value=0)
+    windows = windows.reshape(patches, span, span, rows.shape[-1]).astype(jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        windows, w.astype(jnp.float32), (stride, stride), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+    ) + b.astype(jnp.float32)
+    return (jnp.maximum(y, 0.0) if relu else y).astype(rows.dtype)
+
+
+def patch_conv(
+    rows: jax.Array,
+    slots: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    *,
+    stride: int,
+    relu: bool = True,
+    tiles: TileConfig | None = None,
+    implementation: Implementation = "pallas",
+) -> jax.Array:
+    """The sparse engine's form of kernel 2: 3x3 VALID conv over gathered patch windows.
+
+    Args:
+      rows: (R, Cin) compact conv1 output rows.
+      slots: (P, T, T) int32: for each patch, the row of every pixel of its T x T window
+        (T = (S - 1) * stride + 3); ids outside [0, R) read zeros (image border, pixels
+        outside conv1's mask, padding patches).
+      w: (3, 3, Cin, Cout) HWIO weight (BN folded in), same dtype as rows.
+      b: (Cout,) bias.
+      stride: 1 or 2.
+      relu: apply relu after the bias.
+      tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
+      implementation: 'pallas', 'interpret' or 'reference'.
+
+    Returns:
+      (P, S, S, Cout); every patch is written.
+    """
+    name = "patch_conv"
+    c.check_implementation(name, implementation)
+    c.check_ndim(name, "rows", rows, 2, "(R, Cin) rows")
+    c.check_dtype(name, "rows", rows)
+    cin = rows.shape[1]
+    c.check_ndim(name, "slots", slots, 3, "(P, T, T) slot table")
+    if slots.dtype != jnp.int32:
+        raise TypeError(f"{name}: slots.dtype={slots.dtype}, expected int32.")
+    if stride not in (1, 2):
+        raise ValueError(f"{name}: stride={stride!r}; supported strides are 1 and 2.")
+    patches, span, span_w = slots.shape
+    if span != span_w or span < 3 or (span - 3) % stride:
+        raise ValueError(
+            f"{name}: slots.shape={slots.shape}: windows must be T x T with T = (S - 1) * {stride} + 3."
+        )
+    size = (span - 3) // stride + 1
+    c.check_ndim(name, "w", w, 4, "HWIO (3, 3, Cin, Cout)")
+    if w.shape[:3] != (3, 3, cin):
+        raise ValueError(f"{name}: w.shape={w.shape}, expected (3, 3, {cin}, Cout) for rows with Cin={cin}.")
+    c.check_dtype(name, "w", w, rows.dtype)
+    cout = w.shape[3]
+    c.check_shape(name, "b", b, (cout,))
+    c.check_dtype(name, "b", b)
+    c.check_addressable(name, "rows", rows)
+    c.check_addressable(name, "slots", slots)
+    c.check_addressable(name, "out", jax.ShapeDtypeStruct((patches, size, size, cout), rows.dtype))
+    if implementation == "reference":
+        return patch_conv_reference(rows, slots, w, b, stride=stride, relu=relu)
+    if patches == 0:
+        return jnp.zeros((0, size, size, cout), rows.dtype)
+    tiles = tiles or default_tiles(cin, cout)
+    return _launch(
+        name, jnp.asarray(patches, jnp.int32), slots, rows, w, b, None,
+        geometry=("slots", span, size, stride, rows.shape[0]), capacity=patches, size=size,
+        relu=relu, tiles=tiles, implementation=implementation,
     )
-    return result.reshape(out_shape)

@@ -47,9 +47,9 @@ from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
 from pallas_kernels.conv1x1_scatter_add import default_tiles as scatter_tiles
 from pallas_kernels.gather_conv1x1 import default_tiles as conv1_tiles
-from pallas_kernels.gather_conv1x1 import gather_conv1x1
+from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul
 from pallas_kernels.gather_conv3x3 import default_tiles as conv3x3_tiles
-from pallas_kernels.gather_conv3x3 import gather_conv3x3, mask_grid
+from pallas_kernels.gather_conv3x3 import gather_conv3x3, mask_grid, patch_conv
 
 # ---- hardware limits (CUDA occupancy calculator, per SM) -------------------------------
 
@@ -286,6 +286,14 @@ def engine_launches(
                     args=(S((batch, in_hw, in_hw, cin), dt), S((batch * in_hw * in_hw,), I32),
                           S((), I32), S((cin, width), dt), S((width,), F32)),
                     **common))
+                pixels = batch * in_hw * in_hw
+                t = tiles_for("gather_matmul", cin, width)
+                launches.append(Launch(
+                    kernel="gather_matmul", where=f"{label} conv1", mode="spatial",
+                    patch_size=None, shape=f"{pixels}x{cin}->{width}", tiles=t,
+                    fn=functools.partial(gather_matmul, tiles=t),
+                    args=(S((pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
+                    **common))
                 for size in sizes:
                     grid = mask_grid(in_hw, stride, size)
                     capacity = batch * grid * grid
@@ -296,6 +304,16 @@ def engine_launches(
                         shape=f"{capacity}x{size}x{size}x{width}<-{batch}x{in_hw}x{in_hw}/s{stride}",
                         fn=functools.partial(gather_conv3x3, patch_size=size, stride=stride, tiles=t),
                         args=(S((batch, in_hw, in_hw, width), dt), S((capacity,), I32), S((), I32),
+                              S((3, 3, width, width), dt), S((width,), F32)),
+                        **common))
+                    span = (size - 1) * stride + 3
+                    t = tiles_for("patch_conv", width, width)
+                    launches.append(Launch(
+                        kernel="patch_conv", where=f"{label} conv2", mode="spatial",
+                        patch_size=size, tiles=t,
+                        shape=f"{capacity}x{size}x{size}x{width}<-{pixels}x{width}/s{stride}",
+                        fn=functools.partial(patch_conv, stride=stride, tiles=t),
+                        args=(S((pixels, width), dt), S((capacity, span, span), I32),
                               S((3, 3, width, width), dt), S((width,), F32)),
                         **common))
                     if first_of_stage:
@@ -342,7 +360,9 @@ def _channel_fn(group_size: int, mode: str, tiles: TileConfig) -> Callable[..., 
 
 DEFAULT_TILES = {
     "gather_conv1x1": conv1_tiles,
+    "gather_matmul": conv1_tiles,
     "gather_conv3x3": conv3x3_tiles,
+    "patch_conv": conv3x3_tiles,
     "conv1x1_scatter_add": scatter_tiles,
     "channel_gather_matmul": channel_tiles,
 }

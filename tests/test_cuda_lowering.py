@@ -13,8 +13,8 @@ import pytest
 from pallas_kernels import cuda_build
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
-from pallas_kernels.gather_conv1x1 import gather_conv1x1
-from pallas_kernels.gather_conv3x3 import gather_conv3x3
+from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul
+from pallas_kernels.gather_conv3x3 import gather_conv3x3, patch_conv
 
 S = jax.ShapeDtypeStruct
 I32 = jnp.int32
@@ -37,11 +37,24 @@ def _conv3x3(batch, hw, cin, cout, size, stride, capacity, dtype):
     )
 
 
-def _scatter(batch, hw, cin, cout, size, capacity, dtype):
-    return conv1x1_scatter_add, (
+def _scatter(batch, hw, cin, cout, size, capacity, dtype, base=False):
+    args = (
         S((capacity, size, size, cin), dtype), S((capacity,), I32), S((), I32),
         S((cin, cout), dtype), S((cout,), F32), S((batch, hw, hw, cout), dtype),
     )
+    if not base:
+        return conv1x1_scatter_add, args
+    return (lambda *a: conv1x1_scatter_add(*a[:-1], base=a[-1])), (*args, args[-1])
+
+
+def _gather_matmul(rows, taps, cin, cout, n, dtype):
+    return gather_matmul, (S((rows, cin), dtype), S((n, taps), I32), S((taps * cin, cout), dtype), S((cout,), F32))
+
+
+def _patch_conv(rows, patches, cin, cout, size, stride, dtype):
+    span = (size - 1) * stride + 3
+    fn = functools.partial(patch_conv, stride=stride)
+    return fn, (S((rows, cin), dtype), S((patches, span, span), I32), S((3, 3, cin, cout), dtype), S((cout,), F32))
 
 
 def _channels(batch, m, k, n, group, mode, dtype):
@@ -71,6 +84,11 @@ CASES = {
     "scatter-S1-f32": _scatter(8, 56, 64, 256, 1, 8192, F32),
     "scatter-S7-bf16": _scatter(1, 7, 512, 2048, 7, 1, BF16),
     "scatter-S4-odd-f32": _scatter(2, 13, 24, 40, 4, 16, F32),
+    "scatter-base-S2-bf16": _scatter(8, 28, 128, 512, 2, 1568, BF16, base=True),
+    "gather-matmul-1tap-bf16": _gather_matmul(25088, 1, 256, 64, 25088, BF16),
+    "gather-matmul-9tap-f32": _gather_matmul(3136, 9, 64, 64, 4096, F32),
+    "patch-conv-S2-s2-f32": _patch_conv(12544, 196, 128, 128, 2, 2, F32),
+    "patch-conv-S7-s1-bf16": _patch_conv(196, 4, 256, 256, 7, 1, BF16),
     "channels-dense-bf16": _channels(1, 3136, 256, 64, 2, "dense", BF16),
     "channels-in-f32": _channels(8, 784, 128, 512, 2, "in", F32),
     "channels-out-bf16": _channels(2, 49, 2048, 440, 8, "out", BF16),
@@ -89,7 +107,8 @@ def test_lowers_for_h100_and_verifies(name):
 @pytest.mark.parametrize(
     "name, arch",
     [("conv1-odd-bf16", 80), ("conv3x3-S7-s1-f32", 90), ("conv3x3-S8-s2-bf16", 80),
-     ("scatter-S4-odd-f32", 90), ("channels-out-bf16", 90)],
+     ("scatter-S4-odd-f32", 90), ("channels-out-bf16", 90), ("patch-conv-S7-s1-bf16", 80),
+     ("gather-matmul-9tap-f32", 90)],
 )
 def test_odd_shapes_compile_to_cubin(name, arch):
     fn, args = CASES[name]

@@ -19,8 +19,8 @@ import pytest
 from pallas_kernels import TileConfig, indices
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
-from pallas_kernels.gather_conv1x1 import gather_conv1x1
-from pallas_kernels.gather_conv3x3 import gather_conv3x3, mask_grid
+from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul
+from pallas_kernels.gather_conv3x3 import gather_conv3x3, mask_grid, patch_conv
 
 DENSITIES = (0.0, 0.1, 0.5, 1.0)
 TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -204,6 +204,8 @@ class TestConv1x1ScatterAdd(KernelTestBase):
         dict(batch=2, hw=9, cin=16, cout=40, S=4, dtype=jnp.float32),
         dict(batch=1, hw=7, cin=16, cout=16, S=7, dtype=jnp.bfloat16),
         dict(batch=2, hw=12, cin=8, cout=24, S=8, dtype=jnp.float32),
+        dict(batch=2, hw=8, cin=16, cout=16, S=2, dtype=jnp.float32, base=True),
+        dict(batch=1, hw=14, cin=32, cout=24, S=7, dtype=jnp.bfloat16, base=True),
     ]
 
     def make(self, case, density, rng):
@@ -217,8 +219,9 @@ class TestConv1x1ScatterAdd(KernelTestBase):
             patch_count=jnp.int32(patches.sum()),
             w=_normal(rng, (case["cin"], case["cout"]), dtype, case["cin"] ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
-            # The identity is the output buffer: untouched pixels must keep it exactly.
+            # The identity (or the base) is the output buffer: untouched pixels keep it exactly.
             identity=_normal(rng, (b, hw, hw, case["cout"]), dtype),
+            **({"base": _normal(rng, (b, hw, hw, case["cout"]), dtype)} if case.get("base") else {}),
         )
 
     def run(self, inputs, implementation):
@@ -231,24 +234,104 @@ class TestConv1x1ScatterAdd(KernelTestBase):
         grid = -(-hw // size)
         h = np.asarray(inputs["h"], np.float32)
         w, bias = np.asarray(inputs["w"], np.float32), np.asarray(inputs["b"])
-        out = identity.copy()
+        out = np.array(inputs.get("base", identity), np.float32)
         for slot, patch in enumerate(np.asarray(inputs["patch_indices"])[: int(inputs["patch_count"])]):
             image, cell = divmod(int(patch), grid * grid)
             i, j = divmod(cell, grid)
             rows, cols = slice(i * size, (i + 1) * size), slice(j * size, (j + 1) * size)
-            region = out[image, rows, cols]
+            region = identity[image, rows, cols]
             branch = h[slot, : region.shape[0], : region.shape[1]] @ w + bias
             out[image, rows, cols] = np.maximum(region + branch, 0.0)
         return out
 
-    def test_untouched_pixels_keep_identity_bits(self, case):
+    def test_untouched_pixels_keep_base_bits(self, case):
         rng = np.random.default_rng(2)
         inputs = self.make(case, 0.5, rng)
         actual = np.asarray(self.run(inputs, "interpret"), np.float32)
         expected = self.expected(inputs)
-        identity = np.asarray(inputs["identity"], np.float32)
-        untouched = expected == identity
-        np.testing.assert_array_equal(actual[untouched], identity[untouched])
+        base = np.asarray(inputs.get("base", inputs["identity"]), np.float32)
+        untouched = expected == base
+        np.testing.assert_array_equal(actual[untouched], base[untouched])
+
+
+def _random_ids(rng, shape, total: int, density: float) -> jnp.ndarray:
+    """Row ids in [0, total) with probability `density`, else out of range (sentinel
+    `total`, or -1): those must read as zeros."""
+    ids = rng.integers(0, total, shape)
+    off = rng.random(shape) >= density
+    ids = np.where(off, np.where(rng.random(shape) < 0.5, total, -1), ids)
+    return jnp.asarray(ids.astype(np.int32))
+
+
+class TestGatherMatmul(KernelTestBase):
+    """The sparse engine's conv1 primitive: compact rows from (N, K) tap tables."""
+
+    CASES = [
+        dict(rows=50, taps=1, cin=24, cout=40, n=64, relu=True, dtype=jnp.float32),
+        dict(rows=40, taps=9, cin=16, cout=16, n=33, relu=False, dtype=jnp.float32),
+        dict(rows=70, taps=1, cin=64, cout=32, n=100, relu=True, dtype=jnp.bfloat16),
+        dict(rows=30, taps=9, cin=8, cout=24, n=16, relu=True, dtype=jnp.bfloat16),
+    ]
+
+    def make(self, case, density, rng):
+        dtype = case["dtype"]
+        return dict(
+            src=_normal(rng, (case["rows"], case["cin"]), dtype),
+            taps=_random_ids(rng, (case["n"], case["taps"]), case["rows"], density),
+            w=_normal(rng, (case["taps"] * case["cin"], case["cout"]), dtype, (case["taps"] * case["cin"]) ** -0.5),
+            b=_normal(rng, (case["cout"],), jnp.float32),
+            relu=case["relu"],
+        )
+
+    def run(self, inputs, implementation):
+        return gather_matmul(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        src, taps = np.asarray(inputs["src"], np.float32), np.asarray(inputs["taps"])
+        inside = (taps >= 0) & (taps < src.shape[0])
+        gathered = np.where(inside[..., None], src[np.clip(taps, 0, src.shape[0] - 1)], 0.0)
+        y = gathered.reshape(taps.shape[0], -1) @ np.asarray(inputs["w"], np.float32) + np.asarray(inputs["b"])
+        return np.maximum(y, 0.0) if inputs["relu"] else y
+
+
+class TestPatchConv(KernelTestBase):
+    """The sparse engine's conv2 primitive: 3x3 VALID conv over (P, T, T) slot tables."""
+
+    CASES = [
+        dict(rows=60, patches=20, cin=16, cout=16, S=1, s=1, dtype=jnp.float32),
+        dict(rows=90, patches=6, cin=24, cout=40, S=2, s=2, dtype=jnp.bfloat16),
+        dict(rows=120, patches=4, cin=16, cout=16, S=4, s=1, dtype=jnp.float32),
+        dict(rows=200, patches=2, cin=8, cout=16, S=7, s=2, dtype=jnp.float32),
+        dict(rows=100, patches=3, cin=16, cout=32, S=7, s=1, dtype=jnp.bfloat16),
+    ]
+
+    def make(self, case, density, rng):
+        size, stride, dtype = case["S"], case["s"], case["dtype"]
+        span = (size - 1) * stride + 3
+        return dict(
+            rows=_normal(rng, (case["rows"], case["cin"]), dtype),
+            slots=_random_ids(rng, (case["patches"], span, span), case["rows"], density),
+            w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
+            b=_normal(rng, (case["cout"],), jnp.float32),
+            stride=stride,
+        )
+
+    def run(self, inputs, implementation):
+        return patch_conv(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        rows, slots = np.asarray(inputs["rows"], np.float32), np.asarray(inputs["slots"])
+        w, stride = np.asarray(inputs["w"], np.float32), inputs["stride"]
+        patches, span, _ = slots.shape
+        size = (span - 3) // stride + 1
+        inside = (slots >= 0) & (slots < rows.shape[0])
+        windows = np.where(inside[..., None], rows[np.clip(slots, 0, rows.shape[0] - 1)], 0.0)
+        out = np.zeros((patches, size, size, w.shape[-1]), np.float32)
+        for dy in range(3):
+            for dx in range(3):
+                taps = windows[:, dy : dy + stride * (size - 1) + 1 : stride, dx : dx + stride * (size - 1) + 1 : stride]
+                out += taps @ w[dy, dx]
+        return np.maximum(out + np.asarray(inputs["b"]), 0.0)
 
 
 class TestChannelGatherMatmul(KernelTestBase):
