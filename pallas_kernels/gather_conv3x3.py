@@ -18,6 +18,7 @@ are written as 0; padding slots (>= patch_count) are never written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -81,43 +82,66 @@ def reference(
     return out.at[jnp.where(valid, jnp.arange(capacity), capacity)].set(gathered, mode="drop")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Where a patch's input pixels are. kind "image": the index list holds patch ids
+    and the input is the full-resolution map; kind "lookup": the index list holds each
+    patch's (sample, row, col) start and the input is compact rows, found through a
+    per-pixel row map (rows >= n_src read zeros)."""
+
+    kind: str
+    batch: int
+    height: int  # input map
+    width: int
+    size: int  # S
+    stride: int
+    grid_h: int = 0  # mask grid ("image")
+    grid_w: int = 0
+    n_src: int = 0  # compact rows ("lookup")
+
+    @property
+    def out_h(self) -> int:
+        return output_size(self.height, self.stride)
+
+    @property
+    def out_w(self) -> int:
+        return output_size(self.width, self.stride)
+
+
 def _kernel(
     count_ref, idx_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, capacity, relu,
     tiles, mem,
 ):
-    """Rows slot * S * S + y * S + x of the compact output. `geometry` selects how a
-    tap's input row is found: ("image", H, W, Ho, Wo, Hm, Wm, S, s) computes its address
-    in the full-resolution input from the patch id; ("slots", T, S, s, R) reads it from
-    the (P, T, T) slot table (ids outside [0, R) read zeros)."""
+    """Rows slot * S * S + y * S + x of the compact (P, S, S, Cout) output."""
     o_ref = refs[-1]
+    g = geometry
     bm, bn = tiles.block_m, tiles.block_n
     pid_m, pid_n = pl.program_id(0), pl.program_id(1)
     count = jnp.minimum(c.load_scalar(count_ref), capacity)
-    size, stride = geometry[-2:] if geometry[0] == "image" else geometry[2:4]
 
-    @pl.when(pid_m * bm < count * size * size)
+    @pl.when(pid_m * bm < count * g.size * g.size)
     def _compute():
         rows = c.tile_range(pid_m, bm)
-        if geometry[0] == "image":
-            height, width, out_h, out_w, grid_h, grid_w = geometry[1:7]
-            slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, size, grid_h, grid_w)
-            out_ok = slot_ok & (oy < out_h) & (ox < out_w)
-
-            def source(tap):
-                iy = oy * stride - 1 + c.div(tap, 3)
-                ix = ox * stride - 1 + c.rem(tap, 3)
-                inside = out_ok & (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
-                return (image * height + iy) * width + ix, inside
+        if g.kind == "image":
+            slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, g.size, g.grid_h, g.grid_w)
         else:
-            span, n_src = geometry[1], geometry[4]
-            slot = c.div(rows, size * size)
-            within = c.rem(rows, size * size)
-            slot_ok = out_ok = slot < count
-            top = slot * span * span + c.div(within, size) * stride * span + c.rem(within, size) * stride
+            slot = c.div(rows, g.size * g.size)
+            within = c.rem(rows, g.size * g.size)
+            slot_ok = slot < count
+            image = mem.load(idx_ref, slot * 3, slot_ok)
+            oy = mem.load(idx_ref, slot * 3 + 1, slot_ok) + c.div(within, g.size)
+            ox = mem.load(idx_ref, slot * 3 + 2, slot_ok) + c.rem(within, g.size)
+        out_ok = slot_ok & (image < g.batch) & (oy < g.out_h) & (ox < g.out_w)
 
-            def source(tap):
-                src_rows = mem.load(idx_ref, top + c.div(tap, 3) * span + c.rem(tap, 3), slot_ok)
-                return src_rows, slot_ok & (src_rows >= 0) & (src_rows < n_src)
+        def source(tap):
+            iy = oy * g.stride - 1 + c.div(tap, 3)
+            ix = ox * g.stride - 1 + c.rem(tap, 3)
+            inside = out_ok & (iy >= 0) & (iy < g.height) & (ix >= 0) & (ix < g.width)
+            pixel = (image * g.height + iy) * g.width + ix
+            if g.kind == "image":
+                return pixel, inside
+            src_rows = mem.load(refs[0], pixel, inside)
+            return src_rows, inside & (src_rows >= 0) & (src_rows < g.n_src)
 
         cols = c.tile_range(pid_n, bn)
         col_ok = cols < cout
@@ -134,15 +158,18 @@ def _kernel(
 
 def _launch(
     name: str, count: jax.Array, index: jax.Array, src: jax.Array, w: jax.Array, b: jax.Array,
-    out: jax.Array | None, *, geometry: tuple, capacity: int, size: int, relu: bool,
-    tiles: TileConfig, implementation: str,
+    lookup: jax.Array | None, out: jax.Array | None, *, geometry: _Geometry, capacity: int,
+    relu: bool, tiles: TileConfig, implementation: str,
 ) -> jax.Array:
     cin, cout = w.shape[2], w.shape[3]
+    size = geometry.size
     kernel = functools.partial(
         _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, relu=relu,
         tiles=tiles, mem=c.Memory(implementation == "interpret"),
     )
     operands = [count.reshape(1), index.reshape(-1), src.reshape(-1), w.reshape(-1), b]
+    if lookup is not None:
+        operands.append(lookup)
     aliases = {}
     if out is not None:
         aliases = {len(operands): 0}
@@ -227,82 +254,86 @@ def gather_conv3x3(
     if capacity == 0:
         return jnp.zeros(out_shape, h.dtype)
     tiles = tiles or default_tiles(cin, cout)
-    geometry = (
-        "image",
-        height,
-        width,
-        output_size(height, stride),
-        output_size(width, stride),
-        mask_grid(height, stride, patch_size),
-        mask_grid(width, stride, patch_size),
-        patch_size,
-        stride,
+    geometry = _Geometry(
+        "image", batch, height, width, patch_size, stride,
+        grid_h=mask_grid(height, stride, patch_size), grid_w=mask_grid(width, stride, patch_size),
     )
     return _launch(
-        NAME, count, patch_indices, h, w, b, out, geometry=geometry, capacity=capacity,
-        size=patch_size, relu=True, tiles=tiles, implementation=implementation,
+        NAME, count, patch_indices, h, w, b, None, out, geometry=geometry, capacity=capacity,
+        relu=True, tiles=tiles, implementation=implementation,
     )
 
 
 def patch_conv_reference(
-    rows: jax.Array, slots: jax.Array, w: jax.Array, b: jax.Array, *, stride: int, relu: bool
+    rows: jax.Array, coords: jax.Array, starts: jax.Array, w: jax.Array, b: jax.Array, *,
+    grid: tuple[int, int, int], size: int, stride: int, relu: bool,
 ) -> jax.Array:
-    """Pure-jnp patch_conv: gather the windows, VALID conv."""
-    patches, span, _ = slots.shape
-    slots = jnp.where(slots >= 0, slots, rows.shape[0])  # negative ids read zeros too
-    windows = jnp.take(rows, slots.reshape(-1), axis=0, mode="fill", fill_value=0)
-    windows = windows.reshape(patches, span, span, rows.shape[-1]).astype(jnp.float32)
+    """Pure-jnp patch_conv: paste the rows on a zero map, conv, cut the patches out."""
+    batch, height, width = grid
+    canvas = jnp.zeros((batch, height, width, rows.shape[-1]), jnp.float32)
+    canvas = canvas.at[coords[:, 0], coords[:, 1], coords[:, 2]].set(rows.astype(jnp.float32), mode="drop")
     y = jax.lax.conv_general_dilated(
-        windows, w.astype(jnp.float32), (stride, stride), "VALID",
+        canvas, w.astype(jnp.float32), (stride, stride), ((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
     ) + b.astype(jnp.float32)
-    return (jnp.maximum(y, 0.0) if relu else y).astype(rows.dtype)
+    y = jnp.maximum(y, 0.0) if relu else y
+    offsets = jnp.arange(size)
+    index = (starts[:, 0, None, None], starts[:, 1, None, None] + offsets[:, None],
+             starts[:, 2, None, None] + offsets[None, :])
+    return y.at[index].get(mode="fill", fill_value=0).astype(rows.dtype)
 
 
 def patch_conv(
     rows: jax.Array,
-    slots: jax.Array,
+    coords: jax.Array,
+    starts: jax.Array,
     w: jax.Array,
     b: jax.Array,
     *,
+    grid: tuple[int, int, int],
+    size: int,
     stride: int,
     relu: bool = True,
     tiles: TileConfig | None = None,
     implementation: Implementation = "pallas",
 ) -> jax.Array:
-    """The sparse engine's form of kernel 2: 3x3 VALID conv over gathered patch windows.
+    """The sparse engine's form of kernel 2: 3x3 conv (padding 1) of a sparse map on patches.
 
     Args:
-      rows: (R, Cin) compact conv1 output rows.
-      slots: (P, T, T) int32: for each patch, the row of every pixel of its T x T window
-        (T = (S - 1) * stride + 3); ids outside [0, R) read zeros (image border, pixels
-        outside conv1's mask, padding patches).
+      rows: (N, Cin) compact conv1 output, row i at pixel coords[i] of a map of shape
+        `grid` that is zero elsewhere.
+      coords: (N, 3) int32 (sample, row, col); rows with sample >= B are padding.
+      starts: (P, 3) int32 (sample, row, col) of each patch's first output pixel;
+        patches with sample >= B are padding (written as zeros).
       w: (3, 3, Cin, Cout) HWIO weight (BN folded in), same dtype as rows.
       b: (Cout,) bias.
+      grid: (B, H, W) of the input map.
+      size: S, the patch side on the output grid.
       stride: 1 or 2.
       relu: apply relu after the bias.
       tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
       implementation: 'pallas', 'interpret' or 'reference'.
 
     Returns:
-      (P, S, S, Cout); every patch is written.
+      (P, S, S, Cout). Conv1's rows are found through a per-pixel row map (int32, one
+      entry per pixel of the map) built here, not through a zero-filled copy of the map.
     """
     name = "patch_conv"
     c.check_implementation(name, implementation)
-    c.check_ndim(name, "rows", rows, 2, "(R, Cin) rows")
+    c.check_ndim(name, "rows", rows, 2, "(N, Cin) rows")
     c.check_dtype(name, "rows", rows)
-    cin = rows.shape[1]
-    c.check_ndim(name, "slots", slots, 3, "(P, T, T) slot table")
-    if slots.dtype != jnp.int32:
-        raise TypeError(f"{name}: slots.dtype={slots.dtype}, expected int32.")
+    n_src, cin = rows.shape
+    for arg, array, count_rows in (("coords", coords, n_src), ("starts", starts, None)):
+        c.check_ndim(name, arg, array, 2, "(rows, 3) (sample, row, col)")
+        if array.shape[1] != 3 or (count_rows is not None and array.shape[0] != count_rows):
+            raise ValueError(f"{name}: {arg}.shape={array.shape}, expected ({count_rows or 'P'}, 3).")
+        if array.dtype != jnp.int32:
+            raise TypeError(f"{name}: {arg}.dtype={array.dtype}, expected int32.")
+    batch, height, width = grid
     if stride not in (1, 2):
         raise ValueError(f"{name}: stride={stride!r}; supported strides are 1 and 2.")
-    patches, span, span_w = slots.shape
-    if span != span_w or span < 3 or (span - 3) % stride:
-        raise ValueError(
-            f"{name}: slots.shape={slots.shape}: windows must be T x T with T = (S - 1) * {stride} + 3."
-        )
-    size = (span - 3) // stride + 1
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{name}: size={size!r}; must be an int >= 1.")
     c.check_ndim(name, "w", w, 4, "HWIO (3, 3, Cin, Cout)")
     if w.shape[:3] != (3, 3, cin):
         raise ValueError(f"{name}: w.shape={w.shape}, expected (3, 3, {cin}, Cout) for rows with Cin={cin}.")
@@ -310,16 +341,21 @@ def patch_conv(
     cout = w.shape[3]
     c.check_shape(name, "b", b, (cout,))
     c.check_dtype(name, "b", b)
+    patches = starts.shape[0]
     c.check_addressable(name, "rows", rows)
-    c.check_addressable(name, "slots", slots)
+    c.check_addressable(name, "map", jax.ShapeDtypeStruct((batch * height * width,), jnp.int32))
     c.check_addressable(name, "out", jax.ShapeDtypeStruct((patches, size, size, cout), rows.dtype))
     if implementation == "reference":
-        return patch_conv_reference(rows, slots, w, b, stride=stride, relu=relu)
+        return patch_conv_reference(rows, coords, starts, w, b, grid=grid, size=size, stride=stride, relu=relu)
     if patches == 0:
         return jnp.zeros((0, size, size, cout), rows.dtype)
+    pixels = (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
+    pixels = jnp.where(coords[:, 0] < batch, pixels, batch * height * width)  # padding: dropped
+    row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
+    row_map = row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop")
     tiles = tiles or default_tiles(cin, cout)
+    geometry = _Geometry("lookup", batch, height, width, size, stride, n_src=n_src)
     return _launch(
-        name, jnp.asarray(patches, jnp.int32), slots, rows, w, b, None,
-        geometry=("slots", span, size, stride, rows.shape[0]), capacity=patches, size=size,
-        relu=relu, tiles=tiles, implementation=implementation,
+        name, jnp.asarray(patches, jnp.int32), starts, rows, w, b, row_map, None,
+        geometry=geometry, capacity=patches, relu=relu, tiles=tiles, implementation=implementation,
     )

@@ -306,14 +306,14 @@ def engine_launches(
                         args=(S((batch, in_hw, in_hw, width), dt), S((capacity,), I32), S((), I32),
                               S((3, 3, width, width), dt), S((width,), F32)),
                         **common))
-                    span = (size - 1) * stride + 3
                     t = tiles_for("patch_conv", width, width)
                     launches.append(Launch(
                         kernel="patch_conv", where=f"{label} conv2", mode="spatial",
                         patch_size=size, tiles=t,
                         shape=f"{capacity}x{size}x{size}x{width}<-{pixels}x{width}/s{stride}",
-                        fn=functools.partial(patch_conv, stride=stride, tiles=t),
-                        args=(S((pixels, width), dt), S((capacity, span, span), I32),
+                        fn=functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size,
+                                             stride=stride, tiles=t),
+                        args=(S((pixels, width), dt), S((pixels, 3), I32), S((capacity, 3), I32),
                               S((3, 3, width, width), dt), S((width,), F32)),
                         **common))
                     if first_of_stage:

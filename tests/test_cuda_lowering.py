@@ -51,10 +51,11 @@ def _gather_matmul(rows, taps, cin, cout, n, dtype):
     return gather_matmul, (S((rows, cin), dtype), S((n, taps), I32), S((taps * cin, cout), dtype), S((cout,), F32))
 
 
-def _patch_conv(rows, patches, cin, cout, size, stride, dtype):
-    span = (size - 1) * stride + 3
-    fn = functools.partial(patch_conv, stride=stride)
-    return fn, (S((rows, cin), dtype), S((patches, span, span), I32), S((3, 3, cin, cout), dtype), S((cout,), F32))
+def _patch_conv(batch, hw, cin, cout, size, stride, patches, dtype):
+    pixels = batch * hw * hw
+    fn = functools.partial(patch_conv, grid=(batch, hw, hw), size=size, stride=stride)
+    return fn, (S((pixels, cin), dtype), S((pixels, 3), I32), S((patches, 3), I32),
+                S((3, 3, cin, cout), dtype), S((cout,), F32))
 
 
 def _channels(batch, m, k, n, group, mode, dtype):
@@ -87,8 +88,8 @@ CASES = {
     "scatter-base-S2-bf16": _scatter(8, 28, 128, 512, 2, 1568, BF16, base=True),
     "gather-matmul-1tap-bf16": _gather_matmul(25088, 1, 256, 64, 25088, BF16),
     "gather-matmul-9tap-f32": _gather_matmul(3136, 9, 64, 64, 4096, F32),
-    "patch-conv-S2-s2-f32": _patch_conv(12544, 196, 128, 128, 2, 2, F32),
-    "patch-conv-S7-s1-bf16": _patch_conv(196, 4, 256, 256, 7, 1, BF16),
+    "patch-conv-S2-s2-f32": _patch_conv(4, 56, 128, 128, 2, 2, 784, F32),
+    "patch-conv-S7-s1-bf16": _patch_conv(1, 14, 256, 256, 7, 1, 4, BF16),
     "channels-dense-bf16": _channels(1, 3136, 256, 64, 2, "dense", BF16),
     "channels-in-f32": _channels(8, 784, 128, 512, 2, "in", F32),
     "channels-out-bf16": _channels(2, 49, 2048, 440, 8, "out", BF16),

@@ -295,24 +295,34 @@ class TestGatherMatmul(KernelTestBase):
 
 
 class TestPatchConv(KernelTestBase):
-    """The sparse engine's conv2 primitive: 3x3 VALID conv over (P, T, T) slot tables."""
+    """The sparse engine's conv2 primitive: compact conv1 rows at listed pixels of a map
+    that is zero elsewhere, 3x3 conv on listed patches (some of them padding)."""
 
     CASES = [
-        dict(rows=60, patches=20, cin=16, cout=16, S=1, s=1, dtype=jnp.float32),
-        dict(rows=90, patches=6, cin=24, cout=40, S=2, s=2, dtype=jnp.bfloat16),
-        dict(rows=120, patches=4, cin=16, cout=16, S=4, s=1, dtype=jnp.float32),
-        dict(rows=200, patches=2, cin=8, cout=16, S=7, s=2, dtype=jnp.float32),
-        dict(rows=100, patches=3, cin=16, cout=32, S=7, s=1, dtype=jnp.bfloat16),
+        dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, patches=20, dtype=jnp.float32),
+        dict(batch=2, hw=8, cin=24, cout=40, S=2, s=2, patches=6, dtype=jnp.bfloat16),
+        dict(batch=2, hw=9, cin=16, cout=16, S=4, s=1, patches=5, dtype=jnp.float32),
+        dict(batch=1, hw=14, cin=8, cout=16, S=7, s=2, patches=2, dtype=jnp.float32),
+        dict(batch=2, hw=14, cin=16, cout=32, S=7, s=1, patches=4, dtype=jnp.bfloat16),
     ]
 
     def make(self, case, density, rng):
-        size, stride, dtype = case["S"], case["s"], case["dtype"]
-        span = (size - 1) * stride + 3
+        b, hw, size, stride, dtype = case["batch"], case["hw"], case["S"], case["s"], case["dtype"]
+        listed = np.argwhere(_random_mask(rng, (b, hw, hw), density))
+        padding = np.tile([[b, 0, 0]], (4, 1))  # padding rows: sample >= B
+        coords = rng.permutation(np.concatenate([listed, padding]))
+        grid = mask_grid(hw, stride, size)
+        cells = np.argwhere(np.ones((b, grid, grid), bool))[rng.permutation(b * grid * grid)]
+        starts = cells[: case["patches"] - 1] * [1, size, size]
+        starts = np.concatenate([starts, [[b, 0, 0]]])  # one padding patch
         return dict(
-            rows=_normal(rng, (case["rows"], case["cin"]), dtype),
-            slots=_random_ids(rng, (case["patches"], span, span), case["rows"], density),
+            rows=_normal(rng, (coords.shape[0], case["cin"]), dtype),
+            coords=jnp.asarray(coords.astype(np.int32)),
+            starts=jnp.asarray(starts.astype(np.int32)),
             w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
+            grid=(b, hw, hw),
+            size=size,
             stride=stride,
         )
 
@@ -320,19 +330,25 @@ class TestPatchConv(KernelTestBase):
         return patch_conv(**inputs, implementation=implementation)
 
     def expected(self, inputs):
-        rows, slots = np.asarray(inputs["rows"], np.float32), np.asarray(inputs["slots"])
-        w, stride = np.asarray(inputs["w"], np.float32), inputs["stride"]
-        patches, span, _ = slots.shape
-        size = (span - 3) // stride + 1
-        inside = (slots >= 0) & (slots < rows.shape[0])
-        windows = np.where(inside[..., None], rows[np.clip(slots, 0, rows.shape[0] - 1)], 0.0)
-        out = np.zeros((patches, size, size, w.shape[-1]), np.float32)
-        for dy in range(3):
-            for dx in range(3):
-                taps = windows[:, dy : dy + stride * (size - 1) + 1 : stride, dx : dx + stride * (size - 1) + 1 : stride]
-                out += taps @ w[dy, dx]
-        return np.maximum(out + np.asarray(inputs["b"]), 0.0)
-
+        batch, hw, _ = inputs["grid"]
+        size, stride = inputs["size"], inputs["stride"]
+        rows, coords = np.asarray(inputs["rows"], np.float32), np.asarray(inputs["coords"])
+        w = np.asarray(inputs["w"], np.float32)
+        canvas = np.zeros((batch, hw + 2, hw + 2, rows.shape[1]), np.float32)  # zero border
+        for row, (sample, y, x) in zip(rows, coords):
+            if sample < batch:
+                canvas[sample, y + 1, x + 1] = row
+        out_hw = (hw - 1) // stride + 1
+        out = np.zeros((len(inputs["starts"]), size, size, w.shape[-1]), np.float32)
+        for p, (sample, y0, x0) in enumerate(np.asarray(inputs["starts"])):
+            for y in range(size):
+                for x in range(size):
+                    oy, ox = y0 + y, x0 + x
+                    if sample >= batch or oy >= out_hw or ox >= out_hw:
+                        continue  # padding patch / outside the image: zeros
+                    window = canvas[sample, oy * stride : oy * stride + 3, ox * stride : ox * stride + 3]
+                    out[p, y, x] = np.maximum(np.einsum("hwc,hwcd->d", window, w) + np.asarray(inputs["b"]), 0.0)
+        return out
 
 class TestChannelGatherMatmul(KernelTestBase):
     CASES = [
