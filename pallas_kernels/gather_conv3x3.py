@@ -84,20 +84,21 @@ def reference(
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
-    """Where a patch's input pixels are. kind "image": the index list holds patch ids
-    and the input is the full-resolution map; kind "lookup": the index list holds each
-    patch's (sample, row, col) start and the input is compact rows, found through a
+    """Where a patch's input pixels are. The index list holds patch ids on the mask grid
+    (grid_h x grid_w), or, with `starts`, each patch's (sample, row, col) start. The
+    input is the full-resolution map, or, with `row_map`, compact rows found through a
     per-pixel row map (rows >= n_src read zeros)."""
 
-    kind: str
     batch: int
     height: int  # input map
     width: int
     size: int  # S
     stride: int
-    grid_h: int = 0  # mask grid ("image")
+    starts: bool = False
+    row_map: bool = False
+    grid_h: int = 0
     grid_w: int = 0
-    n_src: int = 0  # compact rows ("lookup")
+    n_src: int = 0
 
     @property
     def out_h(self) -> int:
@@ -122,7 +123,7 @@ def _kernel(
     @pl.when(pid_m * bm < count * g.size * g.size)
     def _compute():
         rows = c.tile_range(pid_m, bm)
-        if g.kind == "image":
+        if not g.starts:
             slot_ok, image, oy, ox = c.patch_rows(mem, rows, count, idx_ref, g.size, g.grid_h, g.grid_w)
         else:
             slot = c.div(rows, g.size * g.size)
@@ -138,7 +139,7 @@ def _kernel(
             ix = ox * g.stride - 1 + c.rem(tap, 3)
             inside = out_ok & (iy >= 0) & (iy < g.height) & (ix >= 0) & (ix < g.width)
             pixel = (image * g.height + iy) * g.width + ix
-            if g.kind == "image":
+            if not g.row_map:
                 return pixel, inside
             src_rows = mem.load(refs[0], pixel, inside)
             return src_rows, inside & (src_rows >= 0) & (src_rows < g.n_src)
@@ -255,7 +256,7 @@ def gather_conv3x3(
         return jnp.zeros(out_shape, h.dtype)
     tiles = tiles or default_tiles(cin, cout)
     geometry = _Geometry(
-        "image", batch, height, width, patch_size, stride,
+        batch, height, width, patch_size, stride,
         grid_h=mask_grid(height, stride, patch_size), grid_w=mask_grid(width, stride, patch_size),
     )
     return _launch(
@@ -265,13 +266,16 @@ def gather_conv3x3(
 
 
 def patch_conv_reference(
-    rows: jax.Array, coords: jax.Array, starts: jax.Array, w: jax.Array, b: jax.Array, *,
+    rows: jax.Array, coords: jax.Array | None, starts: jax.Array, w: jax.Array, b: jax.Array, *,
     grid: tuple[int, int, int], size: int, stride: int, relu: bool,
 ) -> jax.Array:
     """Pure-jnp patch_conv: paste the rows on a zero map, conv, cut the patches out."""
     batch, height, width = grid
-    canvas = jnp.zeros((batch, height, width, rows.shape[-1]), jnp.float32)
-    canvas = canvas.at[coords[:, 0], coords[:, 1], coords[:, 2]].set(rows.astype(jnp.float32), mode="drop")
+    if coords is None:
+        canvas = rows.astype(jnp.float32).reshape(batch, height, width, -1)
+    else:
+        canvas = jnp.zeros((batch, height, width, rows.shape[-1]), jnp.float32)
+        canvas = canvas.at[coords[:, 0], coords[:, 1], coords[:, 2]].set(rows.astype(jnp.float32), mode="drop")
     y = jax.lax.conv_general_dilated(
         canvas, w.astype(jnp.float32), (stride, stride), ((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
@@ -285,7 +289,7 @@ def patch_conv_reference(
 
 def patch_conv(
     rows: jax.Array,
-    coords: jax.Array,
+    coords: jax.Array | None,
     starts: jax.Array,
     w: jax.Array,
     b: jax.Array,
@@ -302,7 +306,8 @@ def patch_conv(
     Args:
       rows: (N, Cin) compact conv1 output, row i at pixel coords[i] of a map of shape
         `grid` that is zero elsewhere.
-      coords: (N, 3) int32 (sample, row, col); rows with sample >= B are padding.
+      coords: (N, 3) int32 (sample, row, col); rows with sample >= B are padding. None:
+        rows is the whole map in row-major order (N = B * H * W).
       starts: (P, 3) int32 (sample, row, col) of each patch's first output pixel;
         patches with sample >= B are padding (written as zeros).
       w: (3, 3, Cin, Cout) HWIO weight (BN folded in), same dtype as rows.
@@ -323,13 +328,17 @@ def patch_conv(
     c.check_ndim(name, "rows", rows, 2, "(N, Cin) rows")
     c.check_dtype(name, "rows", rows)
     n_src, cin = rows.shape
+    batch, height, width = grid
+    if coords is None and n_src != batch * height * width:
+        raise ValueError(f"{name}: coords=None needs rows for all {batch}x{height}x{width} pixels, got {n_src}.")
     for arg, array, count_rows in (("coords", coords, n_src), ("starts", starts, None)):
+        if array is None:
+            continue
         c.check_ndim(name, arg, array, 2, "(rows, 3) (sample, row, col)")
         if array.shape[1] != 3 or (count_rows is not None and array.shape[0] != count_rows):
             raise ValueError(f"{name}: {arg}.shape={array.shape}, expected ({count_rows or 'P'}, 3).")
         if array.dtype != jnp.int32:
             raise TypeError(f"{name}: {arg}.dtype={array.dtype}, expected int32.")
-    batch, height, width = grid
     if stride not in (1, 2):
         raise ValueError(f"{name}: stride={stride!r}; supported strides are 1 and 2.")
     if not isinstance(size, int) or size < 1:
@@ -349,12 +358,16 @@ def patch_conv(
         return patch_conv_reference(rows, coords, starts, w, b, grid=grid, size=size, stride=stride, relu=relu)
     if patches == 0:
         return jnp.zeros((0, size, size, cout), rows.dtype)
-    pixels = (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
-    pixels = jnp.where(coords[:, 0] < batch, pixels, batch * height * width)  # padding: dropped
-    row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
-    row_map = row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop")
+    row_map = None
+    if coords is not None:
+        pixels = (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
+        pixels = jnp.where(coords[:, 0] < batch, pixels, batch * height * width)  # padding: dropped
+        row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
+        row_map = row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop")
     tiles = tiles or default_tiles(cin, cout)
-    geometry = _Geometry("lookup", batch, height, width, size, stride, n_src=n_src)
+    geometry = _Geometry(
+        batch, height, width, size, stride, starts=True, row_map=coords is not None, n_src=n_src
+    )
     return _launch(
         name, jnp.asarray(patches, jnp.int32), starts, rows, w, b, row_map, None,
         geometry=geometry, capacity=patches, relu=relu, tiles=tiles, implementation=implementation,

@@ -51,9 +51,12 @@ def _gather_matmul(rows, taps, cin, cout, n, dtype):
     return gather_matmul, (S((rows, cin), dtype), S((n, taps), I32), S((taps * cin, cout), dtype), S((cout,), F32))
 
 
-def _patch_conv(batch, hw, cin, cout, size, stride, patches, dtype):
+def _patch_conv(batch, hw, cin, cout, size, stride, patches, dtype, whole_map=False):
     pixels = batch * hw * hw
     fn = functools.partial(patch_conv, grid=(batch, hw, hw), size=size, stride=stride)
+    if whole_map:  # conv1 ran everywhere: no coords
+        return (lambda rows, starts, w, b: fn(rows, None, starts, w, b)), (
+            S((pixels, cin), dtype), S((patches, 3), I32), S((3, 3, cin, cout), dtype), S((cout,), F32))
     return fn, (S((pixels, cin), dtype), S((pixels, 3), I32), S((patches, 3), I32),
                 S((3, 3, cin, cout), dtype), S((cout,), F32))
 
@@ -90,6 +93,7 @@ CASES = {
     "gather-matmul-9tap-f32": _gather_matmul(3136, 9, 64, 64, 4096, F32),
     "patch-conv-S2-s2-f32": _patch_conv(4, 56, 128, 128, 2, 2, 784, F32),
     "patch-conv-S7-s1-bf16": _patch_conv(1, 14, 256, 256, 7, 1, 4, BF16),
+    "patch-conv-whole-map-f32": _patch_conv(2, 28, 128, 128, 4, 1, 98, F32, whole_map=True),
     "channels-dense-bf16": _channels(1, 3136, 256, 64, 2, "dense", BF16),
     "channels-in-f32": _channels(8, 784, 128, 512, 2, "in", F32),
     "channels-out-bf16": _channels(2, 49, 2048, 440, 8, "out", BF16),

@@ -304,20 +304,25 @@ class TestPatchConv(KernelTestBase):
         dict(batch=2, hw=9, cin=16, cout=16, S=4, s=1, patches=5, dtype=jnp.float32),
         dict(batch=1, hw=14, cin=8, cout=16, S=7, s=2, patches=2, dtype=jnp.float32),
         dict(batch=2, hw=14, cin=16, cout=32, S=7, s=1, patches=4, dtype=jnp.bfloat16),
+        # conv1 ran on the whole map: rows are the map itself (coords=None)
+        dict(batch=2, hw=8, cin=16, cout=24, S=2, s=2, patches=5, dtype=jnp.float32, whole_map=True),
     ]
 
     def make(self, case, density, rng):
         b, hw, size, stride, dtype = case["batch"], case["hw"], case["S"], case["s"], case["dtype"]
-        listed = np.argwhere(_random_mask(rng, (b, hw, hw), density))
-        padding = np.tile([[b, 0, 0]], (4, 1))  # padding rows: sample >= B
-        coords = rng.permutation(np.concatenate([listed, padding]))
+        if case.get("whole_map"):
+            coords = np.argwhere(np.ones((b, hw, hw), bool))  # row-major: not passed
+        else:
+            listed = np.argwhere(_random_mask(rng, (b, hw, hw), density))
+            padding = np.tile([[b, 0, 0]], (4, 1))  # padding rows: sample >= B
+            coords = rng.permutation(np.concatenate([listed, padding]))
         grid = mask_grid(hw, stride, size)
         cells = np.argwhere(np.ones((b, grid, grid), bool))[rng.permutation(b * grid * grid)]
         starts = cells[: case["patches"] - 1] * [1, size, size]
         starts = np.concatenate([starts, [[b, 0, 0]]])  # one padding patch
         return dict(
             rows=_normal(rng, (coords.shape[0], case["cin"]), dtype),
-            coords=jnp.asarray(coords.astype(np.int32)),
+            coords=None if case.get("whole_map") else jnp.asarray(coords.astype(np.int32)),
             starts=jnp.asarray(starts.astype(np.int32)),
             w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
@@ -332,7 +337,11 @@ class TestPatchConv(KernelTestBase):
     def expected(self, inputs):
         batch, hw, _ = inputs["grid"]
         size, stride = inputs["size"], inputs["stride"]
-        rows, coords = np.asarray(inputs["rows"], np.float32), np.asarray(inputs["coords"])
+        rows = np.asarray(inputs["rows"], np.float32)
+        if inputs["coords"] is None:
+            coords = np.argwhere(np.ones((batch, hw, hw), bool))
+        else:
+            coords = np.asarray(inputs["coords"])
         w = np.asarray(inputs["w"], np.float32)
         canvas = np.zeros((batch, hw + 2, hw + 2, rows.shape[1]), np.float32)  # zero border
         for row, (sample, y, x) in zip(rows, coords):
