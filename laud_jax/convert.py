@@ -332,91 +332,105 @@ def _per_stage_record(values: Sequence[str] | None, depths: Sequence[int], what:
     return None
 
 
+def _gate_prefix(layout: Layout, stage: int, index: int) -> str:
+    """Prefix of a block's masker modules (LAUDNet RegNets keep them inside ``f``)."""
+    inner = "f." if (layout.family, layout.source) == ("regnet", "laudnet") else ""
+    return block_prefix(layout, stage, index) + inner
+
+
+def _block_mode(state: Mapping[str, np.ndarray], layout: Layout, stage: int, index: int) -> str:
+    """static | spatial | channel | both | 'spatial|layer' (LAUDNet's masker_spatial alone)."""
+    prefix = _gate_prefix(layout, stage, index)
+    if layout.source == "lasnet":
+        if prefix + "masker.conv2.weight" not in state:
+            raise ConversionError(f"LASNet checkpoint: block {prefix} has no masker ({prefix}masker.conv2.weight)")
+        return "spatial"
+    has_spatial = prefix + "masker_spatial.conv.weight" in state
+    has_channel = any(k.startswith(prefix + "masker_channel.") for k in state)
+    if has_channel and prefix + "masker_channel.conv.0.weight" not in state:
+        kind = (
+            "a single linear layer (channel_masker_layers=1)"
+            if prefix + "masker_channel.conv.weight" in state
+            else "a conv_linear masker"
+        )
+        raise ConversionError(
+            f"{prefix}masker_channel is {kind}; laud_jax implements LAUDNet's two-layer MLP "
+            "channel masker (channel_masker='MLP', channel_masker_layers=2) only"
+        )
+    if has_spatial and has_channel:
+        return "both"
+    if has_channel:
+        return "channel"
+    return "spatial|layer" if has_spatial else "static"
+
+
+def _as_stage_list(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    values = [v for v in value.replace("-", ",").split(",") if v] if isinstance(value, str) else list(value)
+    return values * 4 if len(values) == 1 else values
+
+
 def infer_dynamic_settings(
     state: Mapping[str, np.ndarray], layout: Layout, depths: Sequence[int], widths: Sequence[int],
     recorded: Mapping[str, Any], user: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """mode, granularity, mask_groups, channel_granularity, channel_mask_position."""
+    """mode, granularity, mask_groups, channel_granularity, channel_mask_position.
+
+    The maskers present give each stage's mode; LAUDNet's ``masker_spatial`` alone means
+    spatial or layer mode, decided by ``user['mode']`` or the recorded ``dyn_mode``. Groups
+    come from the maskers' output widths; S from ``user['granularity']`` or the record.
+    """
     if layout.source == "torchvision":
         return {"mode": "static"}
     recorded_modes = _per_stage_record(recorded.get("dyn_mode"), depths, "dyn_mode")
-    user_modes = user.get("mode")
-    if isinstance(user_modes, str):
-        user_modes = [v for v in user_modes.replace("-", ",").split(",") if v]
-        user_modes = user_modes * 4 if len(user_modes) == 1 else user_modes
-    modes, groups, channel_groups = [], set(), set()
+    user_modes = _as_stage_list(user.get("mode"))
+    modes = []
     for stage, depth in enumerate(depths):
-        stage_modes = set()
-        for index in range(depth):
-            prefix = block_prefix(layout, stage, index) + ("f." if layout.family == "regnet" and layout.source == "laudnet" else "")
-            if layout.source == "lasnet":
-                key = block_prefix(layout, stage, index) + "masker.conv2.weight"
-                if key not in state:
-                    raise ConversionError(f"LASNet checkpoint: block {block_prefix(layout, stage, index)} has no masker ({key})")
-                groups.add(state[key].shape[0] // 2)
-                stage_modes.add("spatial")
-                continue
-            spatial_key = prefix + "masker_spatial.conv.weight"
-            has_spatial = spatial_key in state
-            channel_keys = [k for k in state if k.startswith(prefix + "masker_channel.")]
-            if channel_keys and prefix + "masker_channel.conv.0.weight" not in state:
-                kind = "a single linear layer (channel_masker_layers=1)" if prefix + "masker_channel.conv.weight" in state else "a conv_linear masker"
-                raise ConversionError(
-                    f"{prefix}masker_channel is {kind}; laud_jax implements LAUDNet's two-layer MLP "
-                    "channel masker (channel_masker='MLP', channel_masker_layers=2) only"
-                )
-            if channel_keys:
-                channel_groups.add(state[prefix + "masker_channel.conv.2.weight"].shape[0] // 2)
-            if has_spatial and channel_keys:
-                stage_modes.add("both")
-            elif channel_keys:
-                stage_modes.add("channel")
-            elif has_spatial:
-                stage_modes.add("spatial|layer")
-                groups.add(state[spatial_key].shape[0] // 2)
-            else:
-                stage_modes.add("static")
+        stage_modes = {_block_mode(state, layout, stage, index) for index in range(depth)}
         if len(stage_modes) != 1:
             raise ConversionError(
                 f"stage {stage + 1} mixes block modes {sorted(stage_modes)}; laud_jax sets one mode per stage"
             )
         mode = stage_modes.pop()
         if mode == "spatial|layer":
-            chosen = (user_modes[stage] if user_modes else None) or (recorded_modes[stage] if recorded_modes else None)
-            if chosen not in ("spatial", "layer"):
+            mode = (user_modes or recorded_modes or [None] * 4)[stage]
+            if mode not in ("spatial", "layer"):
                 raise ConversionError(
                     f"stage {stage + 1} has only LAUDNet's masker_spatial, which serves both its spatial "
-                    "and its layer mode; the file does not record which: pass mode (e.g. "
+                    "and its layer mode, and the file does not record which: pass mode (e.g. "
                     "--mode spatial,spatial,layer,layer)"
                 )
-            mode = chosen
         modes.append(mode)
     settings: dict[str, Any] = {"mode": tuple(modes), "channel_mask_position": layout.channel_mask_position}
-    spatial_groups = {
-        state[block_prefix(layout, s, 0) + ("masker.conv2.weight" if layout.source == "lasnet" else ("f." if layout.family == "regnet" else "") + "masker_spatial.conv.weight")].shape[0] // 2
-        for s, m in enumerate(modes) if m in ("spatial", "both")
+    masker = "masker.conv2.weight" if layout.source == "lasnet" else "masker_spatial.conv.weight"
+    groups = {
+        state[_gate_prefix(layout, s, i) + masker].shape[0] // 2
+        for s, m in enumerate(modes) if m in ("spatial", "both") for i in range(depths[s])
     }
-    if len(spatial_groups) > 1:
-        raise ConversionError(f"spatial mask groups differ between stages {sorted(spatial_groups)}; laud_jax uses one mask_groups")
-    if spatial_groups:
-        settings["mask_groups"] = spatial_groups.pop()
-    channel_stages = [s for s, m in enumerate(modes) if m in ("channel", "both")]
-    if channel_stages:
-        granularities = set()
-        for s in channel_stages:
-            key = block_prefix(layout, s, 0) + ("f." if layout.family == "regnet" else "") + "masker_channel.conv.2.weight"
-            gc = state[key].shape[0] // 2
-            if gc < 1 or widths[s] % gc:
-                raise ConversionError(f"{key}: {gc} channel groups do not divide stage {s + 1}'s width {widths[s]}")
-            granularities.add(widths[s] // gc)
-        if len(granularities) > 1:
-            raise ConversionError(
-                f"channels per channel-mask group differ between stages {sorted(granularities)}; "
-                "laud_jax uses one channel_granularity"
-            )
+    if len(groups) > 1:
+        raise ConversionError(f"spatial mask groups differ between blocks {sorted(groups)}; laud_jax uses one mask_groups")
+    if groups:
+        settings["mask_groups"] = groups.pop()
+    granularities = set()
+    for s, m in enumerate(modes):
+        if m in ("channel", "both"):
+            key = _gate_prefix(layout, s, 0) + "masker_channel.conv.2.weight"
+            channel_groups = state[key].shape[0] // 2
+            if channel_groups < 1 or widths[s] % channel_groups:
+                raise ConversionError(
+                    f"{key}: {channel_groups} channel groups do not divide stage {s + 1}'s width {widths[s]}"
+                )
+            granularities.add(widths[s] // channel_groups)
+    if len(granularities) > 1:
+        raise ConversionError(
+            f"channels per channel-mask group differ between stages {sorted(granularities)}; "
+            "laud_jax uses one channel_granularity"
+        )
+    if granularities:
         settings["channel_granularity"] = granularities.pop()
-    recorded_s = _per_stage_record(recorded.get("mask_spatial_granularity"), depths, "mask_spatial_granularity")
-    if any(m in ("spatial", "both") for m in modes) and "granularity" not in user:
+    if any(m in ("spatial", "both") for m in modes) and user.get("granularity") is None:
+        recorded_s = _per_stage_record(recorded.get("mask_spatial_granularity"), depths, "mask_spatial_granularity")
         if recorded_s is None:
             raise ConversionError(
                 "the checkpoint has spatial maskers but records no mask granularity: pass granularity "
@@ -434,6 +448,8 @@ def infer_model_config(checkpoint: TorchCheckpoint, **user: Any) -> dict[str, An
     if unknown:
         raise ConversionError(f"unknown model config keys {unknown}; known: {list(MODEL_CONFIG_KEYS)}")
     user = {k: v for k, v in user.items() if v is not None}
+    if isinstance(user.get("mode"), str):
+        user["mode"] = tuple(_as_stage_list(user["mode"]))
     state, layout = checkpoint.state_dict, checkpoint.layout
     cfg = infer_architecture(state, layout)
     arch = ARCHS[cfg["arch"]]
@@ -493,8 +509,10 @@ def convert_state_dict(
             no_source.append("/".join(key_path))
             continue
         if torch_key not in state:
-            missing.append(f"{torch_key}  (for {'/'.join(key_path)}, torch shape "
-                           f"{expected_torch_shape(leaf.shape, 4 if 'gates' in key_path and 'conv' in key_path else 2)})")
+            torch_ndim = 4 if len(leaf.shape) == 4 or "se" in key_path else len(leaf.shape)
+            missing.append(
+                f"{torch_key}  (for {'/'.join(key_path)}, torch shape {expected_torch_shape(leaf.shape, torch_ndim)})"
+            )
             continue
         used.add(torch_key)
         value = to_flax(state[torch_key], tuple(leaf.shape))
@@ -707,8 +725,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "channel_granularity": args.channel_granularity,
         "channel_mask_position": args.channel_mask_position, "dtype": args.dtype,
     }
-    if args.mode and "," in args.mode:
-        user["mode"] = tuple(args.mode.split(","))
     if os.path.exists(args.output) and os.listdir(args.output) and not args.force:
         print(f"error: {args.output} exists and is not empty; pass --force to replace it", file=sys.stderr)
         return 2
