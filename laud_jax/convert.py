@@ -640,7 +640,8 @@ def load_converted(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         config = json.load(f)
     manager = ocp.CheckpointManager(
         os.path.join(directory, CHECKPOINT_DIR),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
+        # training work dirs also hold the data iterator's state ("data"), not needed here
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
     )
     try:
         step = manager.latest_step()
