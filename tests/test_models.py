@@ -245,10 +245,9 @@ def test_all_ones_masks_equal_static_model(base, mode, position):
     static = build_model({**base, "mode": "static"})
     x = images_for(image)
     masks = forced(spec, 1.0)
-    logits, aux = jax.jit(lambda v, x, m: model.apply(v, x, masks=m))(variables, x, masks)
     if "lc" in mode:  # LC-Net's learned scales multiply what is kept: make them exactly 1
         variables = unit_lc_scales(variables)
-        logits, aux = jax.jit(lambda v, x, m: model.apply(v, x, masks=m))(variables, x, masks)
+    logits, aux = jax.jit(lambda v, x, m: model.apply(v, x, masks=m))(variables, x, masks)
     expected, static_aux = jax.jit(static.apply)(strip_gates(variables), x)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=2e-5, atol=2e-5)
     masker = sum(b.masker_macs for b in spec.blocks)
