@@ -111,3 +111,23 @@ def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert evaluate.main(["evaluate", "--help"]) == 0
     assert "--gate_offset" in capsys.readouterr().out
+
+
+def test_gate_offset_sweep_script(tiny_dir, tmp_path, capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                        "gate_offset_sweep.py")
+    spec = importlib.util.spec_from_file_location("gate_offset_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    assert sweep.main([f"--checkpoint={tiny_dir}", "--offsets=0,50", "--max-examples=64", "--repeats=1",
+                       f"--out={out}"]) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    rows = report["rows"]
+    assert [r["gate_offset"] for r in rows] == [0.0, 50.0]
+    assert rows[1]["mac_ratio"] < rows[0]["mac_ratio"] and all(r["dynamic_ms"] > 0 for r in rows)
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "| +50 |" in capsys.readouterr().out
