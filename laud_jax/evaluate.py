@@ -316,6 +316,10 @@ def evaluate_checkpoint(
     """Everything ``python -m laud_jax.evaluate`` reports, as a dict."""
     from laud_jax import data
 
+    if hardware:
+        from laud_jax.latency.profiles import get_profile
+
+        get_profile(hardware)  # an unknown profile fails here, before any compute
     model_cfg, variables, recorded = load_checkpoint(checkpoint, image_size=image_size)
     data_cfg = data_config(exp_config, recorded)
     info = data.dataset_info(data_cfg)

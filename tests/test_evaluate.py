@@ -109,6 +109,8 @@ def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
     assert "--checkpoint is required" in capsys.readouterr().err
     assert evaluate.main(["evaluate", f"--checkpoint={tmp_path / 'nowhere'}"]) == 1
     assert "no such file" in capsys.readouterr().err
+    assert evaluate.main(["evaluate", f"--checkpoint={tiny_dir}", "--hardware=abacus"]) == 1
+    assert "unknown hardware 'abacus'" in capsys.readouterr().err
     assert evaluate.main(["evaluate", "--help"]) == 0
     assert "--gate_offset" in capsys.readouterr().out
 
