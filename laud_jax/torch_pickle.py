@@ -191,6 +191,13 @@ def _numpy_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> np.ndarray:
     return np.ndarray.__new__(np.ndarray, shape, dtype_code)
 
 
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """How protocol-2 pickles spell a bytes literal: ``_codecs.encode(str, 'latin1')``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8"):
+        raise UnsafeCheckpointError("refusing a _codecs.encode call that is not a bytes literal")
+    return text.encode(encoding)
+
+
 def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     if cls is argparse.Namespace and base is object and state is None:
         return argparse.Namespace()
@@ -217,6 +224,7 @@ def _safe_globals() -> dict[tuple[str, str], Any]:
         ("torch", "device"): _torch_device,
         ("argparse", "Namespace"): argparse.Namespace,
         ("copyreg", "_reconstructor"): _copyreg_reconstructor,
+        ("_codecs", "encode"): _codecs_encode,
         ("numpy", "dtype"): _numpy_dtype,
         ("numpy", "ndarray"): np.ndarray,
     }

@@ -250,3 +250,16 @@ def test_cli_reports_errors_and_help(tmp_path, capsys):
         convert.main(["--help"])
     assert exit_info.value.code == 0
     assert "LAUDNet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_reader_handles_dtypes_views_and_plain_python_values(fmt):
+    misc = json.load(open(os.path.join(FIXTURES, "manifest.json")))["misc"]
+    loaded = torch_pickle.load(os.path.join(FIXTURES, misc["files"][fmt]))
+    expected = np.load(os.path.join(FIXTURES, misc["arrays"]))
+    for key in expected.files:
+        np.testing.assert_array_equal(np.asarray(loaded[key], expected[key].dtype), expected[key], err_msg=key)
+    assert str(loaded["bf16"].dtype) == "bfloat16" and loaded["int32"].dtype == np.int32
+    assert loaded["empty"].shape == (0, 3) and loaded["scalar"].shape == ()
+    assert loaded["numpy_scalar"] == 3.5 and loaded["numpy_array"].shape == (2, 3)
+    assert vars(loaded["args"]) == {"lr": 0.1, "dyn_mode": "spatial"}
