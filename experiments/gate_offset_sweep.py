@@ -56,28 +56,36 @@ def sweep(checkpoint: str, offsets: list[float], *, exp_config=None, max_example
         })
         print(f"offset {offset:+.2f}: top-1 {100 * result['top1']:.2f} %, MAC ratio {result['mac_ratio']:.3f}, "
               f"dynamic {latency['sparse_ms']:.3f} ms vs static {latency['dense_ms']:.3f} ms", flush=True)
-    return {"checkpoint": os.path.abspath(checkpoint), "model": model_cfg, "backend": latency["backend"],
+    return {"checkpoint": checkpoint, "model": model_cfg, "backend": latency["backend"],
             "device": latency["device"], "latency_batch": latency_batch, "repeats": repeats, "rows": rows}
 
 
 def plot(report: dict, path: str) -> None:
+    """Left: top-1 vs measured dynamic latency (static network dashed). Right: top-1 vs the
+    dynamic/static latency ratio (timed interleaved, so robust to machine load) and MAC ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    ax.plot([r["dynamic_ms"] for r in rows], [100 * r["top1"] for r in rows], "o-", label="dynamic (sparse engine)")
-    for r in rows:
-        ax.annotate(f"{r['gate_offset']:+g}", (r["dynamic_ms"], 100 * r["top1"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+    top1 = [100 * r["top1"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.8), dpi=120)
+    left.plot([r["dynamic_ms"] for r in rows], top1, "o-", label="dynamic (sparse engine)")
+    for r, acc in zip(rows, top1):
+        left.annotate(f"{r['gate_offset']:+g}", (r["dynamic_ms"], acc), textcoords="offset points",
+                      xytext=(4, 4), fontsize=7)
     static = float(np.median([r["static_ms"] for r in rows]))
-    ax.axvline(static, color="gray", linestyle="--", label=f"static network ({static:.2f} ms)")
-    ax.set_xlabel(f"measured latency, batch {report['latency_batch']} ({report['backend']}, {report['device']}) [ms]")
-    ax.set_ylabel("top-1 accuracy [%]")
-    ax.set_title("gate-threshold offset: accuracy vs latency", fontsize=9)
-    ax.legend(fontsize=7)
+    left.axvline(static, color="gray", linestyle="--", label=f"static network ({static:.2f} ms)")
+    left.set_xlabel(f"measured latency, batch {report['latency_batch']} ({report['backend']}, {report['device']}) [ms]")
+    left.set_ylabel("top-1 accuracy [%]")
+    left.legend(fontsize=7)
+    right.plot([r["dynamic_ms"] / r["static_ms"] for r in rows], top1, "o-", label="measured latency ratio")
+    right.plot([r["mac_ratio"] for r in rows], top1, "s--", label="MAC ratio")
+    right.axvline(1.0, color="gray", linestyle=":")
+    right.set_xlabel("dynamic / static")
+    right.legend(fontsize=7)
+    fig.suptitle("gate-threshold offset (labels): accuracy vs cost, no retraining", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -93,7 +101,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="training work dir or converted dir (its config names the data)")
+    parser.add_argument("--checkpoint", help="training work dir or converted dir (its config names the data)")
     parser.add_argument("--exp", help="config file for the data, if the checkpoint records none")
     parser.add_argument("--offsets", default="-1,-0.5,0,0.5,1,2,3", help="comma-separated gate offsets")
     parser.add_argument("--max-examples", type=int, default=0, help="examples per evaluation (0 = all)")
@@ -101,7 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="docs/gate_offset_sweep", help="output prefix: writes OUT.json and OUT.png")
+    parser.add_argument("--replot", action="store_true", help="redraw OUT.png from an existing OUT.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.out + ".json") as f:
+            report = json.load(f)
+        plot(report, args.out + ".png")
+        print(markdown(report))
+        return 0
+    if not args.checkpoint:
+        parser.error("--checkpoint is required")
     try:
         offsets = [float(v) for v in args.offsets.split(",") if v.strip()]
     except ValueError:
