@@ -34,7 +34,7 @@ from laud_jax.models.specs import ARCHS, MODEL_CONFIG_KEYS, NetworkSpec, model_c
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-DEFAULT_IMAGE_SIZE = {"resnet_small": 64, "resnet_tiny": 32}
+DEFAULT_IMAGE_SIZE = 224  # ImageNet: what the granularity of released checkpoints refers to
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
@@ -577,7 +577,7 @@ def convert_checkpoint(
     """(model config, variables, the read checkpoint) for a PyTorch file."""
     checkpoint = read_torch_checkpoint(path)
     cfg = infer_model_config(checkpoint, **user)
-    size = image_size or checkpoint.recorded.get("image_size") or DEFAULT_IMAGE_SIZE.get(cfg["arch"], 224)
+    size = image_size or checkpoint.recorded.get("image_size") or DEFAULT_IMAGE_SIZE
     try:
         variables = convert_state_dict(checkpoint.state_dict, cfg, checkpoint.layout, size, checkpoint.path)
     except ValueError as e:
