@@ -403,6 +403,8 @@ def infer_dynamic_settings(
                 )
         modes.append(mode)
     settings: dict[str, Any] = {"mode": tuple(modes), "channel_mask_position": layout.channel_mask_position}
+    if layout.family == "regnet":  # the released RegNets pool squeeze-excitation over all positions
+        settings["se_pool"] = "dense"
     masker = "masker.conv2.weight" if layout.source == "lasnet" else "masker_spatial.conv.weight"
     groups = {
         state[_gate_prefix(layout, s, i) + masker].shape[0] // 2
@@ -560,17 +562,6 @@ def _describe(config: Any) -> str:
     return json.dumps(fields, default=list)
 
 
-def _warn_semantics(cfg: Mapping[str, Any], layout: Layout) -> None:
-    config = model_config(cfg)
-    if layout.family == "regnet" and any(m in ("spatial", "both") for m in config.mode):
-        warnings.warn(
-            "released LASNet/LAUDNet RegNets pool squeeze-excitation over all positions; laud_jax "
-            "pools over the executed positions (what sparse execution computes), so logits differ "
-            "slightly from the PyTorch model's",
-            stacklevel=3,
-        )
-
-
 def convert_checkpoint(
     path: str | os.PathLike, image_size: int | None = None, **user: Any
 ) -> tuple[dict[str, Any], dict[str, Any], TorchCheckpoint]:
@@ -584,7 +575,6 @@ def convert_checkpoint(
         if isinstance(e, ConversionError):
             raise
         raise ConversionError(f"{checkpoint.path}: invalid model config {cfg}: {e}") from e
-    _warn_semantics(cfg, checkpoint.layout)
     return _jsonable(cfg), variables, checkpoint
 
 

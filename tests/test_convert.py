@@ -24,8 +24,7 @@ from laud_jax.models import build_model
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torch")
 MANIFEST = json.load(open(os.path.join(FIXTURES, "manifest.json")))["fixtures"]
 INPUTS = np.load(os.path.join(FIXTURES, "inputs.npy")).astype(np.float32)
-FAITHFUL = sorted(name for name, fx in MANIFEST.items() if not fx["known_gap"])
-KNOWN_GAPS = sorted(name for name, fx in MANIFEST.items() if fx["known_gap"])
+FIXTURE_NAMES = sorted(MANIFEST)
 
 
 def fixture_path(name: str, fmt: str | None = None) -> str:
@@ -44,16 +43,14 @@ def forward(cfg, variables, images=INPUTS):
 
 
 def convert_fixture(name: str, fmt: str | None = None, **overrides):
-    """convert_checkpoint of a fixture; RegNets with spatial masks must warn about SE pooling."""
+    """convert_checkpoint of a fixture; released RegNets pool squeeze-excitation densely."""
     fx = MANIFEST[name]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = convert.convert_checkpoint(
-            fixture_path(name, fmt), image_size=fx["image_size"], **{**fx["user"], **overrides}
-        )
+    result = convert.convert_checkpoint(
+        fixture_path(name, fmt), image_size=fx["image_size"], **{**fx["user"], **overrides}
+    )
     cfg = result[0]
-    se_warning = "regnet" in cfg["arch"] and any(m in ("spatial", "both") for m in cfg["mode"])
-    assert any("squeeze-excitation" in str(w.message) for w in caught) == se_warning
+    if "regnet" in cfg["arch"] and result[2].layout.source != "torchvision":
+        assert cfg["se_pool"] == fx["user"].get("se_pool", "dense")
     return result
 
 
@@ -74,7 +71,7 @@ def normalized(cfg):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
-@pytest.mark.parametrize("name", FAITHFUL)
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_converted_model_matches_torch(name):
     """Inferred config as built; logits and every hard mask equal the PyTorch model's."""
     cfg, variables, checkpoint = convert_fixture(name)
@@ -88,15 +85,6 @@ def test_converted_model_matches_torch(name):
     if checkpoint.layout.source != "torchvision":  # every block gated, every mask mixed
         assert checked >= len(aux["blocks"])
         assert all(0 < reference[k].mean() < 1 for k in masks)
-
-
-@pytest.mark.parametrize("name", KNOWN_GAPS)
-@pytest.mark.xfail(strict=True, reason="model semantics differ from the released code (see known_gap)")
-def test_known_semantic_gaps(name):
-    """mask_groups > 1 and dense RegNet SE pooling: released semantics the models do not follow yet."""
-    cfg, variables, _ = convert_fixture(name)
-    logits, aux = forward(cfg, variables)
-    assert_matches_torch(name, logits, aux)
 
 
 def test_legacy_and_zip_formats_read_alike():

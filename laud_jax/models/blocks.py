@@ -155,11 +155,16 @@ class _MaskApplier:
             return h
         return h * expand_groups(mask, h.shape[-1]).astype(h.dtype)
 
+    @property
+    def masks_inner_convs(self) -> bool:
+        """False when SE pools densely: it then reads conv2 (and so conv1) everywhere."""
+        return not (self.spec.se_channels and self.spec.se_pool == "dense")
+
     def conv1_spatial(self, h):
-        return self._spatial(h, self.spatial_conv1)
+        return self._spatial(h, self.spatial_conv1) if self.masks_inner_convs else h
 
     def mid_spatial(self, h):
-        return self._spatial(h, self.spatial_union)
+        return self._spatial(h, self.spatial_union) if self.masks_inner_convs else h
 
     def out_spatial(self, h):
         return self._spatial(h, self.spatial_out)
