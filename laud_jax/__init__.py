@@ -1,0 +1,17 @@
+"""laud_jax: latency-aware dynamic networks (LASNet, LAUDNet, LC-Net) in JAX/Flax.
+
+Importing the package is cheap; import the subpackages you need
+(``laud_jax.models``, ``laud_jax.data``, ``laud_jax.train``, ...).
+``laud_jax.load_pretrained`` imports the converter on first use.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy top-level API."""
+    if name == "load_pretrained":
+        from laud_jax.convert import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'laud_jax' has no attribute {name!r}")

@@ -62,9 +62,10 @@ class BlockGates(nn.Module):
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         gates: dict[str, Any] = {"spatial": None, "channel": None, "layer": None}
         if spec.spatial:
-            gates["spatial"] = SpatialMasker(spec.mask_grid, spec.mask_groups, name="masker_spatial")(
-                x, **kwargs
-            )
+            standardize = spec.masker_input == "standardized" and spec.mask_grid != (1, 1)
+            gates["spatial"] = SpatialMasker(
+                spec.mask_grid, spec.mask_groups, standardize, name="masker_spatial"
+            )(x, **kwargs)
         if spec.channel:
             gates["channel"] = ChannelMasker(spec.channel_groups, name="masker_channel")(
                 pooled, **kwargs
@@ -86,10 +87,11 @@ def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "_MaskApplier
     """The per-block aux record: hard masks, per-conv densities and MACs (per sample)."""
     ones = jnp.ones((batch,), jnp.float32)
     if gates["spatial"] is None:
-        spatial_out = spatial_in = ones
+        spatial_out = spatial_mid = spatial_in = ones
         spatial_mask = jnp.ones((batch, 1, 1, 1), jnp.float32)
     else:
         spatial_out = jnp.mean(masks.spatial_out, axis=(1, 2, 3))
+        spatial_mid = jnp.mean(masks.spatial_union, axis=(1, 2, 3))
         spatial_in = jnp.mean(masks.spatial_conv1, axis=(1, 2, 3))
         spatial_mask = gates["spatial"]
     if gates["channel"] is None:
@@ -99,7 +101,7 @@ def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "_MaskApplier
     layer = ones if gates["layer"] is None else gates["layer"]
     density = {"conv1": spatial_in * channel * layer}
     if spec.kind == "bottleneck":
-        density["conv2"] = spatial_out * channel * channel * layer
+        density["conv2"] = spatial_mid * channel * channel * layer
         density["conv3"] = spatial_out * channel * layer
     else:
         density["conv2"] = spatial_out * channel * layer
@@ -125,17 +127,22 @@ def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "_MaskApplier
 
 
 class _MaskApplier:
-    """Multiplies activations by the block's gates (spatial masks per conv, channel mask)."""
+    """Multiplies activations by the block's gates (spatial masks, channel mask).
+
+    With G spatial mask groups, the block output's channel group g is kept where mask g
+    executes; the convs before it run wherever any group executes (their union), as in the
+    released LASNet/LAUDNet code: conv3 mixes all channels, so it needs them all.
+    """
 
     def __init__(self, spec: BlockSpec, gates: Mapping[str, Any]):
         self.spec = spec
         self.channel = gates["channel"]
-        self.spatial_out = None
-        self.spatial_conv1 = None
+        self.spatial_out = self.spatial_union = self.spatial_conv1 = None
         if gates["spatial"] is not None:
             self.spatial_out = upsample_nearest(gates["spatial"], spec.granularity)
+            self.spatial_union = jnp.max(self.spatial_out, axis=-1, keepdims=True)
             stride = spec.stride if spec.kind == "bottleneck" else 1
-            self.spatial_conv1 = dilate_mask(self.spatial_out, stride, spec.conv1_hw)
+            self.spatial_conv1 = dilate_mask(self.spatial_union, stride, spec.conv1_hw)
 
     def channel_mask(self, h: jax.Array) -> jax.Array:
         if self.channel is None:
@@ -148,8 +155,16 @@ class _MaskApplier:
             return h
         return h * expand_groups(mask, h.shape[-1]).astype(h.dtype)
 
+    @property
+    def masks_inner_convs(self) -> bool:
+        """False when SE pools densely: it then reads conv2 (and so conv1) everywhere."""
+        return not (self.spec.se_channels and self.spec.se_pool == "dense")
+
     def conv1_spatial(self, h):
-        return self._spatial(h, self.spatial_conv1)
+        return self._spatial(h, self.spatial_conv1) if self.masks_inner_convs else h
+
+    def mid_spatial(self, h):
+        return self._spatial(h, self.spatial_union) if self.masks_inner_convs else h
 
     def out_spatial(self, h):
         return self._spatial(h, self.spatial_out)
@@ -222,12 +237,13 @@ class DynamicBottleneck(_DynamicBlockBase):
             self.conv(spec.width, 3, spec.stride, spec.groups, name="conv2"),
             batch_norm(train, "bn2"),
             masks,
-            masks.out_spatial,
+            masks.mid_spatial,
         )
         if spec.mode == "lc":
             h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :].astype(h.dtype)
         if spec.se_channels:
-            h = h * SqueezeExcitation(spec.se_channels, name="se")(h, masks.spatial_out)
+            pool_mask = masks.spatial_union if spec.se_pool == "masked" else None
+            h = h * SqueezeExcitation(spec.se_channels, name="se")(h, pool_mask)
         h = self.conv(spec.out_channels, 1, name="conv3")(h)
         h = batch_norm(train, "bn3", zero_scale=self.zero_init_residual)(h)
         h = masks.out_spatial(h)
@@ -257,7 +273,7 @@ class DynamicBasicBlock(_DynamicBlockBase):
 
 
 class SqueezeExcitation(nn.Module):
-    """SE on the active positions: mean over executed pixels -> 1x1 -> relu -> 1x1 -> sigmoid."""
+    """SE: mean over the pixels in ``spatial_mask`` (all when None) -> 1x1 -> relu -> 1x1 -> sigmoid."""
 
     squeeze: int
 

@@ -75,20 +75,32 @@ def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
 
 
 class SpatialMasker(nn.Module):
-    """Pooled 1x1-conv masker: one execute/skip decision per cell of a ``grid`` and group."""
+    """Pooled 1x1-conv masker: one execute/skip decision per cell of a ``grid`` and group.
+
+    ``standardize`` normalizes each channel of the pooled features over the grid cells of
+    each sample (zero mean, unit variance): the bias then sets how many cells execute and
+    the weights which ones. Without it, on inputs whose background is flat (features near a
+    constant), a uniform push towards sparsity moves the logits of the cells with large
+    features most and switches off the informative cells first.
+    """
 
     grid: tuple[int, int]
     groups: int = 1
+    standardize: bool = False
 
     @nn.compact
     def __call__(self, x, *, train, tau, gate_offset=0.0):
-        z = adaptive_avg_pool(x, self.grid)
+        z = adaptive_avg_pool(x, self.grid).astype(jnp.float32)
+        if self.standardize:
+            mean = jnp.mean(z, axis=(1, 2), keepdims=True)
+            var = jnp.var(z, axis=(1, 2), keepdims=True)
+            z = (z - mean) * jax.lax.rsqrt(var + 1e-5)
         logits = nn.Conv(
             2 * self.groups,
             (1, 1),
             bias_init=_bias_init(EXECUTE_BIAS_SPATIAL, SKIP_BIAS_SPATIAL, self.groups),
             name="conv",
-        )(z.astype(jnp.float32))
+        )(z)
         logits = logits.reshape(*logits.shape[:-1], 2, self.groups)
         rng = self.make_rng("gumbel") if train else None
         return hard_gate(logits, train=train, tau=tau, rng=rng, gate_offset=gate_offset)

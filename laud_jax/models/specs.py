@@ -16,6 +16,8 @@ SPATIAL_MODES = ("spatial", "both")
 CHANNEL_MODES = ("channel", "both", "lc")
 LAYER_MODES = ("layer", "lc")
 CHANNEL_MASK_POSITIONS = ("post_act", "pre_bn")
+SE_POOLS = ("masked", "dense")
+MASKER_INPUTS = ("pooled", "standardized")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -111,6 +113,8 @@ class ModelConfig:
     mask_groups: int = 1
     channel_granularity: int = 2
     channel_mask_position: str = "post_act"
+    se_pool: str = "masked"
+    masker_input: str = "pooled"
     dtype: str = "float32"
     zero_init_residual: bool = False
     stage_widths: tuple[int, ...] | None = None
@@ -144,8 +148,8 @@ MODEL_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def _per_stage(value, n: int, name: str, cast) -> tuple:
-    if isinstance(value, str) and cast is int:
-        value = [v for v in value.replace("-", ",").split(",") if v.strip()]
+    if isinstance(value, str) and ("," in value or (cast is int and "-" in value)):
+        value = [v.strip() for v in value.replace("-", ",").split(",") if v.strip()]
     if isinstance(value, (str, int)):
         value = [value] * n
     value = tuple(cast(v) for v in value)
@@ -188,6 +192,8 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
         mask_groups=int(cfg.get("mask_groups", 1)),
         channel_granularity=int(cfg.get("channel_granularity", 2)),
         channel_mask_position=str(cfg.get("channel_mask_position", "post_act")),
+        se_pool=str(cfg.get("se_pool", "masked")),
+        masker_input=str(cfg.get("masker_input", "pooled")),
         dtype=str(cfg.get("dtype", "float32")),
         zero_init_residual=bool(cfg.get("zero_init_residual", False)),
         stage_widths=cfg.get("stage_widths"),
@@ -200,6 +206,10 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
         raise ValueError(
             f"model.channel_mask_position={config.channel_mask_position!r}; choose from {CHANNEL_MASK_POSITIONS}"
         )
+    if config.se_pool not in SE_POOLS:
+        raise ValueError(f"model.se_pool={config.se_pool!r}; choose from {SE_POOLS}")
+    if config.masker_input not in MASKER_INPUTS:
+        raise ValueError(f"model.masker_input={config.masker_input!r}; choose from {MASKER_INPUTS}")
     if config.dtype not in DTYPES:
         raise ValueError(f"model.dtype={config.dtype!r}; choose from {DTYPES}")
     arch_def = config.arch_def
@@ -263,6 +273,8 @@ class BlockSpec:
     mask_groups: int
     channel_granularity: int
     channel_mask_position: str
+    se_pool: str  # squeeze-excitation pooling under spatial masks: "masked" or "dense"
+    masker_input: str  # spatial masker input: "pooled" or "standardized" over the mask grid
     conv1_macs: int
     conv2_macs: int
     conv3_macs: int  # 0 for basic blocks
@@ -420,6 +432,8 @@ def network_spec(cfg: ModelConfig | Mapping[str, Any], image_shape: Sequence[int
                 mask_groups=config.mask_groups,
                 channel_granularity=config.channel_granularity,
                 channel_mask_position=config.channel_mask_position,
+                se_pool=config.se_pool,
+                masker_input=config.masker_input,
                 conv1_macs=conv1,
                 conv2_macs=conv2,
                 conv3_macs=conv3,

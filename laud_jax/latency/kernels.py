@@ -1,0 +1,659 @@
+"""The kernel launches of one block, as roofline work records: the one place that
+describes what the sparse engine executes.
+
+Every block (static or dynamic, any mode) is described by the same fixed list of launch
+slots (``LAUNCH_NAMES``); a slot the configuration does not use has weight 0. A slot's
+record holds its expected number of executions (``weight``), its GEMM dimensions per
+execution (m rows, n output channels, k reduction length, split into ``batches``
+independent GEMMs), the bytes it streams (activations ``a_bytes``, weights ``w_bytes``,
+everything else ``o_bytes``), the contiguous run length of gathered or scattered accesses
+(``a_seg``/``w_seg``/``o_seg``, 0 when contiguous) and the engine's kernel tile
+(gathered kernels run it; dense library calls may pick it or one of the profile's).
+
+How an engine executes a dynamic block is an :class:`EngineModel` (numbers, so it can be
+jitted and vmapped too). ``ENGINES``:
+
+- ``xla``: ``laud_jax.sparse`` with ``backend='xla'`` (the CPU path), driven block by block
+  (one compiled call and one host read of the next block's counts per dynamic block).
+  Index lists are padded to the engine's capacity ladder (``capacity_steps``). Spatial:
+  conv1 is a matmul on the gathered dilated-mask pixels; conv2 gathers each patch's
+  ((S-1)s+3)^2 window from those rows, as im2col rows + one matmul for S <= 2, or as
+  windows + a VALID conv otherwise; conv3 is a matmul on the patches; a loop over the
+  active patches writes relu(identity + branch) into the block input in place (a fresh
+  relu(identity) for downsampling blocks). Channel: the active channels' weights are
+  gathered (per executing sample, in a loop over samples at batch > 1) and the branch runs
+  dense on them; a grouped conv2 runs at full width on the kept channels scattered back.
+  Layer: the executing samples are gathered, the branch runs on them, a loop writes them
+  back (batch 1: the branch runs or not). Dense 3x3 convs use im2col (a strided slice per
+  tap) for maps of at most 256 pixels, XLA's convolution otherwise (grouped: its grouped
+  convolution). Bias and relu are separate elementwise passes.
+- ``pallas``: the same driver with the Pallas GPU kernels of ``pallas_kernels/``:
+  ``gather_conv1x1`` (conv1 + bias + relu on the dilated pixel list, into a
+  full-resolution buffer), ``gather_conv3x3`` (3x3 conv reading each patch window with
+  halo straight from that buffer), ``conv1x1_scatter_add`` (conv3 + bias + residual +
+  relu into the aliased identity), ``channel_gather_matmul`` (conv1 and conv3 on the
+  active channel groups of each sample, weights gathered in-kernel); conv2 of channel
+  mode on gathered weights; kernels stop at the active count.
+- ``pallas_nchw``: ``pallas`` on NCHW activations (PyTorch's layout): a gathered run is
+  one channel of consecutive pixels, so small S wastes most of every DRAM sector.
+- ``halo``: a single-program engine that recomputes conv1 on each patch's gathered
+  window with halo ((S+2)^2 pixels per S^2 at stride 1), then runs 3x3 on the compact
+  windows and a fused conv3 + scatter-add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
+
+# Launch kinds: dense GEMM, direct convolution, grouped convolution, gathered-tile kernel,
+# memory-bound op, host round trip, step of an on-device loop.
+KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST, KIND_CONV, KIND_LOOP, KIND_GROUPED = (
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
+)
+MODE_CODE: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
+
+
+def _dataclass(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+def _as_arrays(obj):
+    return type(obj)(**{f.name: jnp.asarray(getattr(obj, f.name), jnp.float32) for f in dataclasses.fields(obj)})
+
+
+@_dataclass
+class EngineModel:
+    """How an engine executes a dynamic block (flags are 0/1 floats).
+
+    conv1_on_halo: conv1 runs on each patch's gathered window with halo (recomputed where
+      windows overlap); 0: on the list of dilated-mask pixels.
+    fuse_gather: gathers happen inside the consuming kernel; 0: a gather op writes a copy.
+    fuse_scatter: conv3 + residual + scatter is one kernel.
+    fuse_masker: the maskers' pooling is fused into the previous block (input not re-read).
+    fused_epilogue: dense convs apply bias, relu and the residual in their epilogue;
+      0: separate elementwise passes.
+    im2col_max_size: without fused gathers, conv2 on patches materializes im2col rows
+      (9 taps per output pixel) for S up to this; larger S gathers windows for a conv.
+    dense_im2col_pixels: dense 3x3 convs use im2col on maps of at most this many pixels.
+    capacity_steps: index lists are padded to the capacity ladder with this many steps
+      (``laud_jax.sparse.routing.capacity_ladder``); 0: kernels stop at the active count.
+    scatter_loop: the spatial / layer scatter is a loop with one step per active patch or
+      sample (each step pays the per-op overhead); 0: one kernel.
+    per_sample_loop: channel-gated blocks at batch > 1 run one sample after another.
+    block_calls: host round trips per dynamic block (the stepwise driver reads counts).
+    index_ops: ops to build one index list.
+    sparse_tile_m / sparse_tile_n: tile of the gathered kernels (n capped at the next
+      power of two of N).
+    channels_last: 1 for NHWC activations; 0 for NCHW.
+    """
+
+    conv1_on_halo: Any
+    fuse_gather: Any
+    fuse_scatter: Any
+    fuse_masker: Any
+    fused_epilogue: Any
+    im2col_max_size: Any
+    dense_im2col_pixels: Any
+    capacity_steps: Any
+    scatter_loop: Any
+    per_sample_loop: Any
+    block_calls: Any
+    index_ops: Any
+    sparse_tile_m: Any
+    sparse_tile_n: Any
+    channels_last: Any
+
+    def replace(self, **changes: Any) -> "EngineModel":
+        return dataclasses.replace(self, **changes)
+
+    def as_arrays(self) -> "EngineModel":
+        return _as_arrays(self)
+
+
+ENGINES: dict[str, EngineModel] = {
+    "xla": EngineModel(
+        conv1_on_halo=0.0, fuse_gather=0.0, fuse_scatter=0.0, fuse_masker=0.0, fused_epilogue=0.0,
+        im2col_max_size=2.0, dense_im2col_pixels=256.0, capacity_steps=16.0, scatter_loop=1.0,
+        per_sample_loop=1.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=16.0, sparse_tile_n=16.0,
+        channels_last=1.0,
+    ),
+    "pallas": EngineModel(
+        conv1_on_halo=0.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
+        im2col_max_size=0.0, dense_im2col_pixels=0.0, capacity_steps=0.0, scatter_loop=0.0,
+        per_sample_loop=0.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=64.0, sparse_tile_n=128.0,
+        channels_last=1.0,
+    ),
+    "halo": EngineModel(
+        conv1_on_halo=1.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
+        im2col_max_size=0.0, dense_im2col_pixels=0.0, capacity_steps=0.0, scatter_loop=0.0,
+        per_sample_loop=0.0, block_calls=0.0, index_ops=3.0, sparse_tile_m=64.0, sparse_tile_n=128.0,
+        channels_last=1.0,
+    ),
+}
+ENGINES["pallas_nchw"] = ENGINES["pallas"].replace(channels_last=0.0)
+
+
+def get_engine(name: str) -> EngineModel:
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)}")
+    return ENGINES[name]
+
+
+@_dataclass
+class BlockShape:
+    """Static shape of a residual block as numbers (stack several for a leading block axis)."""
+
+    bottleneck: Any
+    in_channels: Any
+    width: Any
+    out_channels: Any
+    stride: Any
+    groups: Any
+    se_channels: Any
+    downsample: Any
+    h_in: Any
+    w_in: Any
+    h_out: Any
+    w_out: Any
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[BlockSpec]) -> "BlockShape":
+        """Shapes of ``specs`` stacked along a leading axis (from ``network_spec(...).blocks``)."""
+        columns = {
+            "bottleneck": [float(s.kind == "bottleneck") for s in specs],
+            **{
+                name: [float(getattr(s, name)) for s in specs]
+                for name in (
+                    "in_channels", "width", "out_channels", "stride", "groups", "se_channels",
+                    "downsample", "h_in", "w_in", "h_out", "w_out",
+                )
+            },
+        }
+        return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in columns.items()})
+
+
+@_dataclass
+class BlockSetting:
+    """Dynamic setting of a block: mode code, S, densities, group sizes, batch, dtype.
+
+    mode: ``MODE_CODE[mode]``. granularity: S. rho_spatial: fraction of active patches;
+    rho_channel: fraction of active channel groups; rho_layer: fraction of samples that
+    execute the residual branch (each only used by modes that have that gate).
+    rho_conv1: fraction of conv1 input pixels the dilated mask keeps; < 0: the expectation
+    for i.i.d. patch masks (:func:`dilated_density`). channel_granularity: channels per
+    channel-mask group; mask_groups: G. batch: images per call. half: 1 for bf16/fp16.
+    """
+
+    mode: Any
+    granularity: Any
+    rho_spatial: Any
+    rho_channel: Any
+    rho_layer: Any
+    rho_conv1: Any
+    channel_granularity: Any
+    mask_groups: Any
+    batch: Any
+    half: Any
+
+    def as_arrays(self) -> "BlockSetting":
+        return _as_arrays(self)
+
+
+def block_setting(
+    mode: str | int = "static",
+    granularity: float = 1,
+    rho: float = 1.0,
+    *,
+    rho_spatial: float | None = None,
+    rho_channel: float | None = None,
+    rho_layer: float | None = None,
+    rho_conv1: float = -1.0,
+    channel_granularity: float = 2,
+    mask_groups: float = 1,
+    batch: float = 1,
+    dtype: str = "float32",
+) -> BlockSetting:
+    """A :class:`BlockSetting` with one ``rho`` for every gate unless given separately."""
+    code = MODE_CODE[mode] if isinstance(mode, str) else mode
+    return BlockSetting(
+        mode=code,
+        granularity=granularity,
+        rho_spatial=rho if rho_spatial is None else rho_spatial,
+        rho_channel=rho if rho_channel is None else rho_channel,
+        rho_layer=rho if rho_layer is None else rho_layer,
+        rho_conv1=rho_conv1,
+        channel_granularity=channel_granularity,
+        mask_groups=mask_groups,
+        batch=batch,
+        half=float(dtype in ("bfloat16", "float16")),
+    ).as_arrays()
+
+
+def static_twin(setting: BlockSetting) -> BlockSetting:
+    """The same setting with every gate off (the static block it is compared with)."""
+    return dataclasses.replace(setting, mode=jnp.zeros_like(setting.mode))
+
+
+@_dataclass
+class Launches:
+    """Work records of launch slots (fields share one shape: (..., slots))."""
+
+    weight: Any
+    kind: Any
+    m: Any
+    n: Any
+    k: Any
+    batches: Any
+    a_bytes: Any
+    a_seg: Any
+    w_bytes: Any
+    w_seg: Any
+    o_bytes: Any
+    o_seg: Any
+    tile_m: Any
+    tile_n: Any
+
+
+LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launches))
+LAUNCH_NAMES = (
+    "host_sync",         # host round trip of the block-by-block driver
+    "masker_pool",       # pooling of the block input for the maskers / gates
+    "masker_conv",       # spatial masker's 1x1 conv on the mask grid
+    "gate_fc",           # channel masker FCs, layer gate, LC scale head
+    "index_lists",       # mask -> active index lists (patches, dilated pixels, groups, samples)
+    "layer_compact",     # gather the executing samples (layer gates, batch > 1)
+    "gather_x",          # separate gather of conv1's input (unfused engines)
+    "conv1",
+    "conv1_epilogue",    # bias + relu pass (unfused epilogues)
+    "gather_conv2",      # separate window gather / im2col before conv2
+    "channel_weight_cols",  # gathers of the active channels' weights along an output axis
+    "channel_weight_rows",  # ... and along an input axis (whole rows)
+    "channel_expand",    # kept channels scattered to full width and back (grouped conv2)
+    "conv2",
+    "conv2_epilogue",
+    "se",                # squeeze-excitation: pool + FCs + scale (RegNetY)
+    "lc_scale",          # LC-Net channel scale multiply
+    "conv3",             # bottleneck conv3 (+ residual / scatter when fused)
+    "residual",          # separate residual add / scatter (+ relu), or one step of a scatter loop
+    "identity_relu",     # relu over a downsampled identity (skipped positions)
+    "downsample",
+    "downsample_epilogue",
+)
+
+
+# Slots a dynamic block adds to the static one whatever its rate (the "masker cost").
+OVERHEAD_SLOTS = ("host_sync", "masker_pool", "masker_conv", "gate_fc", "index_lists")
+
+
+def _record(weight=0.0, kind=KIND_MEMORY, m=0.0, n=0.0, k=0.0, batches=1.0, a_bytes=0.0, a_seg=0.0,
+            w_bytes=0.0, w_seg=0.0, o_bytes=0.0, o_seg=0.0, tile_m=0.0, tile_n=0.0) -> dict[str, Any]:
+    return dict(weight=weight, kind=kind, m=m, n=n, k=k, batches=batches, a_bytes=a_bytes, a_seg=a_seg,
+                w_bytes=w_bytes, w_seg=w_seg, o_bytes=o_bytes, o_seg=o_seg, tile_m=tile_m, tile_n=tile_n)
+
+
+def _stack(records: Sequence[dict[str, Any]]) -> Launches:
+    return Launches(**{
+        field: jnp.stack([jnp.asarray(r[field], jnp.float32) for r in records], axis=-1)
+        for field in LAUNCH_FIELDS
+    })
+
+
+def bucket(count):
+    """Power-of-two capacity bucket holding ``count`` entries (at least 1)."""
+    return 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(jnp.ceil(count - 1e-4), 1.0)))
+
+
+def ladder_capacity(count, total, steps):
+    """Capacity the engine pads ``count`` of ``total`` units to: the smallest entry of the
+    ladder {powers of two below total/steps} + {multiples of total/steps}, capped at total
+    (``laud_jax.sparse.routing.capacity_ladder``); the (expected) count itself when
+    ``steps`` is 0."""
+    whole = jnp.maximum(jnp.ceil(count - 1e-4), 0.0)
+    quantum = total / jnp.maximum(steps, 1.0)
+    power = bucket(whole)
+    multiple = jnp.minimum(total, jnp.ceil(jnp.ceil(whole / quantum - 1e-6) * quantum - 1e-6))
+    padded = jnp.where(power < quantum, power, multiple)
+    return jnp.where(steps > 0, jnp.where(whole > 0, padded, 0.0), count)
+
+
+def _next_pow2(x):
+    return 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(x, 1.0)))
+
+
+def _axis_spans(length, size, stride):
+    """Fractions (a1, a2, a3) of conv1-grid rows of one axis whose 3x3-conv consumers span
+    1, 2 or 3 patches of size ``size`` (stride 1 or 2), image borders included."""
+    patches = jnp.ceil(length / jnp.where(stride > 1.5, 2.0 * size, size))
+    two_s1 = jnp.where(size < 1.5, 2.0, 2.0 * patches - 2.0)
+    three_s1 = jnp.where(size < 1.5, jnp.maximum(length - 2.0, 0.0), 0.0)
+    two = jnp.where(stride > 1.5, patches - 1.0, two_s1)
+    three = jnp.where(stride > 1.5, 0.0, three_s1)
+    two, three = two / length, three / length
+    return 1.0 - two - three, two, three
+
+
+def dilated_density(rho, size, stride, height, width):
+    """Expected fraction of conv1-grid pixels (``height`` x ``width``) that the dilated mask
+    keeps when each S x S output patch is active independently with probability ``rho``.
+
+    A pixel is needed when any 3x3 (stride ``stride``) output it feeds lies in an active
+    patch; spanning i patches along y and j along x, it is kept with 1 - (1 - rho)^(i j).
+    """
+    ay = _axis_spans(height, size, stride)
+    ax = _axis_spans(width, size, stride)
+    keep = 0.0
+    for i in range(3):
+        for j in range(3):
+            keep = keep + ay[i] * ax[j] * (1.0 - (1.0 - rho) ** ((i + 1) * (j + 1)))
+    return keep
+
+
+def _is(code, *modes: str):
+    return jnp.isin(code, jnp.asarray([MODE_CODE[m] for m in modes], jnp.float32))
+
+
+def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel) -> Launches:
+    """Launch records of one block (scalar fields in, (slots,) fields out)."""
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    e = engine
+    b = jnp.where(setting.half > 0.5, 2.0, 4.0)  # bytes per element
+    code = setting.mode
+    spatial, channel, layer = _is(code, "spatial", "both"), _is(code, "channel", "both", "lc"), _is(code, "layer", "lc")
+    sp, ch, ly, lc = (f(x) for x in (spatial, channel, layer, code == MODE_CODE["lc"]))
+    gated = f(code != MODE_CODE["static"])
+    rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
+    rho_c = jnp.where(channel, setting.rho_channel, 1.0)
+    rho_l = jnp.where(layer, setting.rho_layer, 1.0)
+    steps, halo, fuse_gather = e.capacity_steps, e.conv1_on_halo, e.fuse_gather
+    unfused_epi = 1.0 - e.fused_epilogue
+
+    bottleneck = shape.bottleneck
+    cin, width, cout = shape.in_channels, shape.width, shape.out_channels
+    stride, groups = shape.stride, shape.groups
+    p_in, p_out = shape.h_in * shape.w_in, shape.h_out * shape.w_out
+    batch = setting.batch
+    multi = batch > 1.5
+    # contiguous bytes of a run of consecutive pixels of one row (all channels in NHWC)
+    run = lambda n_pixels, channels: n_pixels * jnp.where(e.channels_last > 0.5, channels, 1.0) * b  # noqa: E731
+
+    # Channel gates at batch > 1 give every sample its own channels (and weights); engines
+    # with a per-sample loop run only the executing samples, one after the other.
+    per_sample = channel & multi
+    sample_loop = per_sample & (e.per_sample_loop > 0.5)
+    # Layer gates: at batch 1 the branch runs with probability rho; at batch > 1 the
+    # executing samples are compacted (padded to a capacity) and the branch runs on them.
+    executing = rho_l * batch
+    branch_batch = jnp.where(layer & multi, jnp.maximum(ladder_capacity(executing, batch, steps), 1.0), batch)
+    branch_batch = jnp.where(layer & multi & (e.capacity_steps == 0), jnp.maximum(bucket(executing), 1.0), branch_batch)
+    branch_batch = jnp.where(sample_loop, executing, jnp.minimum(branch_batch, batch))
+    compacting = f(layer & multi & ~sample_loop) * f(branch_batch < batch)
+    branch_weight = jnp.where(layer & ~multi, rho_l, 1.0)
+    # nothing active: the engine skips the branch altogether
+    branch_weight = branch_weight * f((rho_s > 0.0) & (rho_l > 0.0))
+
+    # Channel gates: active groups per sample (padded to the engine's capacity).
+    group = setting.channel_granularity
+    n_groups = width / group
+    active_groups = jnp.where(channel, ladder_capacity(rho_c * n_groups, n_groups, steps), n_groups)
+    width_c = jnp.maximum(active_groups, 1.0) * group
+    weight_copies = jnp.where(per_sample, branch_batch, 1.0)
+    weight_seg = jnp.where(channel, group * b, 0.0)
+    # one launch per sample when the engine loops over samples, else one launch for all
+    loop = jnp.where(sample_loop, jnp.maximum(branch_batch, 1e-6), 1.0)
+    gemms = jnp.where(channel, branch_batch, 1.0) / loop  # independent GEMMs per launch
+
+    # Spatial gates: active patches on the output grid, conv1 pixels on conv1's grid.
+    size = setting.granularity
+    grid_h, grid_w = jnp.ceil(shape.h_out / size), jnp.ceil(shape.w_out / size)
+    n_patches = branch_batch * grid_h * grid_w
+    active_patches = rho_s * n_patches
+    patches = jnp.where(spatial, ladder_capacity(active_patches, n_patches, steps), n_patches)
+    rows2 = jnp.where(spatial, patches * size * size, branch_batch * p_out)  # conv2 / conv3 rows
+    h1 = jnp.where(bottleneck > 0.5, shape.h_in, shape.h_out)
+    w1 = jnp.where(bottleneck > 0.5, shape.w_in, shape.w_out)
+    p1 = h1 * w1
+    stride1 = jnp.where(bottleneck > 0.5, stride, 1.0)
+    window = (size - 1.0) * stride1 + 3.0  # conv2's input window side per patch
+    rho_in = jnp.where(setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1))
+    pixels = ladder_capacity(rho_in * branch_batch * p1, branch_batch * p1, steps)
+    rows1 = jnp.where(spatial, jnp.where(halo > 0.5, patches * window * window, pixels), branch_batch * p1)
+    taps1 = jnp.where(bottleneck > 0.5, 1.0, 9.0)
+
+    sparse_tile_n = lambda n: jnp.clip(_next_pow2(n), 16.0, e.sparse_tile_n)  # noqa: E731
+    # conv1 / conv3 are gathered-tile kernels where the engine fuses the gathers (spatial
+    # patches, or per-sample channel groups); otherwise dense library calls.
+    gathered = jnp.where(spatial, fuse_gather, ch * fuse_gather)
+    kind13 = jnp.where(gathered > 0.5, KIND_GATHERED, KIND_DENSE)
+    # the kernel tile: the gathered kernels' own, a candidate for dense library calls
+    tile = lambda n: dict(tile_m=e.sparse_tile_m, tile_n=sparse_tile_n(n))  # noqa: E731
+
+    # Host round trip of the block-by-block driver; maskers / gates; index lists.
+    host_sync = _record(weight=gated * e.block_calls, kind=KIND_HOST)
+    # the spatial masker pools x to its grid, the channel masker averages it, the layer gate
+    # pools it to 1 x 1: separate reads of the block input
+    pools = sp + ch + ly
+    masker_pool = _record(weight=gated * pools * (1.0 - e.fuse_masker), o_bytes=batch * p_in * cin * b)
+    masker_conv = _record(weight=sp, kind=KIND_DENSE, m=batch * grid_h * grid_w, n=2.0 * setting.mask_groups,
+                          k=cin, w_bytes=cin * 2.0 * setting.mask_groups * b)
+    hidden = jnp.maximum(jnp.floor(n_groups / 16.0), 16.0)
+    fc_macs = ch * (cin * hidden + hidden * 2.0 * n_groups) + ly * 2.0 * cin + lc * cin * (n_groups + 1.0)
+    fc_launches = 2.0 * ch + ly + lc
+    gate_fc = _record(weight=fc_launches, kind=KIND_DENSE, m=batch, k=cin,
+                      n=fc_macs / cin / jnp.maximum(fc_launches, 1.0),
+                      w_bytes=fc_macs * b / jnp.maximum(fc_launches, 1.0))
+    lists = sp * (2.0 - halo) + ch + f(layer & multi)
+    index_bytes = (sp * (batch * grid_h * grid_w * 5.0 + (1.0 - halo) * batch * p1 * 13.0)
+                   + ch * batch * n_groups * 5.0 + f(layer & multi) * batch * 5.0)
+    index_lists = _record(weight=e.index_ops * lists,
+                          o_bytes=index_bytes / jnp.maximum(e.index_ops * lists, 1.0))
+    layer_compact = _record(weight=compacting, a_bytes=branch_batch * p_in * cin * b, a_seg=p_in * cin * b,
+                            o_bytes=branch_batch * p_in * cin * b)
+
+    # conv1 (1x1 for bottlenecks, 3x3 stride s for basic blocks) and its input gather.
+    gather_seg1 = run(jnp.where(halo > 0.5, window, 1.0), cin)
+    gather_x = _record(weight=branch_weight * sp * (1.0 - fuse_gather), a_bytes=rows1 * taps1 * cin * b,
+                       a_seg=gather_seg1, o_bytes=rows1 * taps1 * cin * b)
+    a1 = jnp.where(spatial, rows1 * taps1 * cin * b, branch_batch * p_in * cin * b)
+    # basic blocks' dense 3x3 conv1: im2col + GEMM on small maps, a direct conv otherwise
+    direct1 = (1.0 - gathered) * (1.0 - sp) * (1.0 - bottleneck) * f(p_out > e.dense_im2col_pixels)
+    conv1 = _record(
+        weight=branch_weight * loop, kind=jnp.where(direct1 > 0.5, KIND_CONV, kind13), m=rows1 / loop, n=width_c, k=taps1 * cin, batches=gemms,
+        a_bytes=a1 / loop, a_seg=sp * fuse_gather * gather_seg1,
+        w_bytes=weight_copies / loop * taps1 * cin * width_c * b, w_seg=fuse_gather * weight_seg,
+        o_bytes=rows1 * width_c * b / loop, **tile(width_c),
+    )
+    conv1_epilogue = _record(weight=branch_weight * loop * unfused_epi * (1.0 - gathered),
+                             o_bytes=2.0 * rows1 * width_c * b / loop)
+
+    # The residual joins the last conv where the engine can fuse it.
+    residual_fused = jnp.where(
+        spatial, e.fuse_scatter, jnp.where(channel | (compacting > 0.5), 0.0, e.fused_epilogue)
+    )
+
+    # conv2 (3x3, stride s in bottlenecks): on patch windows with halo, or dense. A grouped
+    # conv2 under channel gates runs at full width on the kept channels scattered back.
+    grouped = groups > 1.5
+    expanded = f(grouped & channel)
+    width2 = jnp.where(grouped & channel, width, width_c)
+    n2 = jnp.where(bottleneck > 0.5, width2, cout)
+    k2 = 9.0 * width2 / groups
+    p2 = jnp.where(bottleneck > 0.5, p_in, p_out)
+    window_bytes = patches * window * window * width_c * b
+    im2col_rows = rows2 * 9.0 * width_c * b
+    patch_im2col = sp * (1.0 - fuse_gather) * f(size <= e.im2col_max_size)
+    dense_im2col = (1.0 - sp) * f(p_out <= e.dense_im2col_pixels) * f(groups < 1.5)
+    im2col = jnp.maximum(patch_im2col, dense_im2col)
+    # Without fused gathers the windows (or im2col rows) are gathered first; halo engines
+    # already hold compact windows; Pallas reads them in-kernel.
+    window_gather = sp * (1.0 - fuse_gather) * (1.0 - halo)
+    # dense im2col: one strided slice per tap and a concatenation; on patches: one gather
+    gather_ops = jnp.where(dense_im2col > 0.5, 10.0, 1.0)
+    gather_conv2 = _record(
+        weight=branch_weight * loop * jnp.maximum(im2col, window_gather) * gather_ops,
+        a_bytes=jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b) / loop / gather_ops,
+        a_seg=sp * run(window, width_c),
+        o_bytes=jnp.where(im2col > 0.5, im2col_rows, window_bytes) / loop / gather_ops,
+    )
+    # Active-channel weights gathered outside the kernels: conv2's always (no Pallas kernel
+    # for it), conv1's and conv3's too where the engine does not gather in-kernel. Gathers
+    # along a weight's last (output) axis pick runs of one group; along an input axis, rows.
+    unfused = 1.0 - fuse_gather
+    column_elems = (unfused * taps1 * cin * width_c                             # conv1: output channels
+                    + (1.0 - expanded) * bottleneck * 9.0 * width_c * width_c / groups)  # conv2 (bottleneck)
+    row_elems = ((1.0 - expanded) * 9.0 * width_c * jnp.where(bottleneck > 0.5, width, cout) / groups  # conv2 inputs
+                 + unfused * bottleneck * width_c * cout)                        # conv3: input channels
+    row_seg = jnp.where(bottleneck > 0.5, width, cout) * b
+    gathers_cols = unfused + (1.0 - expanded) * bottleneck
+    gathers_rows = 1.0 - expanded + unfused * bottleneck
+    channel_weight_cols = _record(weight=branch_weight * ch * gathers_cols * loop, a_seg=weight_seg,
+                                  a_bytes=weight_copies * column_elems * b / jnp.maximum(gathers_cols, 1.0) / loop,
+                                  o_bytes=weight_copies * column_elems * b / jnp.maximum(gathers_cols, 1.0) / loop)
+    channel_weight_rows = _record(weight=branch_weight * ch * gathers_rows * loop, a_seg=row_seg,
+                                  a_bytes=weight_copies * row_elems * b / jnp.maximum(gathers_rows, 1.0) / loop,
+                                  o_bytes=weight_copies * row_elems * b / jnp.maximum(gathers_rows, 1.0) / loop)
+    channel_expand = _record(weight=branch_weight * loop * expanded * 2.0,
+                             o_bytes=rows2 * (width + width_c) * b / loop)
+    a2 = jnp.where(im2col > 0.5, im2col_rows, jnp.where(spatial, window_bytes, branch_batch * p2 * width2 * b))
+    conv2_gathered = sp * fuse_gather * (1.0 - halo)  # Pallas reads the windows in-kernel
+    conv2_kind = jnp.where(
+        conv2_gathered > 0.5, KIND_GATHERED,
+        jnp.where(im2col > 0.5, KIND_DENSE, jnp.where(grouped, KIND_GROUPED, KIND_CONV)),
+    )
+    conv2 = _record(
+        weight=branch_weight * loop, kind=conv2_kind,
+        m=rows2 / loop, n=n2, k=k2, batches=gemms, a_bytes=a2 / loop,
+        a_seg=conv2_gathered * run(window, width_c), w_bytes=weight_copies / loop * 9.0 * width2 * n2 / groups * b,
+        o_bytes=rows2 * n2 * b / loop, **tile(n2),
+    )
+    conv2_epilogue = _record(weight=branch_weight * loop * unfused_epi * bottleneck * (1.0 - conv2_gathered),
+                             o_bytes=2.0 * rows2 * n2 * b / loop)
+    has_se = f(shape.se_channels > 0)
+    se = _record(weight=branch_weight * has_se * 3.0, o_bytes=rows2 * width_c * b)
+    lc_scale = _record(weight=branch_weight * lc, o_bytes=2.0 * rows2 * width_c * b)
+
+    # conv3 (bottleneck), then the residual (fused, one kernel, or a loop over patches).
+    identity_rows = rows2 * cout * b
+    scattered = run(size, cout)
+    conv3 = _record(
+        weight=branch_weight * bottleneck * loop, kind=kind13, m=rows2 / loop, n=cout, k=width_c, batches=gemms,
+        a_bytes=rows2 * width_c * b / loop, w_bytes=weight_copies / loop * width_c * cout * b,
+        o_bytes=identity_rows * (1.0 + residual_fused) / loop, o_seg=sp * scattered * residual_fused, **tile(cout),
+    )
+    # Basic blocks: conv2 is the last conv, so the fused residual joins its record.
+    conv2["o_bytes"] = conv2["o_bytes"] + (1.0 - bottleneck) * residual_fused * identity_rows / loop
+    # A loop steps over the active patches (or the compacted samples).
+    loop_units = jnp.where(spatial, active_patches, jnp.where(compacting > 0.5, executing, loop))
+    scatter_steps = jnp.where((e.scatter_loop > 0.5) & (spatial | (compacting > 0.5)), loop_units, loop)
+    looped = (e.scatter_loop > 0.5) & (spatial | (compacting > 0.5))
+    # a loop step moves one window with dynamic slices (contiguous rows, no indexed gather)
+    residual = _record(weight=branch_weight * (1.0 - residual_fused) * scatter_steps,
+                       kind=jnp.where(looped, KIND_LOOP, KIND_MEMORY),
+                       o_bytes=3.0 * identity_rows / jnp.maximum(scatter_steps, 1.0),
+                       o_seg=sp * scattered * (1.0 - f(looped)))
+    full_out = batch * p_out * cout * b
+    skipped = sp + ly * jnp.where(multi, 1.0, 1.0 - rho_l)  # blocks whose skipped positions read relu(identity)
+    identity_relu = _record(weight=shape.downsample * jnp.minimum(skipped, 1.0), o_bytes=2.0 * full_out)
+    downsample = _record(
+        weight=shape.downsample, kind=KIND_DENSE, m=batch * p_out, n=cout, k=cin,
+        a_bytes=batch * p_out * cin * b, w_bytes=cin * cout * b, o_bytes=full_out, **tile(cout),
+    )
+    # unfused: the bias pass, and the strided input slice a 1x1 stride-s conv reads
+    strided_input = f(stride > 1.5) * batch * p_out * cin * b
+    downsample_epilogue = _record(weight=shape.downsample * unfused_epi, o_bytes=2.0 * (full_out + strided_input))
+
+    records = dict(
+        host_sync=host_sync, masker_pool=masker_pool, masker_conv=masker_conv, gate_fc=gate_fc,
+        index_lists=index_lists, layer_compact=layer_compact, gather_x=gather_x, conv1=conv1,
+        conv1_epilogue=conv1_epilogue, gather_conv2=gather_conv2, channel_weight_cols=channel_weight_cols,
+        channel_weight_rows=channel_weight_rows, channel_expand=channel_expand, conv2=conv2,
+        conv2_epilogue=conv2_epilogue, se=se, lc_scale=lc_scale, conv3=conv3, residual=residual,
+        identity_relu=identity_relu, downsample=downsample, downsample_epilogue=downsample_epilogue,
+    )
+    return _stack([records[name] for name in LAUNCH_NAMES])
+
+
+def block_macs(shape: BlockShape, setting: BlockSetting):
+    """(expected dynamic MACs, static MACs) per sample, counted as the models' ``aux`` does."""
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    code = setting.mode
+    spatial, channel, layer = _is(code, "spatial", "both"), _is(code, "channel", "both", "lc"), _is(code, "layer", "lc")
+    rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
+    rho_c = jnp.where(channel, setting.rho_channel, 1.0)
+    rho_l = jnp.where(layer, setting.rho_layer, 1.0)
+    bottleneck = shape.bottleneck
+    cin, width, cout = shape.in_channels, shape.width, shape.out_channels
+    p_in, p_out = shape.h_in * shape.w_in, shape.h_out * shape.w_out
+    conv1 = jnp.where(bottleneck > 0.5, p_in * cin * width, p_out * 9.0 * cin * width)
+    conv2 = jnp.where(bottleneck > 0.5, p_out * 9.0 * width * width / shape.groups, p_out * 9.0 * width * cout)
+    conv3 = bottleneck * p_out * width * cout
+    downsample = shape.downsample * p_out * cin * cout
+    se = 2.0 * width * shape.se_channels
+    size = setting.granularity
+    h1 = jnp.where(bottleneck > 0.5, shape.h_in, shape.h_out)
+    w1 = jnp.where(bottleneck > 0.5, shape.w_in, shape.w_out)
+    stride1 = jnp.where(bottleneck > 0.5, shape.stride, 1.0)
+    rho_in = jnp.where(setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1))
+    rho_in = jnp.where(spatial, rho_in, 1.0)
+    density2 = rho_s * rho_c * jnp.where(bottleneck > 0.5, rho_c, 1.0)
+    n_groups = width / setting.channel_granularity
+    hidden = jnp.maximum(jnp.floor(n_groups / 16.0), 16.0)
+    grid = jnp.floor(shape.h_out / size) * jnp.floor(shape.w_out / size)
+    masker = (
+        f(spatial) * grid * cin * 2.0 * setting.mask_groups
+        + f(channel) * (cin * hidden + hidden * 2.0 * n_groups)
+        + f(layer) * 2.0 * cin
+        + f(code == MODE_CODE["lc"]) * cin * (n_groups + 1.0)
+    )
+    dynamic = (
+        (conv1 * rho_in * rho_c + conv2 * density2 + conv3 * rho_s * rho_c + se) * rho_l
+        + downsample + masker
+    )
+    return dynamic, conv1 + conv2 + conv3 + downsample + se
+
+
+def layer_launches(
+    layers: Sequence[LayerSpec], batch, half, engine: EngineModel, head_input_hw: tuple[int, int]
+) -> Launches:
+    """Launch records of the stem and head layers (never dynamic): two slots per layer.
+
+    ``head_input_hw``: the last feature map, which the classifier's global pooling reads.
+    """
+    b = jnp.where(jnp.asarray(half) > 0.5, 2.0, 4.0)
+    unfused_epi = 1.0 - engine.fused_epilogue
+    records = []
+    for layer in layers:
+        p_in, p_out = layer.h_in * layer.w_in, layer.h_out * layer.w_out
+        if layer.kind == "conv":
+            taps = layer.kernel * layer.kernel
+            out = batch * p_out * layer.out_channels * b
+            records.append(_record(weight=1.0, kind=KIND_CONV if taps > 1 else KIND_DENSE, m=batch * p_out,
+                                   n=layer.out_channels, k=taps * layer.in_channels, a_bytes=batch * p_in * layer.in_channels * b,
+                                   w_bytes=taps * layer.in_channels * layer.out_channels * b, o_bytes=out))
+            records.append(_record(weight=unfused_epi, o_bytes=2.0 * out))
+        elif layer.kind == "maxpool":
+            records.append(_record(weight=1.0, o_bytes=batch * (p_in + p_out) * layer.in_channels * b))
+            records.append(_record())
+        elif layer.kind == "dense":
+            # global average pool of the last feature map, then the classifier
+            records.append(_record(weight=1.0, kind=KIND_DENSE, m=batch, n=layer.out_channels,
+                                   k=layer.in_channels, w_bytes=layer.in_channels * layer.out_channels * b,
+                                   o_bytes=batch * layer.out_channels * b))
+            pooled = head_input_hw[0] * head_input_hw[1] * layer.in_channels
+            records.append(_record(weight=1.0, o_bytes=batch * pooled * b))
+        else:
+            raise ValueError(f"unknown layer kind {layer.kind!r} of {layer.name}")
+    return _stack(records)
+
+
+def describe(launches: Launches) -> list[dict[str, float]]:
+    """Records as a list of plain dicts (one per slot), for printing and tests."""
+    arrays = {k: np.asarray(getattr(launches, k)) for k in LAUNCH_FIELDS}
+    return [{k: float(v[i]) for k, v in arrays.items()} for i in range(arrays["weight"].shape[-1])]

@@ -1,0 +1,1 @@
+"""Training internals: steps, optimizer and schedules, distribution, logging, benchmarks."""

@@ -1,0 +1,135 @@
+"""Evaluation: accuracy/density aggregation against a direct computation, gate offset, CLI report."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+# Until the data pipeline, sparse engine and latency predictor are merged into this branch.
+pytest.importorskip("laud_jax.data")
+pytest.importorskip("laud_jax.sparse")
+pytest.importorskip("laud_jax.latency")
+
+from fixtures.tiny_checkpoint import IMAGE_SIZE, mixed_gate_variables, shared_tiny_checkpoint, tiny_model_config
+
+from laud_jax import evaluate
+from laud_jax.models import build_model, network_spec
+
+
+@pytest.fixture
+def tiny_dir():
+    return shared_tiny_checkpoint()
+
+
+def _batches(images, labels, size):
+    """Batches of ``size``; the last one padded with weight 0, as the data pipeline does."""
+    for start in range(0, len(images), size):
+        ids = np.arange(start, start + size)
+        weight = (ids < len(images)).astype(np.float32)
+        ids = np.minimum(ids, len(images) - 1)
+        yield {"image": images[ids], "label": labels[ids], "weight": weight}
+
+
+def test_accuracy_and_density_match_a_direct_computation():
+    cfg = tiny_model_config(("spatial", "channel", "layer", "both"))
+    variables = mixed_gate_variables(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(23, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+    logits, aux = jax.jit(build_model(cfg).apply)(variables, images)
+    logits = np.asarray(logits)
+    labels = np.argsort(-logits, axis=1)[:, rng.integers(0, 7, len(images))].diagonal().astype(np.int32)
+    result = evaluate.accuracy_and_density(cfg, variables, _batches(images, labels, 8), progress=False)
+    ranks = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(axis=1)
+    assert result["examples"] == 23
+    assert result["top1"] == pytest.approx(np.mean(ranks == 0))
+    assert result["top5"] == pytest.approx(np.mean(ranks < 5))
+    assert 0 < result["top1"] < result["top5"] < 1
+    spec = network_spec(cfg, images.shape[1:])
+    for stage in result["stages"]:
+        idx = [i for i, b in enumerate(spec.blocks) if b.stage == stage["stage"] - 1]
+        dynamic = sum(float(np.mean(aux["blocks"][i]["macs"])) for i in idx)
+        dense = sum(spec.blocks[i].dense_macs for i in idx)
+        assert stage["density"] == pytest.approx(dynamic / dense, rel=1e-5)
+    assert result["mac_ratio"] == pytest.approx(float(np.mean(aux["macs"])) / spec.dense_macs, rel=1e-5)
+    layer_rate = float(np.mean(aux["blocks"][-2]["layer_gate"]))  # stage 3 is one layer-gated block
+    assert result["stages"][2]["layer_rate"] == pytest.approx(layer_rate)
+    assert all(0 < s["density"] < 1.2 for s in result["stages"])
+    first = evaluate.accuracy_and_density(cfg, variables, _batches(images, labels, 8), max_examples=10,
+                                          progress=False)
+    assert first["examples"] == 10
+    assert first["top1"] == pytest.approx(np.mean(ranks[:10] == 0))
+
+
+def test_gate_offset_trades_work_for_nothing_else():
+    cfg = tiny_model_config()
+    variables = mixed_gate_variables(cfg, seed=1)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(8, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, 8).astype(np.int32)
+    step = evaluate.make_eval_step(build_model(cfg))
+    results = [
+        evaluate.accuracy_and_density(cfg, variables, _batches(images, labels, 8), gate_offset=offset,
+                                      progress=False, eval_step=step)
+        for offset in (-100.0, 0.0, 1.0, 100.0)
+    ]
+    ratios = [r["mac_ratio"] for r in results]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > ratios[1] > ratios[-1]
+    assert all(s["spatial_rate"] == 1.0 for s in results[0]["stages"])
+    assert all(s["spatial_rate"] == 0.0 for s in results[-1]["stages"])
+    assert 0 < results[1]["stages"][0]["spatial_rate"] < 1
+
+
+def test_evaluate_checkpoint_reports_everything(tiny_dir):
+    result = evaluate.evaluate_checkpoint(tiny_dir, max_examples=300, repeats=2, hardware="v100",
+                                          progress=False)
+    assert result["examples"] == 300 and result["data"]["name"] == "cluttered_mnist"
+    assert 0 <= result["top1"] <= result["top5"] <= 1
+    latency = result["latency"]
+    assert latency["backend"] == "xla" and latency["dense_ms"] > 0 and latency["sparse_ms"] > 0
+    assert latency["max_logit_difference"] < 1e-3  # the sparse engine computes the same function
+    predicted = result["predicted"]
+    assert predicted["static_ms"] > 0 and predicted["dynamic_ms"] > 0
+    table = evaluate.format_table(result)
+    for text in ("top-1", "MAC ratio", "stage", "measured", "predicted", f"{100 * result['top1']:.2f} %"):
+        assert text in table
+
+
+def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = evaluate.main(["evaluate", f"--checkpoint={tiny_dir}", "--max_examples=100", "--nolatency",
+                          "--hardware=", f"--json={out}", "--noprogress", "--gate_offset=0.5"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["examples"] == 100 and report["gate_offset"] == 0.5 and "latency" not in report
+    assert "gate offset +0.5" in capsys.readouterr().out
+    assert evaluate.main(["evaluate"]) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+    assert evaluate.main(["evaluate", f"--checkpoint={tmp_path / 'nowhere'}"]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert evaluate.main(["evaluate", f"--checkpoint={tiny_dir}", "--hardware=abacus"]) == 1
+    assert "unknown hardware 'abacus'" in capsys.readouterr().err
+    assert evaluate.main(["evaluate", "--help"]) == 0
+    assert "--gate_offset" in capsys.readouterr().out
+
+
+def test_gate_offset_sweep_script(tiny_dir, tmp_path, capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                        "gate_offset_sweep.py")
+    spec = importlib.util.spec_from_file_location("gate_offset_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    assert sweep.main([f"--checkpoint={tiny_dir}", "--offsets=0,50", "--max-examples=64", "--repeats=1",
+                       f"--out={out}"]) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    rows = report["rows"]
+    assert [r["gate_offset"] for r in rows] == [0.0, 50.0]
+    assert rows[1]["mac_ratio"] < rows[0]["mac_ratio"] and all(r["dynamic_ms"] > 0 for r in rows)
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "| +50 |" in capsys.readouterr().out

@@ -1,0 +1,196 @@
+"""GPU build report (issue 8): the shipped kernel configurations hold the bar on sm_90,
+and the report's parsing of the NVIDIA tools is right on kernels of known resource use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import cuda_build, report
+
+
+def _bar_launches():
+    """The default configuration of every kernel on its smallest- and largest-channel
+    ResNet-50 shapes (stage 1 with S=1, stage 4 with S=7), float32 and bfloat16."""
+    launches = []
+    for stage, size in (("stage1", 1), ("stage4", 7)):
+        for launch in report.engine_launches(["resnet50"], [8], ["float32", "bfloat16"], [size]):
+            if launch.where.startswith(stage) and ".first" not in launch.where:
+                launches.append(launch)
+    return launches
+
+
+BAR_LAUNCHES = _bar_launches()
+
+
+def test_bar_covers_every_kernel_and_dtype():
+    covered = {(launch.kernel, launch.dtype) for launch in BAR_LAUNCHES}
+    assert covered == {(k, d) for k in report.KERNELS for d in ("float32", "bfloat16")}
+
+
+@pytest.mark.parametrize(
+    "launch", BAR_LAUNCHES, ids=[f"{l.kernel}-{l.where}-{l.dtype}" for l in BAR_LAUNCHES]
+)
+def test_default_configuration_holds_the_bar_on_sm90(launch):
+    [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=90))
+    m = report.measure(kernel, 90)
+    where = f"{launch.kernel} {launch.where} {launch.shape} {launch.dtype} sm_90"
+    assert m.spill_bytes == 0, f"{where}: {m.spill_bytes} spill bytes"
+    assert m.stack_bytes == 0, f"{where}: {m.stack_bytes} stack bytes"
+    assert m.tensor_core, f"{where}: no HGMMA/HMMA in SASS ({m.ffma} FFMA): matmul off tensor cores"
+    assert m.occupancy_warps >= report.MIN_OCCUPANCY_WARPS, (
+        f"{where}: occupancy {m.occupancy_warps} warps/SM (limited by {m.occupancy_limiter})"
+    )
+
+
+# ---- parsing, on kernels whose resource use is known ------------------------------------
+
+
+def _add_one(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1.0
+
+
+def _matmul(a_ref, b_ref, o_ref):
+    o_ref[...] = jnp.dot(a_ref[...], b_ref[...], preferred_element_type=jnp.float32)
+
+
+def _compile(kernel_fn, out_shape, *args, arch, num_warps=4):
+    call = pl.pallas_call(
+        kernel_fn, out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+    )
+    [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(call, *args, arch=arch))
+    return kernel
+
+
+def test_elementwise_kernel_measures_as_known():
+    """x + 1 on 1024 floats: no dot, no Triton shared memory, few registers, no spills;
+    so occupancy reaches the 64-warp SM limit."""
+    x = jax.ShapeDtypeStruct((1024,), jnp.float32)
+    kernel = _compile(_add_one, x, x, arch=90)
+    m = report.measure(kernel, 90)
+    assert m.registers <= 32
+    assert (m.spill_bytes, m.stack_bytes, m.local_bytes) == (0, 0, 0)
+    assert not m.tensor_core and m.mma == ""
+    assert m.shared_bytes <= 1024  # only the 1 KiB the driver reserves per block
+    assert m.occupancy_warps == 64
+
+
+@pytest.mark.parametrize("arch, op", [(90, "HGMMA.64x64x16.F32.BF16"), (80, "HMMA.16816.F32.BF16")])
+def test_bf16_matmul_is_found_on_tensor_cores(arch, op):
+    a = jax.ShapeDtypeStruct((64, 64), jnp.bfloat16)
+    kernel = _compile(_matmul, jax.ShapeDtypeStruct((64, 64), jnp.float32), a, a, arch=arch)
+    m = report.measure(kernel, arch)
+    assert m.tensor_core and op in m.mma.split(","), m.mma
+    assert m.ffma == 0
+
+
+def test_forced_register_limit_is_reported_as_spills():
+    """The matmul for sm_80 assembled with `.maxnreg 32` must spill: ptxas -v,
+    cuobjdump's resource usage and the SASS (local stores/loads) all have to say so.
+    (sm_80: ptxas rejects so low a limit for Hopper's warpgroup MMA.)"""
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    a = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    kernel = _compile(_matmul, a, a, a, arch=80)
+    ptx = cuda_build.compile_kernel(kernel, 80).ptx
+    assert ".reqntid 128" in ptx
+    ptx = ptx.replace(".reqntid 128", ".reqntid 128\n.maxnreg 32", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(source, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [get_ptxas(80).path, "-v", "--gpu-name=sm_80", source, "-o", cubin],
+            capture_output=True, text=True, check=True,
+        )
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+        usage = report.parse_res_usage(
+            subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
+        )[kernel.name]
+        ops = report.sass_op_counts(
+            subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+        )
+    info = report.parse_ptxas_log(log.stdout + log.stderr)
+    assert info.registers == usage["REG"] == 32
+    assert info.spill_store_bytes > 0 and info.spill_load_bytes > 0
+    assert info.stack_bytes == usage["STACK"] > 0
+    assert ops.get("STL", 0) > 0 and ops.get("LDL", 0) > 0
+
+
+def test_parsers_on_tool_output():
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    48 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers\n"
+    )
+    assert report.parse_ptxas_log(log) == report.PtxasInfo(255, 40, 36, 48)
+    usage = report.parse_res_usage(
+        "\nResource usage:\n Common:\n  GLOBAL:0\n Function k:\n"
+        "  REG:168 STACK:8 SHARED:1024 LOCAL:4 CONSTANT[0]:592 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
+    )
+    assert usage["k"]["REG"] == 168 and usage["k"]["STACK"] == 8 and usage["k"]["LOCAL"] == 4
+    assert usage["k"]["SHARED"] == 1024 and usage["k"]["CONSTANT[0]"] == 592
+    sass = (
+        "        /*1880*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, RZ ;\n"
+        "        /*18d0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;\n"
+        "        /*1900*/              @!P0 FFMA R3, R4, R5, R3 ;\n"
+        "        /*1910*/               @P1 LDGSTS.E.BYPASS.128 [R7], desc[UR4][R8.64] ;\n"
+    )
+    assert report.sass_op_counts(sass) == {
+        "HGMMA.64x128x16.F32.BF16": 2, "HGMMA": 2, "FFMA": 1, "LDGSTS": 1}
+    with pytest.raises(ValueError, match="unrecognised ptxas"):
+        report.parse_ptxas_log("garbage")
+
+
+@pytest.mark.parametrize(
+    "arch, registers, shared, warps, expected",
+    [
+        (90, 168, 74752, 4, (12, "registers")),  # 168*32 -> 5376 regs/warp -> 12 warps
+        (90, 64, 200000, 4, (4, "shared")),  # one block fits in 228 KiB
+        (80, 24, 0, 4, (64, "warps")),
+        (80, 96, 90000, 8, (8, "shared")),  # 164 KiB holds one 90 KB block
+    ],
+)
+def test_occupancy_limits(arch, registers, shared, warps, expected):
+    assert report.occupancy(arch, registers, shared, warps) == expected
+
+
+def test_cli_writes_json_records(tmp_path):
+    out = tmp_path / "report.json"
+    md = tmp_path / "report.md"
+    report.main([
+        "--quick", "--kernels", "gather_conv1x1", "--stages", "4", "--dtype", "bfloat16",
+        "--jobs", "1", "--no-progress", "--json", str(out), "--markdown", str(md),
+    ])
+    records = json.loads(out.read_text())
+    assert len(records) == 2  # stage 4: first and later blocks
+    for record in records:
+        for key in ("kernel", "target", "dtype", "registers", "spill_bytes", "shared_bytes",
+                    "occupancy_warps", "tensor_core"):
+            assert key in record
+        assert record["kernel"] == "gather_conv1x1" and record["target"] == "sm_90"
+        assert record["tensor_core"] is True
+    assert "| gather_conv1x1 | bfloat16 | sm_90 | 2 |" in md.read_text()
+
+
+def test_bar_failures_name_kernel_shape_and_figure():
+    record = dict(kernel="gather_conv3x3", shape="8x14x14x256", dtype="bfloat16", target="sm_90",
+                  spill_bytes=16, stack_bytes=0, tensor_core=False, ffma=512,
+                  occupancy_warps=2, occupancy_limiter="registers")
+    failures = report.check_bar(record)
+    assert len(failures) == 3
+    assert all("gather_conv3x3 8x14x14x256 bfloat16 sm_90" in f for f in failures)
+    assert any("16 spill bytes" in f for f in failures)
+    assert any("512 FFMA" in f for f in failures)
+    assert any("occupancy 2 warps/SM" in f for f in failures)

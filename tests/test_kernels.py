@@ -1,0 +1,584 @@
+"""Pallas kernels in interpret mode on CPU against independent references.
+
+One parameterized base class drives every kernel: random inputs (never zeros), index
+lists whose padding slots hold real-looking ids, outputs poisoned with NaN before the
+run, and several densities per compiled shape (the count is a traced value, so one
+compile serves densities 0, small, 0.5 and 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import TileConfig, indices
+from pallas_kernels.channel_gather_matmul import channel_gather_matmul
+from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
+from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul
+from pallas_kernels.gather_conv3x3 import gather_conv3x3, mask_grid, patch_conv
+
+DENSITIES = (0.0, 0.1, 0.5, 1.0)
+TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = metafunc.cls.CASES
+        metafunc.parametrize("case", cases, ids=[metafunc.cls.case_id(c) for c in cases])
+
+
+def _normal(rng, shape, dtype, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def _index_list(rng, active: np.ndarray, capacity: int, total: int) -> jnp.ndarray:
+    """Active ids first, then padding filled with random ids (which must be ignored)."""
+    padding = rng.integers(0, total, capacity - active.size)
+    return jnp.asarray(np.concatenate([active, padding]).astype(np.int32))
+
+
+def _random_mask(rng, shape, density: float) -> np.ndarray:
+    """A mask with round(density * size) True entries at random places."""
+    size = int(np.prod(shape))
+    flat = np.zeros(size, bool)
+    flat[rng.permutation(size)[: int(round(density * size))]] = True
+    return flat.reshape(shape)
+
+
+def _assert_close(actual, expected, dtype, what):
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+        err_msg=what, **TOLERANCE[dtype],
+    )
+
+
+class KernelTestBase:
+    """Subclasses define CASES, make(case, density, rng) -> inputs dict, run(inputs,
+    implementation) and expected(inputs); the base runs them per density."""
+
+    CASES: list[dict] = []
+
+    @staticmethod
+    def case_id(case: dict) -> str:
+        return "-".join(
+            f"{k}{v.__name__ if isinstance(v, type) else v}" for k, v in case.items()
+        )
+
+    def make(self, case, density, rng):
+        raise NotImplementedError
+
+    def run(self, inputs, implementation):
+        raise NotImplementedError
+
+    def expected(self, inputs):
+        raise NotImplementedError
+
+    def interpret_jitted(self, inputs):
+        """jit of the interpret-mode kernel; non-array inputs (S, stride, ...) are static."""
+        static = {k: v for k, v in inputs.items() if not isinstance(v, jax.Array)}
+        return jax.jit(lambda arrays: self.run({**arrays, **static}, "interpret"))
+
+    def test_interpret_matches_reference(self, case):
+        rng = np.random.default_rng(0)
+        compiled = None
+        for density in DENSITIES:
+            inputs = self.make(case, density, rng)
+            compiled = compiled or self.interpret_jitted(inputs)  # one compile per case
+            actual = compiled({k: v for k, v in inputs.items() if isinstance(v, jax.Array)})
+            expected = self.expected(inputs)
+            # Unwritten outputs stay NaN in both; everything else must agree.
+            np.testing.assert_array_equal(
+                np.isnan(np.asarray(actual, np.float32)),
+                np.isnan(np.asarray(expected, np.float32)),
+                err_msg=f"written/unwritten elements differ at density {density}",
+            )
+            _assert_close(actual, expected, case["dtype"], f"values at density {density}")
+
+    def test_reference_implementation_matches_expected(self, case):
+        rng = np.random.default_rng(1)
+        inputs = self.make(case, 0.5, rng)
+        actual = self.run(inputs, "reference")
+        _assert_close(actual, self.expected(inputs), case["dtype"], "reference implementation")
+
+
+class TestGatherConv1x1(KernelTestBase):
+    CASES = [
+        dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, dtype=jnp.float32),
+        dict(batch=2, hw=9, cin=24, cout=40, S=2, s=2, dtype=jnp.bfloat16),
+        dict(batch=2, hw=7, cin=3, cout=20, S=7, s=1, dtype=jnp.float32),
+    ]
+
+    def make(self, case, density, rng):
+        b, hw, dtype = case["batch"], case["hw"], case["dtype"]
+        out_hw = (hw - 1) // case["s"] + 1
+        grid = -(-out_hw // case["S"])
+        patches = jnp.asarray(_random_mask(rng, (b, grid, grid), density))
+        pixels = np.flatnonzero(
+            np.asarray(indices.dilated_pixel_mask(patches, case["S"], case["s"], (hw, hw)))
+        )
+        total = b * hw * hw
+        return dict(
+            x=_normal(rng, (b, hw, hw, case["cin"]), dtype),
+            pixel_indices=_index_list(rng, pixels, total, total),
+            pixel_count=jnp.int32(pixels.size),
+            w=_normal(rng, (case["cin"], case["cout"]), dtype, case["cin"] ** -0.5),
+            b=_normal(rng, (case["cout"],), jnp.float32),
+            out=jnp.full((b, hw, hw, case["cout"]), jnp.nan, dtype),
+        )
+
+    def run(self, inputs, implementation):
+        return gather_conv1x1(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        x, out = inputs["x"], np.array(inputs["out"], np.float32)
+        rows = np.asarray(inputs["pixel_indices"])[: int(inputs["pixel_count"])]
+        flat_x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+        y = flat_x[rows] @ np.asarray(inputs["w"], np.float32) + np.asarray(inputs["b"])
+        flat = out.reshape(-1, out.shape[-1])
+        flat[rows] = np.maximum(y, 0.0)
+        return flat.reshape(out.shape)
+
+
+class TestGatherConv3x3(KernelTestBase):
+    CASES = [
+        dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, dtype=jnp.float32),
+        dict(batch=2, hw=8, cin=16, cout=24, S=2, s=2, dtype=jnp.bfloat16),
+        dict(batch=2, hw=9, cin=20, cout=16, S=4, s=1, dtype=jnp.float32),
+        dict(batch=1, hw=14, cin=16, cout=16, S=7, s=1, dtype=jnp.bfloat16),
+        dict(batch=2, hw=15, cin=8, cout=16, S=8, s=2, dtype=jnp.float32),
+        dict(batch=1, hw=13, cin=16, cout=32, S=7, s=2, dtype=jnp.float32),
+    ]
+
+    def make(self, case, density, rng):
+        b, hw, size, stride, dtype = case["batch"], case["hw"], case["S"], case["s"], case["dtype"]
+        grid = mask_grid(hw, stride, size)
+        patches = _random_mask(rng, (b, grid, grid), density)
+        readable = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (hw, hw))
+        h = _normal(rng, (b, hw, hw, case["cin"]), dtype)
+        capacity = b * grid * grid
+        return dict(
+            # Pixels outside conv2's receptive field are NaN: kernel 1 never writes them.
+            h=jnp.where(readable[..., None], h, jnp.nan),
+            patch_indices=_index_list(rng, np.flatnonzero(patches), capacity, capacity),
+            patch_count=jnp.int32(patches.sum()),
+            w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
+            b=_normal(rng, (case["cout"],), jnp.float32),
+            out=jnp.full((capacity, size, size, case["cout"]), jnp.nan, dtype),
+            patch_size=size,
+            stride=stride,
+        )
+
+    def run(self, inputs, implementation):
+        return gather_conv3x3(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        size, stride = inputs["patch_size"], inputs["stride"]
+        h = jnp.nan_to_num(inputs["h"].astype(jnp.float32))
+        dense = jax.lax.conv_general_dilated(
+            h, inputs["w"].astype(jnp.float32), (stride, stride), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+        )
+        dense = np.asarray(jnp.maximum(dense + inputs["b"], 0.0))
+        b, out_h, out_w, _ = dense.shape
+        grid_h, grid_w = -(-out_h // size), -(-out_w // size)
+        out = np.array(inputs["out"], np.float32)
+        for slot, patch in enumerate(np.asarray(inputs["patch_indices"])[: int(inputs["patch_count"])]):
+            image, cell = divmod(int(patch), grid_h * grid_w)
+            i, j = divmod(cell, grid_w)
+            tile = np.zeros((size, size, dense.shape[-1]), np.float32)  # outside the image: 0
+            crop = dense[image, i * size : (i + 1) * size, j * size : (j + 1) * size]
+            tile[: crop.shape[0], : crop.shape[1]] = crop
+            out[slot] = tile
+        return out
+
+
+class TestConv1x1ScatterAdd(KernelTestBase):
+    CASES = [
+        dict(batch=1, hw=8, cin=16, cout=16, S=1, dtype=jnp.float32),
+        dict(batch=2, hw=8, cin=24, cout=16, S=2, dtype=jnp.bfloat16),
+        dict(batch=2, hw=9, cin=16, cout=40, S=4, dtype=jnp.float32),
+        dict(batch=1, hw=7, cin=16, cout=16, S=7, dtype=jnp.bfloat16),
+        dict(batch=2, hw=12, cin=8, cout=24, S=8, dtype=jnp.float32),
+        dict(batch=2, hw=8, cin=16, cout=16, S=2, dtype=jnp.float32, base=True),
+        dict(batch=1, hw=14, cin=32, cout=24, S=7, dtype=jnp.bfloat16, base=True),
+    ]
+
+    def make(self, case, density, rng):
+        b, hw, size, dtype = case["batch"], case["hw"], case["S"], case["dtype"]
+        grid = -(-hw // size)
+        patches = _random_mask(rng, (b, grid, grid), density)
+        capacity = b * grid * grid
+        return dict(
+            h=_normal(rng, (capacity, size, size, case["cin"]), dtype),
+            patch_indices=_index_list(rng, np.flatnonzero(patches), capacity, capacity),
+            patch_count=jnp.int32(patches.sum()),
+            w=_normal(rng, (case["cin"], case["cout"]), dtype, case["cin"] ** -0.5),
+            b=_normal(rng, (case["cout"],), jnp.float32),
+            # The identity (or the base) is the output buffer: untouched pixels keep it exactly.
+            identity=_normal(rng, (b, hw, hw, case["cout"]), dtype),
+            **({"base": _normal(rng, (b, hw, hw, case["cout"]), dtype)} if case.get("base") else {}),
+        )
+
+    def run(self, inputs, implementation):
+        return conv1x1_scatter_add(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        identity = np.array(inputs["identity"], np.float32)
+        size = inputs["h"].shape[1]
+        b, hw = identity.shape[0], identity.shape[1]
+        grid = -(-hw // size)
+        h = np.asarray(inputs["h"], np.float32)
+        w, bias = np.asarray(inputs["w"], np.float32), np.asarray(inputs["b"])
+        out = np.array(inputs.get("base", identity), np.float32)
+        for slot, patch in enumerate(np.asarray(inputs["patch_indices"])[: int(inputs["patch_count"])]):
+            image, cell = divmod(int(patch), grid * grid)
+            i, j = divmod(cell, grid)
+            rows, cols = slice(i * size, (i + 1) * size), slice(j * size, (j + 1) * size)
+            region = identity[image, rows, cols]
+            branch = h[slot, : region.shape[0], : region.shape[1]] @ w + bias
+            out[image, rows, cols] = np.maximum(region + branch, 0.0)
+        return out
+
+    def test_untouched_pixels_keep_base_bits(self, case):
+        rng = np.random.default_rng(2)
+        inputs = self.make(case, 0.5, rng)
+        actual = np.asarray(self.run(inputs, "interpret"), np.float32)
+        expected = self.expected(inputs)
+        base = np.asarray(inputs.get("base", inputs["identity"]), np.float32)
+        untouched = expected == base
+        np.testing.assert_array_equal(actual[untouched], base[untouched])
+
+
+def _random_ids(rng, shape, total: int, density: float) -> jnp.ndarray:
+    """Row ids in [0, total) with probability `density`, else out of range (sentinel
+    `total`, or -1): those must read as zeros."""
+    ids = rng.integers(0, total, shape)
+    off = rng.random(shape) >= density
+    ids = np.where(off, np.where(rng.random(shape) < 0.5, total, -1), ids)
+    return jnp.asarray(ids.astype(np.int32))
+
+
+class TestGatherMatmul(KernelTestBase):
+    """The sparse engine's conv1 primitive: compact rows from (N, K) tap tables."""
+
+    CASES = [
+        dict(rows=50, taps=1, cin=24, cout=40, n=64, relu=True, dtype=jnp.float32),
+        dict(rows=40, taps=9, cin=16, cout=16, n=33, relu=False, dtype=jnp.float32),
+        dict(rows=70, taps=1, cin=64, cout=32, n=100, relu=True, dtype=jnp.bfloat16),
+        dict(rows=30, taps=9, cin=8, cout=24, n=16, relu=True, dtype=jnp.bfloat16),
+    ]
+
+    def make(self, case, density, rng):
+        dtype = case["dtype"]
+        return dict(
+            src=_normal(rng, (case["rows"], case["cin"]), dtype),
+            taps=_random_ids(rng, (case["n"], case["taps"]), case["rows"], density),
+            w=_normal(rng, (case["taps"] * case["cin"], case["cout"]), dtype, (case["taps"] * case["cin"]) ** -0.5),
+            b=_normal(rng, (case["cout"],), jnp.float32),
+            relu=case["relu"],
+        )
+
+    def run(self, inputs, implementation):
+        return gather_matmul(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        src, taps = np.asarray(inputs["src"], np.float32), np.asarray(inputs["taps"])
+        inside = (taps >= 0) & (taps < src.shape[0])
+        gathered = np.where(inside[..., None], src[np.clip(taps, 0, src.shape[0] - 1)], 0.0)
+        y = gathered.reshape(taps.shape[0], -1) @ np.asarray(inputs["w"], np.float32) + np.asarray(inputs["b"])
+        return np.maximum(y, 0.0) if inputs["relu"] else y
+
+
+class TestPatchConv(KernelTestBase):
+    """The sparse engine's conv2 primitive: compact conv1 rows at listed pixels of a map
+    that is zero elsewhere, 3x3 conv on listed patches (some of them padding)."""
+
+    CASES = [
+        dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, patches=20, dtype=jnp.float32),
+        dict(batch=2, hw=8, cin=24, cout=40, S=2, s=2, patches=6, dtype=jnp.bfloat16),
+        dict(batch=2, hw=9, cin=16, cout=16, S=4, s=1, patches=5, dtype=jnp.float32),
+        dict(batch=1, hw=14, cin=8, cout=16, S=7, s=2, patches=2, dtype=jnp.float32),
+        dict(batch=2, hw=14, cin=16, cout=32, S=7, s=1, patches=4, dtype=jnp.bfloat16),
+        # conv1 ran on the whole map: rows are the map itself (coords=None)
+        dict(batch=2, hw=8, cin=16, cout=24, S=2, s=2, patches=5, dtype=jnp.float32, whole_map=True),
+    ]
+
+    def make(self, case, density, rng):
+        b, hw, size, stride, dtype = case["batch"], case["hw"], case["S"], case["s"], case["dtype"]
+        if case.get("whole_map"):
+            coords = np.argwhere(np.ones((b, hw, hw), bool))  # row-major: not passed
+        else:
+            listed = np.argwhere(_random_mask(rng, (b, hw, hw), density))
+            padding = np.tile([[b, 0, 0]], (4, 1))  # padding rows: sample >= B
+            coords = rng.permutation(np.concatenate([listed, padding]))
+        grid = mask_grid(hw, stride, size)
+        cells = np.argwhere(np.ones((b, grid, grid), bool))[rng.permutation(b * grid * grid)]
+        starts = cells[: case["patches"] - 1] * [1, size, size]
+        starts = np.concatenate([starts, [[b, 0, 0]]])  # one padding patch
+        return dict(
+            rows=_normal(rng, (coords.shape[0], case["cin"]), dtype),
+            coords=None if case.get("whole_map") else jnp.asarray(coords.astype(np.int32)),
+            starts=jnp.asarray(starts.astype(np.int32)),
+            w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
+            b=_normal(rng, (case["cout"],), jnp.float32),
+            grid=(b, hw, hw),
+            size=size,
+            stride=stride,
+        )
+
+    def run(self, inputs, implementation):
+        return patch_conv(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        batch, hw, _ = inputs["grid"]
+        size, stride = inputs["size"], inputs["stride"]
+        rows = np.asarray(inputs["rows"], np.float32)
+        if inputs["coords"] is None:
+            coords = np.argwhere(np.ones((batch, hw, hw), bool))
+        else:
+            coords = np.asarray(inputs["coords"])
+        w = np.asarray(inputs["w"], np.float32)
+        canvas = np.zeros((batch, hw + 2, hw + 2, rows.shape[1]), np.float32)  # zero border
+        for row, (sample, y, x) in zip(rows, coords):
+            if sample < batch:
+                canvas[sample, y + 1, x + 1] = row
+        out_hw = (hw - 1) // stride + 1
+        out = np.zeros((len(inputs["starts"]), size, size, w.shape[-1]), np.float32)
+        for p, (sample, y0, x0) in enumerate(np.asarray(inputs["starts"])):
+            for y in range(size):
+                for x in range(size):
+                    oy, ox = y0 + y, x0 + x
+                    if sample >= batch or oy >= out_hw or ox >= out_hw:
+                        continue  # padding patch / outside the image: zeros
+                    window = canvas[sample, oy * stride : oy * stride + 3, ox * stride : ox * stride + 3]
+                    out[p, y, x] = np.maximum(np.einsum("hwc,hwcd->d", window, w) + np.asarray(inputs["b"]), 0.0)
+        return out
+
+class TestChannelGatherMatmul(KernelTestBase):
+    CASES = [
+        dict(batch=1, m=40, k=32, n=48, g=4, mode="out", dtype=jnp.float32),
+        dict(batch=2, m=33, k=48, n=40, g=8, mode="in", dtype=jnp.bfloat16),
+        dict(batch=2, m=20, k=24, n=36, g=2, mode="both", dtype=jnp.float32),
+        dict(batch=3, m=16, k=40, n=24, g=4, mode="compact", dtype=jnp.bfloat16),
+        dict(batch=2, m=24, k=20, n=18, g=1, mode="dense", dtype=jnp.float32),
+    ]
+
+    def make(self, case, density, rng):
+        b, m, k, n, g, mode, dtype = (case[f] for f in ("batch", "m", "k", "n", "g", "mode", "dtype"))
+        inputs = dict(
+            w=_normal(rng, (k, n), dtype, k**-0.5),
+            b=_normal(rng, (n,), jnp.float32),
+            group_size=g,
+            relu=mode != "both",
+        )
+
+        def groups(total):
+            order = np.stack([rng.permutation(total) for _ in range(b)]).astype(np.int32)
+            counts = np.array([int(round(density * total))] * b, np.int32)
+            counts[0] = max(0, counts[0] - 1) if b > 1 else counts[0]  # per-sample counts differ
+            return jnp.asarray(order), jnp.asarray(counts)
+
+        if mode in ("in", "both", "compact"):
+            inputs["in_groups"], inputs["in_count"] = groups(k // g)
+        if mode == "compact":
+            inputs["x_compact"] = True
+        if mode in ("out", "both"):
+            inputs["out_groups"], inputs["out_count"] = groups(n // g)
+        inputs["x"] = _normal(rng, (b, m, k), dtype)
+        # Every group is listed (capacity = all groups), so the output has N columns.
+        inputs["out"] = jnp.full((b, m, n), jnp.nan, dtype)
+        return inputs
+
+    def run(self, inputs, implementation):
+        return channel_gather_matmul(**inputs, implementation=implementation)
+
+    def expected(self, inputs):
+        """Per sample: gather the active weight rows/columns and do a dense matmul."""
+        x = np.asarray(inputs["x"], np.float32)
+        w, bias, g = np.asarray(inputs["w"], np.float32), np.asarray(inputs["b"]), inputs["group_size"]
+        out = np.zeros(inputs["out"].shape, np.float32)
+
+        def channels(groups, count):
+            return (np.asarray(groups)[:count, None] * g + np.arange(g)).reshape(-1)
+
+        for s in range(x.shape[0]):
+            if "in_groups" in inputs:
+                rows = channels(inputs["in_groups"][s], int(inputs["in_count"][s]))
+                xs = x[s, :, : rows.size] if inputs.get("x_compact") else x[s][:, rows]
+            else:
+                rows = np.arange(w.shape[0])
+                xs = x[s]
+            if "out_groups" in inputs:
+                cols = channels(inputs["out_groups"][s], int(inputs["out_count"][s]))
+            else:
+                cols = np.arange(w.shape[1])
+            y = xs @ w[np.ix_(rows, cols)] + bias[cols]
+            out[s, :, : cols.size] = np.maximum(y, 0.0) if inputs["relu"] else y
+        return out
+
+
+def test_spatial_block_pipeline_matches_dense_masked_block():
+    """Kernels 1 -> 2 -> 3 chained as the engine does equal a dense masked bottleneck."""
+    rng = np.random.default_rng(3)
+    batch, hw, cin, width, size, stride = 2, 10, 16, 16, 2, 2
+    out_hw = (hw - 1) // stride + 1
+    grid = -(-out_hw // size)
+    mask = jnp.asarray(_random_mask(rng, (batch, grid, grid), 0.4))
+    x = jnp.abs(_normal(rng, (batch, hw, hw, cin), jnp.float32))
+    w1, b1 = _normal(rng, (cin, width), jnp.float32, 0.25), _normal(rng, (width,), jnp.float32)
+    w2, b2 = _normal(rng, (3, 3, width, width), jnp.float32, 0.1), _normal(rng, (width,), jnp.float32)
+    w3, b3 = _normal(rng, (width, cin), jnp.float32, 0.25), _normal(rng, (cin,), jnp.float32)
+    identity = jnp.abs(_normal(rng, (batch, out_hw, out_hw, cin), jnp.float32))
+
+    dilated = indices.dilated_pixel_mask(mask, size, stride, (hw, hw))
+    pixel_ids, pixel_count = indices.active_indices(dilated, batch * hw * hw)
+    patch_ids, patch_count = indices.active_indices(mask, batch * grid * grid)
+    run = dict(implementation="interpret")
+    h1 = gather_conv1x1(x, pixel_ids, pixel_count, w1, b1, **run)
+    h2 = gather_conv3x3(h1, patch_ids, patch_count, w2, b2, patch_size=size, stride=stride, **run)
+    sparse = conv1x1_scatter_add(h2, patch_ids, patch_count, w3, b3, identity, **run)
+
+    hi = jax.lax.Precision.HIGHEST
+    dense = jnp.maximum(jnp.einsum("bhwc,cd->bhwd", x, w1, precision=hi) + b1, 0)
+    dense = jax.lax.conv_general_dilated(
+        dense, w2, (stride, stride), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi,
+    )
+    dense = jnp.einsum("bhwc,cd->bhwd", jnp.maximum(dense + b2, 0), w3, precision=hi) + b3
+    up = jnp.repeat(jnp.repeat(mask, size, 1), size, 2)[:, :out_hw, :out_hw, None]
+    expected = jnp.maximum(identity + up * dense, 0)
+    np.testing.assert_allclose(sparse, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_capacity_launches_nothing():
+    x = jnp.ones((1, 4, 4, 16))
+    identity = jnp.arange(16 * 16, dtype=jnp.float32).reshape(1, 4, 4, 16)
+    empty = jnp.zeros((0,), jnp.int32)
+
+    def sparse_block(x, identity):
+        h1 = gather_conv1x1(x, empty, 0, jnp.ones((16, 16)), jnp.ones(16), implementation="interpret")
+        h2 = gather_conv3x3(h1, empty, 0, jnp.ones((3, 3, 16, 16)), jnp.ones(16), patch_size=2,
+                            stride=1, implementation="interpret")
+        return conv1x1_scatter_add(h2, empty, 0, jnp.ones((16, 16)), jnp.ones(16), identity,
+                                   implementation="interpret")
+
+    assert "pallas_call" not in str(jax.make_jaxpr(sparse_block)(x, identity))
+    np.testing.assert_array_equal(sparse_block(x, identity), identity)
+
+
+def test_jit_and_shard_map():
+    """The wrappers trace under jit and jax.shard_map (one list per shard).
+
+    check_vma=False: JAX 0.12's Pallas CPU interpreter mixes varying and replicated
+    values in its grid loop and trips the check (the CUDA lowering test runs with it on).
+    """
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",))
+    rng = np.random.default_rng(4)
+    batch = len(devices)
+    x = _normal(rng, (batch, 24, 32), jnp.float32)
+    w, b = _normal(rng, (32, 16), jnp.float32, 0.2), _normal(rng, (16,), jnp.float32)
+    groups = jnp.asarray(np.stack([rng.permutation(8) for _ in range(batch)]).astype(np.int32))
+    counts = jnp.full((batch,), 3, jnp.int32)
+    spec = jax.P("data")
+
+    @jax.jit
+    @functools.partial(
+        jax.shard_map, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+    )
+    def sharded(x, groups, counts):
+        return channel_gather_matmul(
+            x, w, b, group_size=2, out_groups=groups, out_count=counts, implementation="interpret"
+        )
+
+    expected = channel_gather_matmul(
+        x, w, b, group_size=2, out_groups=groups, out_count=counts, implementation="reference"
+    )
+    placed = jax.device_put((x, groups, counts), jax.NamedSharding(mesh, spec))
+    np.testing.assert_allclose(sharded(*placed), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: gather_conv1x1(jnp.ones((4, 4, 8)), jnp.zeros(4, jnp.int32), 1, jnp.ones((8, 8)),
+                                jnp.ones(8), implementation="interpret"), r"x must be 4-D NHWC.*\(4, 4, 8\)"),
+        (lambda: gather_conv1x1(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int32), 1, jnp.ones((6, 8)),
+                                jnp.ones(8), implementation="interpret"), r"Cin=6, but x has Cin=8"),
+        (lambda: gather_conv1x1(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int16),
+                                1, jnp.ones((8, 8)), jnp.ones(8), implementation="interpret"),
+         r"pixel_indices.dtype=int16, expected int32"),
+        (lambda: gather_conv3x3(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int32), 1,
+                                jnp.ones((3, 3, 8, 8)), jnp.ones(8), patch_size=2, stride=3,
+                                implementation="interpret"), r"stride=3"),
+        (lambda: gather_conv3x3(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int32), 1,
+                                jnp.ones((1, 1, 8, 8)), jnp.ones(8), patch_size=2, stride=1,
+                                implementation="interpret"), r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)"),
+        (lambda: conv1x1_scatter_add(jnp.ones((4, 2, 2, 8)), jnp.zeros(4, jnp.int32), 1,
+                                     jnp.ones((8, 16)), jnp.ones(16), jnp.ones((1, 4, 4, 8)),
+                                     implementation="interpret"), r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)"),
+        (lambda: channel_gather_matmul(jnp.ones((1, 4, 10)), jnp.ones((10, 8)), jnp.ones(8),
+                                       group_size=4, in_groups=jnp.zeros((1, 2), jnp.int32),
+                                       in_count=jnp.ones(1, jnp.int32), implementation="interpret"),
+         r"K=10 is not a multiple of group_size=4"),
+        (lambda: channel_gather_matmul(jnp.ones((1, 4, 8)), jnp.ones((8, 8)), jnp.ones(8),
+                                       group_size=2, implementation="pallas"),
+         r"implementation='pallas' compiles a Triton GPU kernel"),
+        (lambda: channel_gather_matmul(jnp.ones((1, 4, 8)), jnp.ones((8, 8)), jnp.ones(8),
+                                       group_size=2, implementation="cuda"), r"choose one of"),
+        (lambda: TileConfig(block_m=48), r"block_m=48: must be a power of two >= 16"),
+        (lambda: TileConfig(block_k=8), r"block_k=8"),
+        (lambda: TileConfig(num_warps=3), r"num_warps=3"),
+    ],
+)
+def test_bad_arguments_fail_before_compute(call, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()
+
+
+def test_selfcheck_on_a_small_block():
+    """The GPU self-check's correctness path, run here in interpret mode on a tiny block."""
+    from pallas_kernels import selfcheck
+
+    records = selfcheck.check("interpret", "float32", 2, [0.5], [("tiny", 8, 32, 16, 32, 4)], repeats=1)
+    assert [r["path"] for r in records] == ["spatial block", "channel conv1"]
+    for record in records:
+        assert record["relative_error"] <= 1e-5, record
+        assert record["dense_ms"] > 0 and record["sparse_ms"] > 0
+
+
+@pytest.mark.parametrize("size, stride, hw", [(1, 1, 6), (2, 2, 9), (4, 1, 8), (7, 2, 13)])
+def test_dilated_pixel_mask_is_conv2_receptive_field(size, stride, hw):
+    """Brute force: every input pixel a 3x3/stride conv reads for an active output pixel."""
+    rng = np.random.default_rng(5)
+    grid = mask_grid(hw, stride, size)
+    out_hw = (hw - 1) // stride + 1
+    patches = _random_mask(rng, (2, grid, grid), 0.3)
+    expected = np.zeros((2, hw, hw), bool)
+    for b, oy, ox in np.argwhere(np.kron(patches, np.ones((1, size, size), bool))[:, :out_hw, :out_hw]):
+        for dy in range(3):
+            for dx in range(3):
+                y, x = oy * stride + dy - 1, ox * stride + dx - 1
+                if 0 <= y < hw and 0 <= x < hw:
+                    expected[b, y, x] = True
+    actual = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (hw, hw))
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_active_indices_and_capacity_buckets():
+    mask = jnp.asarray([[True, False, True], [False, True, True]])
+    ids, count = indices.active_indices(mask, 8)
+    assert int(count) == 4 and ids.dtype == jnp.int32
+    np.testing.assert_array_equal(ids[:4], [0, 2, 4, 5])
+    _, overflow = indices.active_indices(mask, 2)
+    assert int(overflow) == 4  # the caller sees that capacity 2 was too small
+    assert [indices.capacity_bucket(n, 100) for n in (0, 1, 3, 64, 65, 100)] == [1, 1, 4, 64, 100, 100]
+    with pytest.raises(ValueError, match="count=5 must lie in"):
+        indices.capacity_bucket(5, 4)

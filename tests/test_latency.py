@@ -1,0 +1,435 @@
+"""Latency predictor: hand-computed roofline cases, the engine's index arithmetic against
+independent references, monotonicity, jit/vmap grids, presets, search, calibration, CLI."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from laud_jax.latency import (
+    ENGINES,
+    PRESETS,
+    BlockShape,
+    HardwareProfile,
+    block_macs,
+    block_setting,
+    block_time,
+    dilated_density,
+    get_profile,
+    grid_block_times,
+    grid_network_times,
+    predict,
+    profile_from_json,
+    profile_to_json,
+    search,
+)
+from laud_jax.latency.calibrate import FIT_FIELDS, Measurements, error_summary, fit_profile, predict_measured, relative_errors
+from laud_jax.latency.cli import main as cli
+from laud_jax.latency.kernels import (
+    KIND_CONV,
+    KIND_DENSE,
+    KIND_HOST,
+    KIND_LOOP,
+    KIND_MEMORY,
+    LAUNCH_FIELDS,
+    LAUNCH_NAMES,
+    MODE_CODE,
+    OVERHEAD_SLOTS,
+    BlockSetting,
+    Launches,
+    ladder_capacity,
+)
+from laud_jax.latency.predictor import block_launch_times
+from laud_jax.latency.profiles import LOCAL_INITIAL
+from laud_jax.latency.roofline import launch_times
+from laud_jax.latency.search import default_rates
+from laud_jax.models import network_spec
+from laud_jax.models.gates import dilate_mask, upsample_nearest
+from laud_jax.models.specs import MODES
+
+# A toy device: 4 cores, one 64 x 64 dense tile, no cache, round numbers.
+TOY = HardwareProfile(
+    flops_fp32=1e12, flops_half=2e12, dram_bw=1e11, l2_bw=1e12, l2_size=0.0, cores=4.0, tiles_per_core=1.0,
+    launch_overhead=2e-6, loop_overhead=3e-6, call_overhead=1e-5, eff_dense=1.0, eff_conv=0.25, eff_grouped=0.1,
+    eff_sparse=0.5,
+    mem_eff=0.5, gather_eff=0.5, sector_bytes=32.0, k_half=0.0, sum_weight=0.0, dense_tiles=((64.0, 64.0),),
+)
+
+
+def one_launch(**fields) -> Launches:
+    defaults = dict(weight=1.0, kind=KIND_DENSE, batches=1.0)
+    return Launches(**{f: jnp.asarray([float(fields.get(f, defaults.get(f, 0.0)))]) for f in LAUNCH_FIELDS})
+
+
+def seconds(profile: HardwareProfile, launch: Launches, half: float = 0.0) -> float:
+    return float(launch_times(profile.as_arrays(), launch, half)[0])
+
+
+# ----------------------------------------------------------------------------- roofline by hand
+
+
+def test_compute_bound_matmul_matches_hand_count():
+    m = n = 256
+    k = 1024
+    a, w, o = m * k * 4, k * n * 4, m * n * 4
+    launch = one_launch(m=m, n=n, k=k, a_bytes=a, w_bytes=w, o_bytes=o)
+    # 16 tiles of 64 x 64 on 4 cores: 4 waves of 2*64*64*k flops at 1e12 / 4 FLOP/s per core
+    compute = 4 * 2 * 64 * 64 * k / (1e12 / 4)
+    memory = (a + w + o) / (1e11 * 0.5) + (3 * a + 3 * w) / 1e12  # stream + A/W panel re-reads
+    assert compute > memory
+    assert seconds(TOY, launch) == pytest.approx(2e-6 + compute, rel=1e-6)
+    assert seconds(TOY.replace(sum_weight=1.0), launch) == pytest.approx(2e-6 + compute + memory, rel=1e-6)
+    # bf16 doubles the peak of the toy device; a direct convolution runs at eff_conv = 1/4
+    assert seconds(TOY, launch, half=1.0) == pytest.approx(2e-6 + max(compute / 2, memory), rel=1e-6)
+    conv = one_launch(kind=KIND_CONV, m=m, n=n, k=k, a_bytes=a, w_bytes=w, o_bytes=o)
+    assert seconds(TOY, conv) == pytest.approx(2e-6 + 4 * compute, rel=1e-6)
+
+
+def test_memory_bound_copy_and_gather_sector_waste():
+    copy = one_launch(kind=KIND_MEMORY, o_bytes=2e8)
+    assert seconds(TOY, copy) == pytest.approx(2e-6 + 2e8 / (1e11 * 0.5), rel=1e-6)
+    # runs of 8 bytes cost a whole 32-byte sector each (4x the bytes), at half the bandwidth
+    gather = one_launch(kind=KIND_MEMORY, a_bytes=1e6, a_seg=8.0)
+    assert seconds(TOY, gather) == pytest.approx(2e-6 + 2 * 4e6 / 5e10, rel=1e-6)
+    # a loop step pays the loop overhead, a host round trip only the call overhead
+    assert seconds(TOY, one_launch(kind=KIND_LOOP, o_bytes=2e8)) == pytest.approx(3e-6 + 2e8 / 5e10, rel=1e-6)
+    assert seconds(TOY, one_launch(kind=KIND_HOST, weight=2.0)) == pytest.approx(2e-5, rel=1e-6)
+    # a cache that holds the whole working set serves it at cache bandwidth
+    cached = TOY.replace(l2_size=1e9)
+    assert seconds(cached, copy) == pytest.approx(2e-6 + 2e8 / 1e12, rel=1e-6)
+    # expected executions scale launch overhead and body alike
+    assert seconds(TOY, one_launch(kind=KIND_MEMORY, o_bytes=2e8, weight=0.25)) == pytest.approx(
+        0.25 * seconds(TOY, copy), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("rows, waves", [(255, 1), (256, 1), (257, 2), (512, 2), (513, 3)])
+def test_wave_quantization_at_the_boundary(rows, waves):
+    fast_memory = TOY.replace(dram_bw=1e16, l2_bw=1e16)
+    k = 4096
+    launch = one_launch(m=rows, n=64, k=k, a_bytes=rows * k * 4, w_bytes=k * 64 * 4, o_bytes=rows * 64 * 4)
+    one_wave = 2 * 64 * 64 * k / (1e12 / 4)
+    assert seconds(fast_memory, launch) == pytest.approx(2e-6 + waves * one_wave, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- index arithmetic
+
+
+@pytest.mark.parametrize("size, stride", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2)])
+def test_dilated_density_matches_monte_carlo_of_the_models_dilation(size, stride):
+    out = 8  # output grid; conv1 grid is out * stride
+    rng = np.random.default_rng(size * 10 + stride)
+    for rho in (0.2, 0.6):
+        cells = (rng.random((400, out // size, out // size, 1)) < rho).astype(np.float32)
+        mask = dilate_mask(upsample_nearest(jnp.asarray(cells), size), stride, (out * stride, out * stride))
+        empirical = float(jnp.mean(mask))
+        predicted = float(dilated_density(rho, float(size), float(stride), float(out * stride), float(out * stride)))
+        assert predicted == pytest.approx(empirical, abs=0.012)
+
+
+def _ladder_reference(count: int, total: int, steps: int) -> int:
+    quantum = total / steps
+    ladder = {2**i for i in range(64) if 2**i < quantum}
+    ladder |= {min(total, math.ceil(j * quantum)) for j in range(1, steps + 1)}
+    return 0 if count == 0 else min(c for c in ladder if c >= count)
+
+
+def test_capacity_ladder_matches_its_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        total = int(rng.integers(1, 5000))
+        steps = int(rng.integers(1, 20))
+        count = int(rng.integers(0, total + 1))
+        assert float(ladder_capacity(float(count), float(total), float(steps))) == _ladder_reference(count, total, steps)
+    assert float(ladder_capacity(37.0, 100.0, 0.0)) == 37.0  # no padding without a ladder
+
+
+def test_block_macs_follow_the_model_spec():
+    for arch, image in (("resnet_small", (64, 64)), ("regnety_400mf", (64, 64)), ("resnet18", (64, 64))):
+        blocks = network_spec({"arch": arch, "num_classes": 10}, image).blocks
+        shapes = BlockShape.from_specs(blocks)
+        for mode, rho in (("static", 1.0), ("spatial", 1.0), ("channel", 1.0), ("layer", 1.0), ("lc", 1.0)):
+            spatial_spec = network_spec({"arch": arch, "num_classes": 10, "mode": mode, "granularity": 2}, image)
+            setting = block_setting(mode, 2, rho)
+            dynamic, dense = jax.vmap(block_macs, in_axes=(0, None))(shapes, setting)
+            np.testing.assert_allclose(dense, [b.dense_macs for b in blocks], rtol=1e-6)
+            np.testing.assert_allclose(
+                dynamic, [b.dense_macs + b.masker_macs for b in spatial_spec.blocks], rtol=1e-5
+            )
+    # half of the samples skip the branch: branch MACs halve, downsample and gate stay
+    blocks = network_spec({"arch": "resnet_small", "num_classes": 10, "mode": "layer"}, (64, 64)).blocks
+    dynamic, _ = jax.vmap(block_macs, in_axes=(0, None))(BlockShape.from_specs(blocks), block_setting("layer", 1, 0.5))
+    expected = [0.5 * (b.dense_macs - b.downsample_macs) + b.downsample_macs + b.masker_macs for b in blocks]
+    np.testing.assert_allclose(dynamic, expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+SMALL_BLOCKS = network_spec({"arch": "resnet_small", "num_classes": 10}, (64, 64)).blocks
+GRID_MODES = jnp.asarray([MODE_CODE[m] for m in MODES], jnp.float32)
+GRID_SIZES = jnp.asarray([1.0, 2.0, 4.0])
+GRID_RATES = jnp.linspace(0.0, 1.0, 11)
+GRID_BATCH = jnp.asarray([1.0, 8.0])
+
+
+def _grid_setting() -> BlockSetting:
+    shape = (len(MODES), 3, 11, 2)
+    b = lambda x: jnp.broadcast_to(x, shape)  # noqa: E731
+    rates = b(GRID_RATES[None, None, :, None])
+    return BlockSetting(
+        mode=b(GRID_MODES[:, None, None, None]), granularity=b(GRID_SIZES[None, :, None, None]),
+        rho_spatial=rates, rho_channel=rates, rho_layer=rates, rho_conv1=b(-1.0), channel_granularity=b(2.0),
+        mask_groups=b(1.0), batch=b(GRID_BATCH[None, None, None, :]), half=b(0.0),
+    )
+
+
+@jax.jit
+def _slot_grid(profile, engine, shapes, setting):
+    """Per-slot seconds for every block x grid setting."""
+    flat = jax.tree.map(lambda x: x.reshape(-1), setting)
+    per_setting = jax.vmap(lambda shape, s: block_launch_times(profile, engine, shape, s), in_axes=(None, 0))
+    times = jax.vmap(per_setting, in_axes=(0, None))(shapes, flat)
+    return times.reshape(shapes.in_channels.shape[0], *setting.mode.shape, len(LAUNCH_NAMES))
+
+
+@pytest.mark.parametrize("engine", ["xla", "pallas", "halo"])
+@pytest.mark.parametrize("hardware", ["v100", "jetson_tx2", "local_initial"])
+def test_latency_is_monotone_in_rho_and_full_rate_beats_static_by_less_than_the_maskers(engine, hardware):
+    profile = LOCAL_INITIAL if hardware == "local_initial" else PRESETS[hardware]
+    slots = np.asarray(_slot_grid(profile.as_arrays(), ENGINES[engine].as_arrays(),
+                                  BlockShape.from_specs(SMALL_BLOCKS), _grid_setting()), np.float64)
+    total = slots.sum(-1)  # (blocks, modes, S, rates, batch)
+    assert np.all(np.isfinite(total)) and np.all(total > 0)
+    steps = np.diff(total, axis=3)
+    assert np.all(steps >= -1e-9 * total[:, :, :, 1:]), "latency decreases as rho grows"
+    static = total[:, MODES.index("static")][:, None, :, -1]
+    masker = slots[..., : len(OVERHEAD_SLOTS)].sum(-1)[:, :, :, -1]  # host round trip, maskers, index lists
+    full = total[:, :, :, -1]  # every gate fully on
+    assert np.all(full >= (static - masker) * (1 - 1e-6))
+
+
+# The search grid of resnet_small (64 x 64): candidate S x modes x channel group sizes x rates.
+SEARCH_SIZES, SEARCH_MODES, SEARCH_GROUPS = (1, 2, 4, 8), ("spatial", "channel", "layer"), (2, 4, 8)
+
+
+def _search_setting(batch: float, half: float) -> BlockSetting:
+    rates = default_rates()
+    shape = (len(SEARCH_SIZES), len(SEARCH_MODES), len(SEARCH_GROUPS), len(rates))
+    b = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape)  # noqa: E731
+    return BlockSetting(
+        mode=b(np.asarray([MODE_CODE[m] for m in SEARCH_MODES])[None, :, None, None]),
+        granularity=b(np.asarray(SEARCH_SIZES)[:, None, None, None]), rho_spatial=b(rates),
+        rho_channel=b(rates), rho_layer=b(rates), rho_conv1=b(-1.0),
+        channel_granularity=b(np.asarray(SEARCH_GROUPS)[None, None, :, None]), mask_groups=b(1.0),
+        batch=b(batch), half=b(half),
+    )
+
+
+def test_grid_evaluation_equals_the_per_configuration_loop():
+    setting = _search_setting(4.0, 0.0)
+    times, dynamic, dense = grid_block_times(PRESETS["a100"], ENGINES["pallas"], BlockShape.from_specs(SMALL_BLOCKS), setting)
+    assert times.shape == (len(SMALL_BLOCKS), *setting.mode.shape)
+    profile, engine = PRESETS["a100"].as_arrays(), ENGINES["pallas"].as_arrays()
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        i = int(rng.integers(len(SMALL_BLOCKS)))
+        index = tuple(int(rng.integers(n)) for n in setting.mode.shape)
+        one = jax.tree.map(lambda x: x[index], setting)
+        shape = jax.tree.map(lambda x: x[0], BlockShape.from_specs([SMALL_BLOCKS[i]]))
+        assert float(times[(i, *index)]) == pytest.approx(float(block_time(profile, engine, shape, one)), rel=1e-5)
+        assert float(dynamic[(i, *index)]) == pytest.approx(float(block_macs(shape, one)[0]), rel=1e-5)
+        assert float(dense[(i, *index)]) == pytest.approx(SMALL_BLOCKS[i].dense_macs, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- network and presets
+
+
+def _ratio(hardware, engine, mode, granularity, batch, dtype="float32", rho=0.5):
+    spec = network_spec({"arch": "resnet101", "num_classes": 1000, "mode": mode, "granularity": granularity}, (224, 224))
+    return predict(spec, PRESETS[hardware], engine, rho=rho, batch=batch, dtype=dtype)
+
+
+def test_network_prediction_adds_up_and_static_mode_is_exact():
+    static = _ratio("v100", "pallas", "static", 1, 8)
+    assert static.latency_ratio == pytest.approx(1.0) and static.mac_ratio == pytest.approx(1.0)
+    dynamic = _ratio("v100", "pallas", "spatial", (4, 4, 2, 1), 8)
+    blocks = sum(b["dynamic_ms"] for b in dynamic.blocks)
+    overhead = 1e3 * float(PRESETS["v100"].call_overhead)
+    assert dynamic.dynamic_ms == pytest.approx(dynamic.fixed_ms + blocks + overhead, rel=1e-6)
+    assert dynamic.static_ms == pytest.approx(static.static_ms, rel=1e-6)
+    assert 0.4 < dynamic.mac_ratio < 0.75
+
+
+def test_network_grid_equals_per_configuration_predictions():
+    spec = network_spec({"arch": "resnet_small", "num_classes": 10}, (64, 64))
+    modes = ("static", "spatial", "layer")
+    setting = block_setting("spatial", 2, jnp.asarray([0.3, 0.8])[None, :, None], batch=jnp.asarray([1.0, 4.0]))
+    setting = dataclasses.replace(setting, mode=jnp.asarray([MODE_CODE[m] for m in modes], jnp.float32)[:, None, None])
+    grid = np.asarray(grid_network_times(PRESETS["rtx3090"], ENGINES["pallas"], spec, setting))
+    assert grid.shape == (3, 2, 2)
+    for mi, ri, bi in ((1, 0, 1), (2, 1, 0), (0, 1, 1)):
+        configured = network_spec({"arch": "resnet_small", "num_classes": 10, "mode": modes[mi], "granularity": 2}, (64, 64))
+        expected = predict(configured, PRESETS["rtx3090"], "pallas", rho=(0.3, 0.8)[ri], batch=(1, 4)[bi])
+        assert 1e3 * grid[mi, ri, bi] == pytest.approx(expected.dynamic_ms, rel=1e-5)
+
+
+def test_presets_agree_with_the_published_analysis():
+    # Server GPU, batch 128: per-pixel masks lose at rho = 0.5, coarse patches and layer
+    # skipping gain. Our Pallas engine on an A100; the halo formulation on every server preset.
+    for hardware, engine in [("a100", "pallas"), ("v100", "halo"), ("rtx3090", "halo"), ("a100", "halo"), ("h100", "halo")]:
+        assert _ratio(hardware, engine, "spatial", 1, 128, "bfloat16").latency_ratio > 1.0, (hardware, engine)
+        assert _ratio(hardware, engine, "spatial", 7, 128, "bfloat16").latency_ratio < 1.0, (hardware, engine)
+        assert _ratio(hardware, engine, "layer", 1, 128, "bfloat16").latency_ratio < 1.0, (hardware, engine)
+    # Edge GPU, batch 1: every S gains.
+    for size in (1, (2, 2, 2, 1), (4, 4, 2, 1), 7):
+        assert _ratio("jetson_tx2", "pallas", "spatial", size, 1).latency_ratio < 1.0, size
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def test_search_picks_the_fastest_valid_option_per_stage():
+    profile, engine = PRESETS["v100"], ENGINES["pallas"]
+    result = search("resnet_small", profile, engine, target_rate=0.5, batch=4, image_shape=(64, 64, 3),
+                    granularities=SEARCH_SIZES, modes=SEARCH_MODES, channel_granularities=SEARCH_GROUPS)
+    assert len(result.stages) == 4 and len(result.candidates["latency_ratio"][0]) == len(SEARCH_SIZES)
+    # Independent brute force: the grid of block times, MAC ratios interpolated with numpy.
+    times, dynamic, dense = (
+        np.asarray(x, np.float64)
+        for x in grid_block_times(profile, engine, BlockShape.from_specs(SMALL_BLOCKS), _search_setting(4.0, 0.0))
+    )
+    fixed = result.static_ms - sum(s["static_ms"] for s in result.stages)
+    network = []
+    for g, group in enumerate(SEARCH_GROUPS):
+        choices, total = [], 0.0
+        for stage in range(4):
+            members = [i for i, blk in enumerate(SMALL_BLOCKS) if blk.stage == stage]
+            best, best_time = None, np.inf
+            for si, size in enumerate(SEARCH_SIZES):
+                for mi, mode in enumerate(SEARCH_MODES):
+                    if mode == "spatial" and any(SMALL_BLOCKS[i].h_out % size for i in members):
+                        continue
+                    if mode != "spatial" and si:
+                        continue
+                    if mode == "channel" and any(SMALL_BLOCKS[i].width % group for i in members):
+                        continue
+                    ratio = dynamic[members, si, mi, g].sum(0) / dense[members, si, mi, g].sum(0)
+                    t = np.interp(0.5, ratio, times[members, si, mi, g].sum(0), left=np.inf, right=np.inf)
+                    if t < best_time:
+                        best, best_time = (mode, size if mode == "spatial" else 1), t
+            choices.append((best, best_time))
+            total += best_time
+        network.append((total, group, choices))
+    total, group, choices = min(network, key=lambda item: item[0])
+    assert result.channel_granularity == group
+    for stage, (best, best_time) in enumerate(choices):
+        chosen = result.stages[stage]
+        assert (chosen["mode"], chosen["granularity"]) == best
+        assert 1e-3 * chosen["dynamic_ms"] == pytest.approx(best_time, rel=1e-4)
+    assert result.dynamic_ms == pytest.approx(fixed + 1e3 * total, rel=1e-4)
+    fragment = result.config_fragment()["model"]
+    assert fragment["granularity"] == result.granularity
+    assert "--exp.model.granularity=" + ",".join(map(str, result.granularity)) in result.flags()
+
+
+def test_search_rejects_bad_requests():
+    with pytest.raises(ValueError, match="target rate"):
+        search("resnet101", PRESETS["v100"], ENGINES["pallas"], target_rate=0.0)
+    with pytest.raises(ValueError, match="search modes"):
+        search("resnet101", PRESETS["v100"], ENGINES["pallas"], modes=("spatial", "fast"))
+    with pytest.raises(ValueError, match="no valid"):
+        search("resnet101", PRESETS["v100"], ENGINES["pallas"], modes=("spatial",), granularities=(3,))
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_calibration_recovers_a_known_profile_from_its_timings():
+    rng = np.random.default_rng(1)
+    specs = (list(SMALL_BLOCKS) + list(network_spec({"arch": "resnet50", "num_classes": 10}, (112, 112)).blocks[::3])
+             + list(network_spec({"arch": "regnety_400mf", "num_classes": 10}, (112, 112)).blocks[::4]))
+    n = 160
+    picks = rng.integers(0, len(specs), n)
+    settings = []
+    for i in picks:
+        sizes = [s for s in (1, 2, 4, 7) if specs[i].h_out % s == 0]
+        settings.append(block_setting(str(rng.choice(MODES)), int(rng.choice(sizes)), float(rng.uniform(0.1, 1.0)),
+                                      batch=int(rng.choice([1, 2, 4, 8]))))
+    shapes = BlockShape.from_specs([specs[i] for i in picks])
+    settings = jax.tree.map(lambda *x: jnp.stack(x), *settings)
+    truth = LOCAL_INITIAL.replace(flops_fp32=90e9, eff_conv=0.6, eff_grouped=0.08, dram_bw=12e9, l2_bw=45e9,
+                                  gather_eff=0.4, launch_overhead=8e-6, loop_overhead=3e-6,
+                                  call_overhead=45e-6, k_half=24.0, sum_weight=0.3)
+    exact = np.asarray(predict_measured(truth.as_arrays(), ENGINES["xla"].as_arrays(), shapes, settings))
+    # exact timings: every parameter comes back
+    fitted, _ = fit_profile(Measurements(shapes, settings, jnp.asarray(exact, jnp.float32)), ENGINES["xla"])
+    for field in FIT_FIELDS:
+        assert float(getattr(fitted, field)) == pytest.approx(float(getattr(truth, field)), rel=0.01), field
+    # 2% timing noise: the parameters that carry most of the time stay within 10%, the
+    # weakly determined ones (bandwidths, max/sum blend) within 30%, predictions within 3%
+    noisy = exact * np.exp(rng.normal(0.0, 0.02, n))
+    data = Measurements(shapes, settings, jnp.asarray(noisy, jnp.float32))
+    fitted, _ = fit_profile(data, ENGINES["xla"])
+    for field in FIT_FIELDS:
+        weak = field in ("dram_bw", "l2_bw", "gather_eff", "k_half", "sum_weight")
+        assert float(getattr(fitted, field)) == pytest.approx(float(getattr(truth, field)), rel=0.3 if weak else 0.1), field
+    errors = error_summary(relative_errors(fitted, ENGINES["xla"], Measurements(shapes, settings, jnp.asarray(exact))))
+    assert errors["median_abs_rel_error"] < 0.03 and errors["within_20pct"] == 1.0
+    with pytest.raises(ValueError, match="cannot fit"):
+        fit_profile(data, ENGINES["xla"], fields=("cores",))
+
+
+# ----------------------------------------------------------------------------- profiles and CLI
+
+
+def test_profiles_are_pytrees_and_round_trip_through_json(tmp_path):
+    leaves = jax.tree.leaves(PRESETS["h100"].as_arrays())
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    assert float(PRESETS["h100"].cores) == 132
+    path = str(tmp_path / "p.json")
+    profile_to_json(PRESETS["rtx3090"], path, name="rtx3090", meta={"note": "x"})
+    loaded, record = profile_from_json(path)
+    assert record["meta"]["note"] == "x"
+    for field in dataclasses.fields(HardwareProfile):
+        np.testing.assert_allclose(np.asarray(getattr(loaded, field.name)), np.asarray(getattr(PRESETS["rtx3090"], field.name)))
+    assert get_profile(path).dram_bw == PRESETS["rtx3090"].dram_bw
+    with pytest.raises(ValueError, match="unknown hardware"):
+        get_profile("tpu9000")
+
+
+def test_local_profile_needs_a_fit(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAUD_JAX_LOCAL_PROFILE", str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="calibrate"):
+        get_profile("local")
+
+
+def test_cli_predict_and_search_write_their_json(tmp_path, capsys):
+    out = tmp_path / "predict.json"
+    cli(["predict", "--hardware", "v100", "--arch", "resnet101", "--mode", "spatial", "--granularity", "4,4,2,1",
+         "--rate", "0.5", "--batch", "8", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert {"static_ms", "dynamic_ms", "latency_ratio", "blocks"} <= set(record)
+    assert len(record["blocks"]) == 33 and record["dynamic_ms"] / record["static_ms"] == pytest.approx(record["latency_ratio"])
+    out = tmp_path / "search.json"
+    cli(["search", "--hardware", "v100", "--arch", "resnet_small", "--granularity", "1,2,4,8", "--batch", "16",
+         "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert len(record["stages"]) == 4 and record["config"]["model"]["granularity"]
+    assert "--exp.model.granularity=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--mode", "sparse"], "unknown mode"),
+    (["predict", "--arch", "resnet50", "--granularity", "3"], "does not divide"),
+    (["predict", "--hardware", "tpu9000"], "unknown hardware"),
+    (["search", "--batch", "0"], "--batch"),
+])
+def test_cli_rejects_bad_input_before_computing(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        cli(argv)
+    assert message in str(error.value)
