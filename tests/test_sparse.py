@@ -63,6 +63,9 @@ EQUIVALENCE = [
     (TINY, ("both", "layer", "spatial", "lc"), (4, 1, 2, 1), "pre_bn", 3),
     (TINY_BASIC, ("spatial", "both", "lc", "layer"), (2, 2, 1, 1), "pre_bn", 2),
     (TINY_REGNET, ("both", "lc", "spatial", "channel"), (2, 2, 1, 1), "post_act", 2),
+    # SE pooling over every pixel (the released RegNets): conv1/conv2 dense, conv3 sparse.
+    ({**TINY_REGNET, "se_pool": "dense", "masker_input": "standardized"}, ("spatial", "both", "lc", "both"),
+     (2, 2, 1, 1), "pre_bn", 2),
 ]
 
 
@@ -149,13 +152,26 @@ def test_dense_backend_and_static_baseline():
     assert_close(SparseEngine(dict(items), variables, backend="dense").apply_static(x), expected_static)
 
 
-def test_pallas_backend_falls_back_to_xla_with_a_warning():
-    items = cfg_items(TINY, mode="spatial", granularity=(2, 2, 1, 1))
-    _, variables, image = setup(items)
-    engine_module.get_ops.cache_clear()
-    with pytest.warns(UserWarning, match="running backend='xla'"):
-        engine = SparseEngine(dict(items), variables, backend="pallas")
-    assert engine.ops == XlaOps()
+def test_pallas_backend_falls_back_to_xla_with_a_warning_when_missing(monkeypatch):
+    import importlib
+
+    from laud_jax.sparse import backends
+
+    real = importlib.import_module
+
+    def without_pallas(name, *args, **kwargs):
+        if name == "laud_jax.sparse.pallas_ops":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kwargs)
+
+    backends.get_ops.cache_clear()
+    monkeypatch.setattr(backends.importlib, "import_module", without_pallas)
+    try:
+        with pytest.warns(UserWarning, match="running backend='xla'"):
+            ops = backends.get_ops("pallas")
+        assert ops == XlaOps()
+    finally:
+        backends.get_ops.cache_clear()
 
 
 # ----------------------------------------------------------------------------- index construction

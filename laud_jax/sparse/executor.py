@@ -147,6 +147,26 @@ def _conv3_bias(spec: BlockSpec, p: dict[str, Any], branch: Branch, se_extra: ja
     return branch.b3
 
 
+def _dense_conv12(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, branch: Branch):
+    """A bottleneck's conv1, conv2 (and SE) on the whole grid; returns (h, SE's conv3 extra bias)."""
+    h = ops.conv(x, branch.w1, branch.b1, relu=True)
+    if branch.indicator:
+        h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
+    if branch.expand_const1 is not None:
+        h = _expand(h, branch.channels, spec.width, branch.expand_const1)
+    h = ops.conv(h, branch.w2, p["b2"] if branch.expand_const1 is not None else branch.b2,
+                 stride=spec.stride, groups=branch.groups, relu=True)
+    if branch.expand_const1 is not None:
+        h = _take(h, branch.channels, -1)
+    if branch.scale2 is not None:
+        h = h * branch.scale2
+    se_extra = None
+    if spec.se_channels:
+        scale, se_extra = _squeeze_excite(spec, p, branch, jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
+        h = h * scale[:, None, None, :].astype(h.dtype)
+    return h, se_extra
+
+
 def dense_branch(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, branch: Branch) -> jax.Array:
     """Residual branch on the whole grid (all pixels; channels as ``branch`` selects)."""
     if spec.kind == "basic":
@@ -157,21 +177,7 @@ def dense_branch(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, branch: 
             h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
         out = ops.conv(h, branch.w2, branch.b2)
     else:
-        h = ops.conv(x, branch.w1, branch.b1, relu=True)
-        if branch.indicator:
-            h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
-        if branch.expand_const1 is not None:
-            h = _expand(h, branch.channels, spec.width, branch.expand_const1)
-        h = ops.conv(h, branch.w2, p["b2"] if branch.expand_const1 is not None else branch.b2,
-                     stride=spec.stride, groups=branch.groups, relu=True)
-        if branch.expand_const1 is not None:
-            h = _take(h, branch.channels, -1)
-        if branch.scale2 is not None:
-            h = h * branch.scale2
-        se_extra = None
-        if spec.se_channels:
-            scale, se_extra = _squeeze_excite(spec, p, branch, jnp.mean(h.astype(jnp.float32), axis=(1, 2)))
-            h = h * scale[:, None, None, :].astype(h.dtype)
+        h, se_extra = _dense_conv12(ops, spec, p, x, branch)
         bias = _conv3_bias(spec, p, branch, se_extra)
         if bias.ndim == 2:  # per-sample bias (SE with skipped constants)
             out = jnp.dot(h, branch.w3) + bias[:, None, None, :]
@@ -197,6 +203,15 @@ def spatial_branch(
     """Gather conv1's pixels -> conv1 -> conv2 on patches -> [conv3] -> scatter into the identity."""
     batch = x.shape[0]
     starts = routing["starts"][: plan.cells]
+    in_place = not spec.downsample
+    if spec.se_channels and spec.se_pool == "dense":
+        # SE pools conv2's output over every pixel: conv1 and conv2 run densely; conv3 and
+        # the write-back only on the active patches.
+        full, se_extra = _dense_conv12(ops, spec, p, x, branch)
+        size = spec.granularity
+        h = jax.vmap(lambda o: lax.dynamic_slice(full, (o[0], o[1], o[2], 0), (1, size, size, full.shape[-1]))[0])(starts)
+        bias = _conv3_bias(spec, p, branch, None if se_extra is None else se_extra[0])
+        return ops.conv3_scatter(h, branch.w3, bias, identity, base, starts, cell_count, in_place=in_place)
     h1, w1_ = spec.conv1_hw
     if plan.pixels == batch * h1 * w1_:  # conv1 runs everywhere: no gather, no scatter
         coords = None
@@ -215,7 +230,6 @@ def spatial_branch(
         rows = _expand(rows, branch.channels, spec.width, branch.expand_const1)
     stride, _ = rt.patch_geometry(spec)
     geometry = dict(grid=(batch, *spec.conv1_hw), size=spec.granularity, stride=stride)
-    in_place = not spec.downsample
     if spec.kind == "basic":
         h = ops.patch_conv(rows, coords, starts, branch.w2, branch.b2, groups=1, relu=False, **geometry)
         return ops.scatter_residual(h, identity, base, starts, cell_count, in_place=in_place)
@@ -334,11 +348,16 @@ def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, ga
     """The training-form computation on folded weights: everything computed, then masked."""
     pre_bn = spec.channel_mask_position == "pre_bn"
     channel = None if gates.get("channel") is None else expand_groups(gates["channel"], spec.width)[:, None, None, :]
-    out_mask = conv1_mask = None  # (B, H, W, G) group masks, expanded to each conv's channels
+    # Output channel group g is kept where mask g executes; the inner convs run on the union
+    # of the groups (conv3 mixes all channels); SE pooling densely leaves them unmasked.
+    out_mask = union = conv1_mask = None
     if gates.get("spatial") is not None:
-        out_mask = upsample_nearest(gates["spatial"], spec.granularity)
+        out_mask = upsample_nearest(gates["spatial"], spec.granularity)  # (B, H, W, G)
+        union = jnp.max(out_mask, axis=-1, keepdims=True)
         stride = spec.stride if spec.kind == "bottleneck" else 1
-        conv1_mask = dilate_mask(out_mask, stride, spec.conv1_hw)
+        conv1_mask = dilate_mask(union, stride, spec.conv1_hw)
+    dense_se = bool(spec.se_channels) and spec.se_pool == "dense"
+    inner_conv1, inner_union = (None, None) if dense_se else (conv1_mask, union)
 
     def spatial(h, mask):
         return h if mask is None else h * expand_groups(mask, h.shape[-1]).astype(h.dtype)
@@ -353,17 +372,17 @@ def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, ga
         return spatial(h, mask)
 
     first_stride = spec.stride if spec.kind == "basic" else 1
-    h = conv_bn_relu(x, p["w1"], p["b1"], first_stride, 1, conv1_mask)
+    h = conv_bn_relu(x, p["w1"], p["b1"], first_stride, 1, inner_conv1)
     if spec.kind == "bottleneck":
-        h = conv_bn_relu(h, p["w2"], p["b2"], spec.stride, spec.groups, out_mask)
+        h = conv_bn_relu(h, p["w2"], p["b2"], spec.stride, spec.groups, inner_union)
         if spec.mode == "lc":
             h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :]
         if spec.se_channels:
             h32 = h.astype(jnp.float32)
-            if out_mask is None:
+            if union is None or dense_se:
                 pooled = jnp.mean(h32, axis=(1, 2))
             else:
-                m = expand_groups(out_mask, spec.width)
+                m = expand_groups(union, spec.width)
                 pooled = jnp.sum(h32 * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)
             hidden = jax.nn.relu(pooled @ p["se_reduce_w"] + p["se_reduce_b"])
             h = h * jax.nn.sigmoid(hidden @ p["se_expand_w"] + p["se_expand_b"])[:, None, None, :].astype(h.dtype)
