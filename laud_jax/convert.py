@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 

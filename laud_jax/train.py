@@ -366,7 +366,7 @@ def enable_compilation_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   argv = list(sys.argv if argv is None else argv)

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import pickle
-import warnings
 import zipfile
 
 import jax

@@ -2,7 +2,6 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -141,7 +140,7 @@ def test_crop_boxes_and_resize_against_references():
 
 
 def test_tfds_pipeline_on_mock_data(tmp_path):
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds
   config = data_config(name='cifar10', image_size=24, eval_split='test', data_dir=str(tmp_path))
   with tfds.testing.mock_data(num_examples=24):
     info = data.dataset_info(config)

@@ -8,11 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-# Until the data pipeline, sparse engine and latency predictor are merged into this branch.
-pytest.importorskip("laud_jax.data")
-pytest.importorskip("laud_jax.sparse")
-pytest.importorskip("laud_jax.latency")
-
 from fixtures.tiny_checkpoint import IMAGE_SIZE, mixed_gate_variables, shared_tiny_checkpoint, tiny_model_config
 
 from laud_jax import evaluate

@@ -230,7 +230,7 @@ class TestConv1x1ScatterAdd(KernelTestBase):
     def expected(self, inputs):
         identity = np.array(inputs["identity"], np.float32)
         size = inputs["h"].shape[1]
-        b, hw = identity.shape[0], identity.shape[1]
+        hw = identity.shape[1]
         grid = -(-hw // size)
         h = np.asarray(inputs["h"], np.float32)
         w, bias = np.asarray(inputs["w"], np.float32), np.asarray(inputs["b"])

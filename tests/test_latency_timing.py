@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("laud_jax.sparse", reason="the sparse engine is not on this branch yet")
 
-from laud_jax.latency import timing  # noqa: E402
-from laud_jax.models.gates import dilate_mask, upsample_nearest  # noqa: E402
+from laud_jax.latency import timing
+from laud_jax.models.gates import dilate_mask, upsample_nearest
 
 
 def test_timed_block_reports_the_densities_the_engine_executes(tmp_path):

@@ -6,13 +6,8 @@ import json
 import os
 
 import numpy as np
-import pytest
 
-# Until the data pipeline, sparse engine and latency predictor are merged into this branch.
-for _module in ("laud_jax.data", "laud_jax.sparse", "laud_jax.latency", "laud_jax.train"):
-    pytest.importorskip(_module)
-
-from fixtures.tiny_checkpoint import shared_tiny_checkpoint  # noqa: E402
+from fixtures.tiny_checkpoint import shared_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "evaluate_colab.ipynb")

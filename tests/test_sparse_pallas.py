@@ -14,13 +14,9 @@ import pytest
 from laud_jax.models import build_model
 from laud_jax.models.registry import init_variables
 
-# The engine (laud_jax/sparse, another branch) may land after this backend file: until
-# then this test is reported as skipped, never as passed.
-pytest.importorskip("laud_jax.sparse.engine", reason="the sparse engine has not landed on this branch")
-
-from laud_jax.sparse import SparseEngine, gate_shapes  # noqa: E402
-from laud_jax.sparse import pallas_ops  # noqa: E402
-from laud_jax.sparse.pallas_ops import PallasOps  # noqa: E402
+from laud_jax.sparse import SparseEngine, gate_shapes
+from laud_jax.sparse import pallas_ops
+from laud_jax.sparse.pallas_ops import PallasOps
 
 IMAGE = (32, 32, 3)
 

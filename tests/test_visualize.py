@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-# Until the data pipeline, sparse engine and latency predictor are merged into this branch.
-pytest.importorskip("laud_jax.data")
 
 from fixtures.tiny_checkpoint import IMAGE_SIZE, mixed_gate_variables, shared_tiny_checkpoint, tiny_model_config
 from PIL import Image

@@ -64,7 +64,7 @@ def select_branch(spec: BlockSpec, p: dict[str, Any], gates: dict[str, Any], gro
     contiguous, then laid out as the convs expect.
     """
     idx = rt.channel_index(groups, spec.channel_granularity)
-    width, cg = spec.width, spec.channel_granularity
+    width = spec.width
     kept_channels = idx.shape[0]
     pre_bn = spec.channel_mask_position == "pre_bn"
     kept = expand_groups(gates["channel"], width)  # (width,)
