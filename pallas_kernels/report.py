@@ -9,14 +9,14 @@ triton package to PTX and a cubin, and measured with the NVIDIA tools Triton shi
 `ptxas -v` (registers, spill stores/loads, stack frame) and `cuobjdump` (resource
 usage, SASS). From those: shared memory per block, theoretical occupancy (resident warps
 per SM under the register, shared-memory and warp limits) and whether the matmul runs
-on tensor cores (HGMMA on Hopper / HMMA on Ampere in the SASS, not FFMA loops).
+on tensor cores (HGMMA on Hopper / HMMA on Ampere in the SASS, not FFMA loops). Each
+record also carries the latency predictor's time for that launch on the target's preset
+(`laud_jax.latency`: sm_90 -> `h100`, sm_80 -> `a100`; the `pallas` engine model at
+density 1, the capacities the report compiles).
 
     python -m pallas_kernels.report                     # full table (minutes; cached)
     python -m pallas_kernels.report --quick             # one S, batch 1, sm_90
     python -m pallas_kernels.report --json out.json --markdown docs/gpu_build_report.md
-
-The predicted-time column of the latency predictor is not included yet (see
-docs/gpu_build_report.md).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from laud_jax.latency import PRESETS, BlockShape, block_setting
+from laud_jax.latency.kernels import LAUNCH_NAMES, get_engine
+from laud_jax.latency.predictor import block_launch_times
 from laud_jax.models.specs import ARCHS, BlockSpec, network_spec
 from pallas_kernels import cuda_build
 from pallas_kernels._common import TileConfig, channel_tile
@@ -222,6 +225,9 @@ class Launch:
     tiles: TileConfig
     fn: Callable[..., Any]
     args: tuple[jax.ShapeDtypeStruct, ...]
+    block: BlockSpec  # the block whose work it does (for the latency prediction)
+    slot: str  # the latency predictor's launch slot it is ("conv1", "conv2", "conv3")
+    group_size: int = 2  # channels per channel-mask group (channel mode)
     label: str = ""  # the tuning candidate it belongs to
 
 
@@ -280,7 +286,7 @@ def engine_launches(
                 stage_common = {**common, "blocks": _counts(conv3_counts[stage])}
                 t = tiles_for("gather_conv1x1", cin, width)
                 launches.append(Launch(
-                    kernel="gather_conv1x1", where=f"{label} conv1", mode="spatial",
+                    kernel="gather_conv1x1", where=f"{label} conv1", mode="spatial", block=block, slot="conv1",
                     patch_size=None, shape=f"{batch}x{in_hw}x{in_hw}x{cin}->{width}", tiles=t,
                     fn=functools.partial(gather_conv1x1, tiles=t),
                     args=(S((batch, in_hw, in_hw, cin), dt), S((batch * in_hw * in_hw,), I32),
@@ -289,7 +295,7 @@ def engine_launches(
                 pixels = batch * in_hw * in_hw
                 t = tiles_for("gather_matmul", cin, width)
                 launches.append(Launch(
-                    kernel="gather_matmul", where=f"{label} conv1", mode="spatial",
+                    kernel="gather_matmul", where=f"{label} conv1", mode="spatial", block=block, slot="conv1",
                     patch_size=None, shape=f"{pixels}x{cin}->{width}", tiles=t,
                     fn=functools.partial(gather_matmul, tiles=t),
                     args=(S((pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
@@ -299,7 +305,7 @@ def engine_launches(
                     capacity = batch * grid * grid
                     t = tiles_for("gather_conv3x3", width, width)
                     launches.append(Launch(
-                        kernel="gather_conv3x3", where=f"{label} conv2", mode="spatial",
+                        kernel="gather_conv3x3", where=f"{label} conv2", mode="spatial", block=block, slot="conv2",
                         patch_size=size, tiles=t,
                         shape=f"{capacity}x{size}x{size}x{width}<-{batch}x{in_hw}x{in_hw}/s{stride}",
                         fn=functools.partial(gather_conv3x3, patch_size=size, stride=stride, tiles=t),
@@ -308,7 +314,7 @@ def engine_launches(
                         **common))
                     t = tiles_for("patch_conv", width, width)
                     launches.append(Launch(
-                        kernel="patch_conv", where=f"{label} conv2", mode="spatial",
+                        kernel="patch_conv", where=f"{label} conv2", mode="spatial", block=block, slot="conv2",
                         patch_size=size, tiles=t,
                         shape=f"{capacity}x{size}x{size}x{width}<-{pixels}x{width}/s{stride}",
                         fn=functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size,
@@ -319,7 +325,7 @@ def engine_launches(
                     if first_of_stage:
                         t = tiles_for("conv1x1_scatter_add", width, cout)
                         launches.append(Launch(
-                            kernel="conv1x1_scatter_add", where=f"{stage} conv3", mode="spatial",
+                            kernel="conv1x1_scatter_add", where=f"{stage} conv3", mode="spatial", block=block, slot="conv3",
                             patch_size=size, tiles=t,
                             shape=f"{capacity}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
                             fn=functools.partial(conv1x1_scatter_add, tiles=t),
@@ -329,7 +335,8 @@ def engine_launches(
                 groups = width // group_size
                 t = tiles_for("channel_gather_matmul", cin, width)
                 launches.append(Launch(
-                    kernel="channel_gather_matmul", where=f"{label} conv1", mode="channel",
+                    kernel="channel_gather_matmul", where=f"{label} conv1", mode="channel", block=block,
+                    slot="conv1", group_size=group_size,
                     patch_size=None, tiles=t, shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
                     fn=_channel_fn(group_size, "out", t),
                     args=(S((batch, in_hw * in_hw, cin), dt), S((cin, width), dt), S((width,), F32),
@@ -338,7 +345,8 @@ def engine_launches(
                 if first_of_stage:
                     t = tiles_for("channel_gather_matmul", width, cout)
                     launches.append(Launch(
-                        kernel="channel_gather_matmul", where=f"{stage} conv3", mode="channel",
+                        kernel="channel_gather_matmul", where=f"{stage} conv3", mode="channel", block=block,
+                        slot="conv3", group_size=group_size,
                         patch_size=None, tiles=t, shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
                         fn=_channel_fn(group_size, "compact", t),
                         args=(S((batch, out_hw * out_hw, width), dt), S((width, cout), dt), S((cout,), F32),
@@ -374,6 +382,32 @@ def default_tiles(kernel: str, cin: int, cout: int) -> TileConfig:
     return DEFAULT_TILES[kernel](cin, cout)
 
 
+# ---- the latency predictor's figure -------------------------------------------------------
+
+PROFILE_FOR_ARCH = {90: "h100", 80: "a100"}  # the latency predictor's preset per target
+
+
+@jax.jit
+def _slot_times(profile, shapes: BlockShape, settings):
+    engine = get_engine("pallas").as_arrays()
+    return jax.vmap(lambda shape, setting: block_launch_times(profile, engine, shape, setting))(shapes, settings)
+
+
+def predicted_us(launches: Sequence[Launch], arch: int) -> list[float]:
+    """The latency predictor's time in microseconds of each launch on sm_<arch>'s preset:
+    its block's slot (conv1 / conv2 / conv3) in the `pallas` engine model, at density 1."""
+    if not launches:
+        return []
+    shapes = BlockShape.from_specs([launch.block for launch in launches])
+    settings = jax.tree.map(lambda *xs: jnp.stack(xs), *[
+        block_setting(launch.mode, launch.patch_size or 1, 1.0, channel_granularity=launch.group_size,
+                      batch=launch.batch, dtype=launch.dtype)
+        for launch in launches
+    ])
+    times = jax.device_get(_slot_times(PRESETS[PROFILE_FOR_ARCH[arch]], shapes, settings))
+    return [float(times[i, LAUNCH_NAMES.index(launch.slot)]) * 1e6 for i, launch in enumerate(launches)]
+
+
 # ---- running the report -----------------------------------------------------------------
 
 
@@ -384,8 +418,9 @@ def build_records(
     worker processes); one flat record per launch and target."""
     from tqdm import tqdm
 
-    work = []
+    work, predicted = [], []
     for arch in archs:
+        predicted += predicted_us(launches, arch)
         for launch in launches:
             [kernel] = cuda_build.triton_kernels(
                 cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=arch)
@@ -399,11 +434,13 @@ def build_records(
         for future in tqdm(done, total=len(futures), desc="compiling", disable=not progress):
             i = futures[future]
             launch, arch, kernel = work[i]
-            records[i] = _record(launch, arch, kernel, future.result())
+            records[i] = _record(launch, arch, kernel, future.result(), predicted[i])
     return [r for r in records if r is not None]
 
 
-def _record(launch: Launch, arch: int, kernel: cuda_build.TritonKernel, m: Measurement) -> dict[str, Any]:
+def _record(
+    launch: Launch, arch: int, kernel: cuda_build.TritonKernel, m: Measurement, predicted: float
+) -> dict[str, Any]:
     return {
         "kernel": launch.kernel,
         "where": launch.where,
@@ -419,6 +456,8 @@ def _record(launch: Launch, arch: int, kernel: cuda_build.TritonKernel, m: Measu
         "block_k": launch.tiles.block_k,
         "grid": list(kernel.grid),
         **dataclasses.asdict(m),
+        "predicted_us": predicted,
+        "predicted_on": PROFILE_FOR_ARCH[arch],
         **({"candidate": launch.label} if launch.label else {}),
     }
 
@@ -446,6 +485,7 @@ COLUMNS = (
     ("dtype", "dtype"), ("target", "target"), ("tiles", "tiles m/n/k w/s"), ("registers", "regs"),
     ("spill_bytes", "spill"), ("stack_bytes", "stack"), ("shared_bytes", "smem"),
     ("occupancy_warps", "warps/SM"), ("occupancy_limiter", "limit"), ("mma", "tensor-core op"),
+    ("predicted_us", "predicted us"),
 )
 
 
@@ -456,6 +496,8 @@ def _cell(record: dict[str, Any], key: str) -> str:
     if key == "mma":
         return record["mma"].split(",")[0] if record["mma"] else f"none ({record['ffma']} FFMA)"
     value = record[key]
+    if key == "predicted_us":
+        return f"{value:.1f} ({record['predicted_on']})"
     return "-" if value is None else str(value)
 
 
@@ -474,14 +516,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> str:
     groups: dict[tuple, list] = collections.defaultdict(list)
     for r in records:
         groups[(r["kernel"], r["dtype"], r["target"])].append(r)
-    lines = ["| kernel | dtype | target | launches | max regs | spill bytes | stack bytes | max smem | min warps/SM | tensor cores |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | dtype | target | launches | max regs | spill bytes | stack bytes | max smem | min warps/SM | tensor cores | predicted us (min-max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (kernel, dtype, target), rs in sorted(groups.items()):
         lines.append(
             f"| {kernel} | {dtype} | {target} | {len(rs)} | {max(r['registers'] for r in rs)} | "
             f"{max(r['spill_bytes'] for r in rs)} | {max(r['stack_bytes'] for r in rs)} | "
             f"{max(r['shared_bytes'] for r in rs)} | {min(r['occupancy_warps'] for r in rs)} | "
-            f"{sum(r['tensor_core'] for r in rs)}/{len(rs)} |"
+            f"{sum(r['tensor_core'] for r in rs)}/{len(rs)} | "
+            f"{min(r['predicted_us'] for r in rs):.1f}-{max(r['predicted_us'] for r in rs):.1f} "
+            f"({rs[0]['predicted_on']}) |"
         )
     return "\n".join(lines)
 

@@ -177,10 +177,11 @@ def test_cli_writes_json_records(tmp_path):
     assert len(records) == 2  # stage 4: first and later blocks
     for record in records:
         for key in ("kernel", "target", "dtype", "registers", "spill_bytes", "shared_bytes",
-                    "occupancy_warps", "tensor_core"):
+                    "occupancy_warps", "tensor_core", "predicted_us"):
             assert key in record
         assert record["kernel"] == "gather_conv1x1" and record["target"] == "sm_90"
         assert record["tensor_core"] is True
+        assert record["predicted_on"] == "h100" and record["predicted_us"] > 0
     assert "| gather_conv1x1 | bfloat16 | sm_90 | 2 |" in md.read_text()
 
 
@@ -194,3 +195,33 @@ def test_bar_failures_name_kernel_shape_and_figure():
     assert any("16 spill bytes" in f for f in failures)
     assert any("512 FFMA" in f for f in failures)
     assert any("occupancy 2 warps/SM" in f for f in failures)
+
+
+def test_predicted_time_respects_the_roofline_and_orders_the_targets():
+    """The predictor's figure per launch is never below the work's compute time at the
+    preset's peak nor below reading its weights from DRAM once; H100 beats A100, bf16 beats
+    float32 on a large conv1 matmul, batch 8 never costs less than batch 1."""
+    from laud_jax.latency import PRESETS
+
+    launches = [launch for launch in report.engine_launches(["resnet50"], [1, 8], ["float32", "bfloat16"], [2])
+                if launch.kernel == "gather_matmul"]
+    times = {arch: report.predicted_us(launches, arch) for arch in (90, 80)}
+    by_key = {}
+    for i, launch in enumerate(launches):
+        block = launch.block
+        macs = launch.batch * block.h_in * block.w_in * block.in_channels * block.width
+        item = 2 if launch.dtype == "bfloat16" else 4
+        for arch, preset in ((90, "h100"), (80, "a100")):
+            p = PRESETS[preset]
+            peak = float(p.flops_half if launch.dtype == "bfloat16" else p.flops_fp32)
+            seconds = times[arch][i] * 1e-6
+            assert seconds >= 2 * macs / peak, (launch.where, preset)
+            assert seconds >= block.in_channels * block.width * item / float(p.dram_bw), (launch.where, preset)
+        assert times[90][i] < times[80][i], launch.where
+        by_key[(launch.where, launch.batch, launch.dtype)] = times[90][i]
+    for (where, batch, dtype), t in by_key.items():
+        if batch == 8:
+            assert t >= by_key[(where, 1, dtype)], where  # equal while one wave holds both
+    big = "stage1.first conv1"
+    assert by_key[(big, 8, "float32")] > by_key[(big, 1, "float32")]
+    assert by_key[(big, 8, "bfloat16")] < by_key[(big, 8, "float32")]
