@@ -426,3 +426,20 @@ def test_standardized_spatial_masker_ignores_per_channel_offset_and_scale():
     plain = SpatialMasker((4, 4), 1)
     assert not np.array_equal(np.asarray(plain.apply(variables, x, train=False, tau=1.0)),
                               np.asarray(plain.apply(variables, shifted + 10.0, train=False, tau=1.0)))
+
+
+@pytest.mark.parametrize("size_in,size_out", [((16, 12), (4, 3)), ((14, 14), (4, 4)), ((7, 9), (2, 3)), ((8, 8), (8, 8))])
+def test_adaptive_avg_pool_equals_torch_bins(size_in, size_out):
+    """Equal bins (reshape + mean) and unequal ones (averaging matrices) both follow torch's
+    adaptive_avg_pool2d bin edges: start = floor(i * n / m), end = ceil((i + 1) * n / m)."""
+    from laud_jax.models.gates import adaptive_avg_pool
+
+    x = np.random.default_rng(0).standard_normal((2, *size_in, 3))
+    expected = np.zeros((2, *size_out, 3))
+    for i in range(size_out[0]):
+        for j in range(size_out[1]):
+            h0, h1 = (i * size_in[0]) // size_out[0], -((-(i + 1) * size_in[0]) // size_out[0])
+            w0, w1 = (j * size_in[1]) // size_out[1], -((-(j + 1) * size_in[1]) // size_out[1])
+            expected[:, i, j] = x[:, h0:h1, w0:w1].mean(axis=(1, 2))
+    got = adaptive_avg_pool(jnp.asarray(x, jnp.float32), size_out)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)

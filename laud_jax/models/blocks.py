@@ -153,7 +153,9 @@ class _MaskApplier:
     def _spatial(h: jax.Array, mask: jax.Array | None) -> jax.Array:
         if mask is None:
             return h
-        return h * expand_groups(mask, h.shape[-1]).astype(h.dtype)
+        if mask.shape[-1] > 1:  # one mask per channel group; a single mask broadcasts
+            mask = expand_groups(mask, h.shape[-1])
+        return h * mask.astype(h.dtype)
 
     @property
     def masks_inner_convs(self) -> bool:
