@@ -226,9 +226,13 @@ class Launch:
     fn: Callable[..., Any]
     args: tuple[jax.ShapeDtypeStruct, ...]
     block: BlockSpec  # the block whose work it does (for the latency prediction)
-    slot: str  # the latency predictor's launch slot it is ("conv1", "conv2", "conv3")
     group_size: int = 2  # channels per channel-mask group (channel mode)
     label: str = ""  # the tuning candidate it belongs to
+
+    @property
+    def slot(self) -> str:
+        """The latency predictor's launch slot: the conv named at the end of ``where``."""
+        return self.where.rsplit(" ", 1)[1]
 
 
 def _block_shapes(models: Sequence[str], image_size: int) -> list[tuple[str, str, BlockSpec, dict]]:
@@ -286,7 +290,7 @@ def engine_launches(
                 stage_common = {**common, "blocks": _counts(conv3_counts[stage])}
                 t = tiles_for("gather_conv1x1", cin, width)
                 launches.append(Launch(
-                    kernel="gather_conv1x1", where=f"{label} conv1", mode="spatial", block=block, slot="conv1",
+                    kernel="gather_conv1x1", where=f"{label} conv1", mode="spatial", block=block,
                     patch_size=None, shape=f"{batch}x{in_hw}x{in_hw}x{cin}->{width}", tiles=t,
                     fn=functools.partial(gather_conv1x1, tiles=t),
                     args=(S((batch, in_hw, in_hw, cin), dt), S((batch * in_hw * in_hw,), I32),
@@ -295,7 +299,7 @@ def engine_launches(
                 pixels = batch * in_hw * in_hw
                 t = tiles_for("gather_matmul", cin, width)
                 launches.append(Launch(
-                    kernel="gather_matmul", where=f"{label} conv1", mode="spatial", block=block, slot="conv1",
+                    kernel="gather_matmul", where=f"{label} conv1", mode="spatial", block=block,
                     patch_size=None, shape=f"{pixels}x{cin}->{width}", tiles=t,
                     fn=functools.partial(gather_matmul, tiles=t),
                     args=(S((pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
@@ -305,7 +309,7 @@ def engine_launches(
                     capacity = batch * grid * grid
                     t = tiles_for("gather_conv3x3", width, width)
                     launches.append(Launch(
-                        kernel="gather_conv3x3", where=f"{label} conv2", mode="spatial", block=block, slot="conv2",
+                        kernel="gather_conv3x3", where=f"{label} conv2", mode="spatial", block=block,
                         patch_size=size, tiles=t,
                         shape=f"{capacity}x{size}x{size}x{width}<-{batch}x{in_hw}x{in_hw}/s{stride}",
                         fn=functools.partial(gather_conv3x3, patch_size=size, stride=stride, tiles=t),
@@ -314,7 +318,7 @@ def engine_launches(
                         **common))
                     t = tiles_for("patch_conv", width, width)
                     launches.append(Launch(
-                        kernel="patch_conv", where=f"{label} conv2", mode="spatial", block=block, slot="conv2",
+                        kernel="patch_conv", where=f"{label} conv2", mode="spatial", block=block,
                         patch_size=size, tiles=t,
                         shape=f"{capacity}x{size}x{size}x{width}<-{pixels}x{width}/s{stride}",
                         fn=functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size,
@@ -325,7 +329,7 @@ def engine_launches(
                     if first_of_stage:
                         t = tiles_for("conv1x1_scatter_add", width, cout)
                         launches.append(Launch(
-                            kernel="conv1x1_scatter_add", where=f"{stage} conv3", mode="spatial", block=block, slot="conv3",
+                            kernel="conv1x1_scatter_add", where=f"{stage} conv3", mode="spatial", block=block,
                             patch_size=size, tiles=t,
                             shape=f"{capacity}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
                             fn=functools.partial(conv1x1_scatter_add, tiles=t),
@@ -336,7 +340,7 @@ def engine_launches(
                 t = tiles_for("channel_gather_matmul", cin, width)
                 launches.append(Launch(
                     kernel="channel_gather_matmul", where=f"{label} conv1", mode="channel", block=block,
-                    slot="conv1", group_size=group_size,
+                    group_size=group_size,
                     patch_size=None, tiles=t, shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
                     fn=_channel_fn(group_size, "out", t),
                     args=(S((batch, in_hw * in_hw, cin), dt), S((cin, width), dt), S((width,), F32),
@@ -346,7 +350,7 @@ def engine_launches(
                     t = tiles_for("channel_gather_matmul", width, cout)
                     launches.append(Launch(
                         kernel="channel_gather_matmul", where=f"{stage} conv3", mode="channel", block=block,
-                        slot="conv3", group_size=group_size,
+                        group_size=group_size,
                         patch_size=None, tiles=t, shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
                         fn=_channel_fn(group_size, "compact", t),
                         args=(S((batch, out_hw * out_hw, width), dt), S((width, cout), dt), S((cout,), F32),

@@ -14,6 +14,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from laud_jax.latency import PRESETS
 from pallas_kernels import cuda_build, report
 
 
@@ -201,8 +202,6 @@ def test_predicted_time_respects_the_roofline_and_orders_the_targets():
     """The predictor's figure per launch is never below the work's compute time at the
     preset's peak nor below reading its weights from DRAM once; H100 beats A100, bf16 beats
     float32 on a large conv1 matmul, batch 8 never costs less than batch 1."""
-    from laud_jax.latency import PRESETS
-
     launches = [launch for launch in report.engine_launches(["resnet50"], [1, 8], ["float32", "bfloat16"], [2])
                 if launch.kernel == "gather_matmul"]
     times = {arch: report.predicted_us(launches, arch) for arch in (90, 80)}

@@ -44,6 +44,16 @@ def expand_groups(mask: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(mask, channels // mask.shape[-1], axis=-1)
 
 
+def apply_group_mask(h: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``h`` (..., C) times a (..., G) group mask (None: unmasked); a single mask broadcasts
+    over the channels instead of being repeated."""
+    if mask is None:
+        return h
+    if mask.shape[-1] > 1:
+        mask = expand_groups(mask, h.shape[-1])
+    return h * mask.astype(h.dtype)
+
+
 class BlockGates(nn.Module):
     """All gates of one block, computed from the block input ``x``.
 
@@ -149,27 +159,19 @@ class _MaskApplier:
             return h
         return h * expand_groups(self.channel, h.shape[-1])[:, None, None, :].astype(h.dtype)
 
-    @staticmethod
-    def _spatial(h: jax.Array, mask: jax.Array | None) -> jax.Array:
-        if mask is None:
-            return h
-        if mask.shape[-1] > 1:  # one mask per channel group; a single mask broadcasts
-            mask = expand_groups(mask, h.shape[-1])
-        return h * mask.astype(h.dtype)
-
     @property
     def masks_inner_convs(self) -> bool:
         """False when SE pools densely: it then reads conv2 (and so conv1) everywhere."""
         return not (self.spec.se_channels and self.spec.se_pool == "dense")
 
     def conv1_spatial(self, h):
-        return self._spatial(h, self.spatial_conv1) if self.masks_inner_convs else h
+        return apply_group_mask(h, self.spatial_conv1) if self.masks_inner_convs else h
 
     def mid_spatial(self, h):
-        return self._spatial(h, self.spatial_union) if self.masks_inner_convs else h
+        return apply_group_mask(h, self.spatial_union) if self.masks_inner_convs else h
 
     def out_spatial(self, h):
-        return self._spatial(h, self.spatial_out)
+        return apply_group_mask(h, self.spatial_out)
 
 
 class _DynamicBlockBase(nn.Module):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from laud_jax.models.blocks import expand_groups
+from laud_jax.models.blocks import apply_group_mask, expand_groups
 from laud_jax.models.gates import dilate_mask, upsample_nearest
 from laud_jax.models.specs import BlockSpec
 from laud_jax.sparse import routing as rt
@@ -359,9 +359,6 @@ def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, ga
     dense_se = bool(spec.se_channels) and spec.se_pool == "dense"
     inner_conv1, inner_union = (None, None) if dense_se else (conv1_mask, union)
 
-    def spatial(h, mask):
-        return h if mask is None else h * expand_groups(mask, h.shape[-1]).astype(h.dtype)
-
     def conv_bn_relu(h, w, b, stride, groups, mask):
         h = ops.conv(h, w, jnp.zeros_like(b), stride=stride, groups=groups)
         if channel is not None and pre_bn:
@@ -369,7 +366,7 @@ def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, ga
         h = jax.nn.relu(h + b)
         if channel is not None and not pre_bn:
             h = h * channel
-        return spatial(h, mask)
+        return apply_group_mask(h, mask)
 
     first_stride = spec.stride if spec.kind == "basic" else 1
     h = conv_bn_relu(x, p["w1"], p["b1"], first_stride, 1, inner_conv1)
@@ -391,7 +388,7 @@ def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, ga
         if spec.mode == "lc":
             h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :]
         h = ops.conv(h, p["w2"], p["b2"])
-    h = spatial(h, out_mask)
+    h = apply_group_mask(h, out_mask)
     if gates.get("layer") is not None:
         scale = gates["layer"] * gates["layer_scale"] if spec.mode == "lc" else gates["layer"]
         h = h * scale[:, None, None, None].astype(h.dtype)
