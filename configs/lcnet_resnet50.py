@@ -9,5 +9,4 @@ from laud_jax.config_utils import imagenet_config
 def get_config():
   config = imagenet_config('resnet50', mode='lc')
   config.model.channel_granularity = 2
-  config.optimizer.masker_lr_multiplier = 1.0
   return config

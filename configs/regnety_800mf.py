@@ -8,6 +8,4 @@ from laud_jax.config_utils import imagenet_config
 
 
 def get_config():
-  config = imagenet_config('regnety_800mf')
-  config.optimizer.masker_lr_multiplier = 1.0
-  return config
+  return imagenet_config('regnety_800mf')

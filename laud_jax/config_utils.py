@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
       mask_groups=1,
       channel_granularity=2,
       channel_mask_position='post_act',
-      se_pool='masked',           # RegNetY SE under spatial masks: 'masked' | 'dense' (released code)
+      se_pool='dense',            # RegNetY SE under spatial masks: 'dense' (released code) | 'masked'
       masker_input='pooled',      # spatial masker input: 'pooled' (published) | 'standardized'
       dtype='float32',
       zero_init_residual=False,
@@ -86,7 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
       bound_relax_fraction=0.33,  # per-block MAC bounds relax from [t, t] to [0, 1] over this
                                   # fraction of training (> 1: never fully)
   ))
-  config.gumbel = ml_collections.ConfigDict(dict(tau_start=5.0, tau_end=0.1))
+  config.gumbel = ml_collections.ConfigDict(dict(
+      tau_start=5.0, tau_end=0.1,
+      noise=True,                 # False: deterministic hard gates with the same straight-through
+                                  # gradient (tests, debugging)
+  ))
   config.teacher = ml_collections.ConfigDict(dict(
       source='',                  # '' none | 'train' (static teacher first) | path to a workdir
       num_epochs=10.0,            # teacher phase ('train' only)
@@ -129,7 +133,10 @@ def imagenet_config(arch: str, mode: str = 'spatial',
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 5e-5
-  config.optimizer.masker_lr_multiplier = 0.1   # LASNet ResNets
+  # Maskers learn at the backbone's rate: the released trainer's per-group lr_mult only
+  # applies to architectures whose name contains 'dyn', which uni_resnet50/101 and the
+  # LAUDNet RegNets do not, so every parameter gets the scheduled lr.
+  config.optimizer.masker_lr_multiplier = 1.0
   config.loss.target_rate = 0.5
   config.loss.sparsity_weight = 10.0
   config.loss.kd_temperature = 4.0

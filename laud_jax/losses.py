@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# The per-block bounds relax from [t, t] to [0, 1] over this fraction of training.
+# The per-block bounds relax from [t, t] to [0, 1] over this fraction of training (default).
 BOUND_RELAX_FRACTION = 0.33
 
 
@@ -22,35 +22,42 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
 
 
-def sparsity_bounds(target_rate: float, progress: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sparsity_bounds(
+    target_rate: float, progress: jax.Array, relax_fraction: float = BOUND_RELAX_FRACTION
+) -> tuple[jax.Array, jax.Array]:
     """(lower, upper) per-block MAC-ratio bounds.
 
-    p = progress / 0.33, pi = cos^2(clip(p, 0, 1) * pi / 2); upper = 1 - pi (1 - t),
-    lower = pi t. At the start (pi = 1) both are t; after a third of training (pi = 0) the
-    bounds are [0, 1], leaving only the global MAC-ratio term.
+    p = progress / relax_fraction, pi = cos^2(clip(p, 0, 1) * pi / 2); upper = 1 - pi (1 - t),
+    lower = pi t. At the start (pi = 1) both are t; once ``relax_fraction`` of training is
+    done (pi = 0) the bounds are [0, 1], leaving only the global MAC-ratio term.
     """
-    p = jnp.clip(jnp.asarray(progress, jnp.float32) / BOUND_RELAX_FRACTION, 0.0, 1.0)
+    p = jnp.clip(jnp.asarray(progress, jnp.float32) / relax_fraction, 0.0, 1.0)
     pi = jnp.cos(p * jnp.pi / 2) ** 2
     return pi * target_rate, 1.0 - pi * (1.0 - target_rate)
 
 
 def sparsity_loss(
-    aux: Mapping[str, Any], target_rate: float, progress: jax.Array
+    aux: Mapping[str, Any],
+    target_rate: float,
+    progress: jax.Array,
+    relax_fraction: float = BOUND_RELAX_FRACTION,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-block bound penalties (mean over dynamic blocks) + (F_dyn / F_full - t)^2.
 
-    Block ratios and the network ratio use batch-mean MACs; static blocks (``dynamic`` = 0
-    in their record) are left out of the per-block term.
+    As in the released LAUDNet code: MACs come from batch-mean densities (the records'
+    ``batch_macs``); a block's ratio has its maskers' MACs in the numerator and the
+    denominator; F_full is the static network's MACs (no maskers). Static blocks
+    (``dynamic`` = 0 in their record) are left out of the per-block term.
     """
-    lower, upper = sparsity_bounds(target_rate, progress)
+    lower, upper = sparsity_bounds(target_rate, progress, relax_fraction)
     penalties, weights = [], []
     for block in aux["blocks"]:
-        ratio = jnp.mean(block["macs"]) / block["dense_macs"]
+        ratio = block["batch_macs"] / (block["dense_macs"] + block["masker_macs"])
         penalties.append(jnp.maximum(ratio - upper, 0.0) ** 2 + jnp.maximum(lower - ratio, 0.0) ** 2)
         weights.append(block["dynamic"])
     weights = jnp.stack(weights)
     block_term = jnp.sum(weights * jnp.stack(penalties)) / jnp.maximum(jnp.sum(weights), 1.0)
-    mac_ratio = jnp.mean(aux["macs"]) / aux["dense_macs"]
+    mac_ratio = aux["batch_macs"] / aux["dense_macs"]
     network_term = (mac_ratio - target_rate) ** 2
     return block_term + network_term, {
         "sparsity_block": block_term,
@@ -79,6 +86,7 @@ def total_loss(
     sparsity_weight: float = 10.0,
     kd_alpha: float = 0.5,
     kd_temperature: float = 4.0,
+    bound_relax_fraction: float = BOUND_RELAX_FRACTION,
     dynamic: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = CE + lambda * L_sparse + alpha * KD; terms drop out when not applicable."""
@@ -86,7 +94,7 @@ def total_loss(
     loss = ce
     metrics = {"ce": ce}
     if dynamic:
-        sparse, sparse_metrics = sparsity_loss(aux, target_rate, progress)
+        sparse, sparse_metrics = sparsity_loss(aux, target_rate, progress, bound_relax_fraction)
         loss = loss + sparsity_weight * sparse
         metrics.update(sparse_metrics, sparsity=sparse)
     if teacher_logits is not None and kd_alpha > 0:

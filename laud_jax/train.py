@@ -197,7 +197,8 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
   teacher_vars = teacher.variables if teacher else None
   eval_step = _eval_fn(model, mesh)
   train_step = jax.jit(
-      steps_lib.make_train_step(model, tx, config.loss, dynamic, teacher_model),
+      steps_lib.make_train_step(model, tx, config.loss, dynamic, teacher_model,
+                                gumbel_noise=config.gumbel.noise),
       in_shardings=(repl, batch_sh, repl, repl, repl), out_shardings=(repl, repl),
       donate_argnums=(0,))
   log = MetricsLog(workdir, enabled=is_main)
@@ -238,12 +239,14 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
         means = flush(done)
         elapsed = time.perf_counter() - window_start
         train_seconds += elapsed
-        means.update(lr=float(schedule(step)), tau=tau,
+        means.update(lr=float(schedule(step)),
                      images_per_sec=window_steps * config.batch_size / max(elapsed, 1e-9))
+        shown = {'loss': f'{means["loss"]:.3f}', 'acc': f'{means["accuracy"]:.3f}'}
+        if dynamic:   # the temperature and density mean nothing for a static model
+          means['tau'] = tau
+          shown.update(density=f'{means["mac_ratio"]:.2f}', tau=f'{tau:.2f}')
         log.write(done, 'train', means)
-        bar.set_postfix(loss=f'{means["loss"]:.3f}', acc=f'{means["accuracy"]:.3f}',
-                        density=f'{means["mac_ratio"]:.2f}', lr=f'{means["lr"]:.2g}',
-                        tau=f'{tau:.2f}', img_s=f'{means["images_per_sec"]:.0f}')
+        bar.set_postfix(**shown, lr=f'{means["lr"]:.2g}', img_s=f'{means["images_per_sec"]:.0f}')
         window_start, window_steps = time.perf_counter(), 0
       if done % config.checkpoint.every_steps == 0 or done == total_steps:
         if pending:

@@ -2,8 +2,12 @@
 
 A block computes its gates from its input, applies them, and returns its output with the
 per-block record that the losses, the evaluator and the sparse engine read (see
-:func:`block_record`). Masks multiply every conv output they govern, so the dense result
-equals what a sparse executor computes when it skips the masked-out work.
+:func:`block_record`). The semantics are those of the released LAUDNet / LASNet code, in
+training and in evaluation: conv1, conv2 and their batch norms run densely; spatial masks
+and layer gates multiply only the residual branch's output (after the last batch norm);
+channel masks multiply conv1's and conv2's outputs. With running statistics, an executed
+output never reads a value the sparse engine skips, so the dense result equals the sparse
+one.
 """
 
 from __future__ import annotations
@@ -65,10 +69,10 @@ class BlockGates(nn.Module):
     spec: BlockSpec
 
     @nn.compact
-    def __call__(self, x, *, train, tau, gate_offset, forced: Mapping[str, Any] | None):
+    def __call__(self, x, *, train, tau, gate_offset, forced: Mapping[str, Any] | None, noise=True):
         spec = self.spec
         forced = forced or {}
-        kwargs = dict(train=train, tau=tau, gate_offset=gate_offset)
+        kwargs = dict(train=train, tau=tau, gate_offset=gate_offset, noise=noise)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         gates: dict[str, Any] = {"spatial": None, "channel": None, "layer": None}
         if spec.spatial:
@@ -93,35 +97,52 @@ class BlockGates(nn.Module):
         return gates
 
 
-def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "_MaskApplier", batch: int) -> dict[str, Any]:
-    """The per-block aux record: hard masks, per-conv densities and MACs (per sample)."""
+def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "BlockMasks", batch: int) -> dict[str, Any]:
+    """The per-block aux record: hard masks, per-conv densities and MACs.
+
+    ``density`` and ``macs`` are per sample. ``batch_macs`` is what the sparsity loss reads,
+    computed as the released code does: each conv's MACs times the batch mean of its
+    spatial (or layer) density times the batch mean of its channel density (squared for
+    conv2 of a bottleneck). Spatial masks and layer gates reach the loss only through the
+    branch's last conv: the densities of the convs before it count (the dilated and union
+    masks) but carry no gradient, as the released code's boolean masks do. Channel
+    densities carry gradient in every conv.
+    """
+    stop = jax.lax.stop_gradient
     ones = jnp.ones((batch,), jnp.float32)
+    layer = ones if gates["layer"] is None else gates["layer"]
     if gates["spatial"] is None:
         spatial_out = spatial_mid = spatial_in = ones
         spatial_mask = jnp.ones((batch, 1, 1, 1), jnp.float32)
     else:
         spatial_out = jnp.mean(masks.spatial_out, axis=(1, 2, 3))
-        spatial_mid = jnp.mean(masks.spatial_union, axis=(1, 2, 3))
-        spatial_in = jnp.mean(masks.spatial_conv1, axis=(1, 2, 3))
+        spatial_mid = stop(jnp.mean(masks.spatial_union, axis=(1, 2, 3)))
+        spatial_in = stop(jnp.mean(masks.spatial_conv1, axis=(1, 2, 3)))
         spatial_mask = gates["spatial"]
     if gates["channel"] is None:
         channel_mask, channel = jnp.ones((batch, 1), jnp.float32), ones
     else:
         channel_mask, channel = gates["channel"], jnp.mean(gates["channel"], axis=-1)
-    layer = ones if gates["layer"] is None else gates["layer"]
-    density = {"conv1": spatial_in * channel * layer}
+    # Per conv: (MACs, spatial/layer density, power of the channel density).
     if spec.kind == "bottleneck":
-        density["conv2"] = spatial_mid * channel * channel * layer
-        density["conv3"] = spatial_out * channel * layer
+        convs = {
+            "conv1": (spec.conv1_macs, spatial_in * stop(layer), 1),
+            "conv2": (spec.conv2_macs, spatial_mid * stop(layer), 2),
+            "conv3": (spec.conv3_macs, spatial_out * layer, 1),
+        }
     else:
-        density["conv2"] = spatial_out * channel * layer
-    macs = (
-        spec.conv1_macs * density["conv1"]
-        + spec.conv2_macs * density["conv2"]
-        + spec.conv3_macs * density.get("conv3", 0.0)
-        + spec.se_macs * layer
-        + spec.downsample_macs
-        + spec.masker_macs
+        convs = {
+            "conv1": (spec.conv1_macs, spatial_in * stop(layer), 1),
+            "conv2": (spec.conv2_macs, spatial_out * layer, 1),
+        }
+    fixed = spec.downsample_macs + spec.masker_macs
+    density = {name: where * channel**power for name, (_, where, power) in convs.items()}
+    macs = sum(m * density[name] for name, (m, _, _) in convs.items()) + spec.se_macs * layer + fixed
+    mean_channel = jnp.mean(channel)
+    batch_macs = (
+        sum(m * jnp.mean(where) * mean_channel**power for m, where, power in convs.values())
+        + spec.se_macs * jnp.mean(layer)
+        + fixed
     )
     return {
         "stage": spec.stage,
@@ -131,21 +152,24 @@ def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "_MaskApplier
         "layer_gate": layer,
         "density": density,
         "macs": macs,
+        "batch_macs": batch_macs,
         "dense_macs": jnp.asarray(spec.dense_macs, jnp.float32),
+        "masker_macs": jnp.asarray(spec.masker_macs, jnp.float32),
         "dynamic": jnp.asarray(spec.mode != "static", jnp.float32),
     }
 
 
-class _MaskApplier:
-    """Multiplies activations by the block's gates (spatial masks, channel mask).
+class BlockMasks:
+    """A block's spatial masks at every conv's resolution, and its channel-mask multiply.
 
-    With G spatial mask groups, the block output's channel group g is kept where mask g
-    executes; the convs before it run wherever any group executes (their union), as in the
-    released LASNet/LAUDNet code: conv3 mixes all channels, so it needs them all.
+    ``spatial_out`` (B, H_out, W_out, G) multiplies the residual branch's output: output
+    channel group g is kept where mask g executes. ``spatial_union`` (its union over the
+    groups) is where conv2 must run, since conv3 mixes all channels; ``spatial_conv1`` (the
+    union dilated to conv2's receptive field) where conv1 must run. The latter two only
+    count MACs and tell the sparse engine what to compute.
     """
 
     def __init__(self, spec: BlockSpec, gates: Mapping[str, Any]):
-        self.spec = spec
         self.channel = gates["channel"]
         self.spatial_out = self.spatial_union = self.spatial_conv1 = None
         if gates["spatial"] is not None:
@@ -159,18 +183,7 @@ class _MaskApplier:
             return h
         return h * expand_groups(self.channel, h.shape[-1])[:, None, None, :].astype(h.dtype)
 
-    @property
-    def masks_inner_convs(self) -> bool:
-        """False when SE pools densely: it then reads conv2 (and so conv1) everywhere."""
-        return not (self.spec.se_channels and self.spec.se_pool == "dense")
-
-    def conv1_spatial(self, h):
-        return apply_group_mask(h, self.spatial_conv1) if self.masks_inner_convs else h
-
-    def mid_spatial(self, h):
-        return apply_group_mask(h, self.spatial_union) if self.masks_inner_convs else h
-
-    def out_spatial(self, h):
+    def out_spatial(self, h: jax.Array) -> jax.Array:
         return apply_group_mask(h, self.spatial_out)
 
 
@@ -193,18 +206,16 @@ class _DynamicBlockBase(nn.Module):
             name=name,
         )
 
-    def conv_bn_relu(self, h, conv, bn, masks: _MaskApplier, spatial, relu=True):
-        """conv -> [channel mask if pre_bn] -> bn -> relu -> [channel mask if post_act] -> spatial."""
+    def conv_bn_relu(self, h, conv, bn, masks: BlockMasks):
+        """conv -> [channel mask if pre_bn] -> bn -> relu -> [channel mask if post_act]."""
         h = conv(h)
         pre_bn = self.spec.channel_mask_position == "pre_bn"
         if pre_bn:
             h = masks.channel_mask(h)
-        h = bn(h)
-        if relu:
-            h = nn.relu(h)
+        h = nn.relu(bn(h))
         if not pre_bn:
             h = masks.channel_mask(h)
-        return spatial(h)
+        return h
 
     def finish(self, x, h, gates, masks, train):
         """Identity / downsample, layer gate, residual add, relu, and the aux record."""
@@ -226,22 +237,15 @@ class DynamicBottleneck(_DynamicBlockBase):
     """1x1 -> 3x3 (stride, groups) [-> SE] -> 1x1 bottleneck with dynamic gates."""
 
     @nn.compact
-    def __call__(self, x, *, train, tau, gate_offset, forced=None):
+    def __call__(self, x, *, train, tau, gate_offset, forced=None, noise=True):
         spec = self.spec
         gates = BlockGates(spec, name="gates")(
-            x, train=train, tau=tau, gate_offset=gate_offset, forced=forced
+            x, train=train, tau=tau, gate_offset=gate_offset, forced=forced, noise=noise
         )
-        masks = _MaskApplier(spec, gates)
+        masks = BlockMasks(spec, gates)
+        h = self.conv_bn_relu(x, self.conv(spec.width, 1, name="conv1"), batch_norm(train, "bn1"), masks)
         h = self.conv_bn_relu(
-            x, self.conv(spec.width, 1, name="conv1"), batch_norm(train, "bn1"), masks,
-            masks.conv1_spatial,
-        )
-        h = self.conv_bn_relu(
-            h,
-            self.conv(spec.width, 3, spec.stride, spec.groups, name="conv2"),
-            batch_norm(train, "bn2"),
-            masks,
-            masks.mid_spatial,
+            h, self.conv(spec.width, 3, spec.stride, spec.groups, name="conv2"), batch_norm(train, "bn2"), masks
         )
         if spec.mode == "lc":
             h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :].astype(h.dtype)
@@ -258,16 +262,13 @@ class DynamicBasicBlock(_DynamicBlockBase):
     """3x3 (stride) -> 3x3 basic block with dynamic gates."""
 
     @nn.compact
-    def __call__(self, x, *, train, tau, gate_offset, forced=None):
+    def __call__(self, x, *, train, tau, gate_offset, forced=None, noise=True):
         spec = self.spec
         gates = BlockGates(spec, name="gates")(
-            x, train=train, tau=tau, gate_offset=gate_offset, forced=forced
+            x, train=train, tau=tau, gate_offset=gate_offset, forced=forced, noise=noise
         )
-        masks = _MaskApplier(spec, gates)
-        h = self.conv_bn_relu(
-            x, self.conv(spec.width, 3, spec.stride, name="conv1"), batch_norm(train, "bn1"),
-            masks, masks.conv1_spatial,
-        )
+        masks = BlockMasks(spec, gates)
+        h = self.conv_bn_relu(x, self.conv(spec.width, 3, spec.stride, name="conv1"), batch_norm(train, "bn1"), masks)
         if spec.mode == "lc":
             h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :].astype(h.dtype)
         h = self.conv(spec.out_channels, 3, name="conv2")(h)

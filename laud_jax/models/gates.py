@@ -27,18 +27,22 @@ def hard_gate(
     tau: jax.Array,
     rng: jax.Array | None,
     gate_offset: jax.Array | float = 0.0,
+    noise: bool = True,
 ) -> jax.Array:
     """Hard {0,1} execute-mask from logits shaped (..., 2, K).
 
-    Training: hard Gumbel-softmax with straight-through gradient at temperature ``tau``.
+    Training: hard Gumbel-softmax with straight-through gradient at temperature ``tau``
+    (``noise=False``: the same without the Gumbel noise, i.e. the hard argmax of the logits
+    with the gradient of ``softmax(logits / tau)``; for tests and debugging).
     Evaluation: execute where ``logit_execute - logit_skip >= gate_offset``.
     """
     logits = logits.astype(jnp.float32)
     if not train:
         diff = logits[..., 0, :] - logits[..., 1, :]
         return (diff >= gate_offset).astype(jnp.float32)
-    gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
-    y_soft = jax.nn.softmax((logits + gumbel) / tau, axis=-2)[..., 0, :]
+    if noise:
+        logits = logits + jax.random.gumbel(rng, logits.shape, jnp.float32)
+    y_soft = jax.nn.softmax(logits / tau, axis=-2)[..., 0, :]
     y_hard = (y_soft >= 0.5).astype(jnp.float32)
     return y_hard - jax.lax.stop_gradient(y_soft) + y_soft
 
@@ -97,7 +101,7 @@ class SpatialMasker(nn.Module):
     standardize: bool = False
 
     @nn.compact
-    def __call__(self, x, *, train, tau, gate_offset=0.0):
+    def __call__(self, x, *, train, tau, gate_offset=0.0, noise=True):
         z = adaptive_avg_pool(x, self.grid).astype(jnp.float32)
         if self.standardize:
             mean = jnp.mean(z, axis=(1, 2), keepdims=True)
@@ -110,8 +114,8 @@ class SpatialMasker(nn.Module):
             name="conv",
         )(z)
         logits = logits.reshape(*logits.shape[:-1], 2, self.groups)
-        rng = self.make_rng("gumbel") if train else None
-        return hard_gate(logits, train=train, tau=tau, rng=rng, gate_offset=gate_offset)
+        rng = self.make_rng("gumbel") if train and noise else None
+        return hard_gate(logits, train=train, tau=tau, rng=rng, gate_offset=gate_offset, noise=noise)
 
     @staticmethod
     def macs(in_channels: int, grid: tuple[int, int], groups: int) -> int:
@@ -128,7 +132,7 @@ class ChannelMasker(nn.Module):
         return max(groups // 16, 16)
 
     @nn.compact
-    def __call__(self, pooled, *, train, tau, gate_offset=0.0):
+    def __call__(self, pooled, *, train, tau, gate_offset=0.0, noise=True):
         h = nn.relu(nn.Dense(self.hidden(self.groups), name="fc1")(pooled))
         logits = nn.Dense(
             2 * self.groups,
@@ -136,8 +140,8 @@ class ChannelMasker(nn.Module):
             name="fc2",
         )(h)
         logits = logits.reshape(*logits.shape[:-1], 2, self.groups)
-        rng = self.make_rng("gumbel") if train else None
-        return hard_gate(logits, train=train, tau=tau, rng=rng, gate_offset=gate_offset)
+        rng = self.make_rng("gumbel") if train and noise else None
+        return hard_gate(logits, train=train, tau=tau, rng=rng, gate_offset=gate_offset, noise=noise)
 
     @staticmethod
     def macs(in_channels: int, groups: int) -> int:

@@ -19,6 +19,8 @@ class DynamicNet(nn.Module):
     ``tau`` (Gumbel temperature) is traced, so a new value never recompiles. ``masks``
     (one dict per block with any of ``spatial``/``channel``/``layer``) forces the gates.
     ``gate_offset`` shifts the evaluation threshold (execute iff l_exec - l_skip >= offset).
+    ``gumbel_noise=False`` trains with deterministic hard gates (the same straight-through
+    gradient without the Gumbel noise), for tests and debugging.
     """
 
     config: ModelConfig
@@ -32,6 +34,7 @@ class DynamicNet(nn.Module):
         tau: jax.Array | float = 1.0,
         masks: Sequence[Mapping[str, Any] | None] | None = None,
         gate_offset: jax.Array | float = 0.0,
+        gumbel_noise: bool = True,
     ) -> tuple[jax.Array, dict[str, Any]]:
         if images.ndim != 4:
             raise ValueError(f"images must be NHWC (B, H, W, C); got shape {images.shape}")
@@ -62,7 +65,10 @@ class DynamicNet(nn.Module):
         for i, block in enumerate(spec.blocks):
             x, record = block_cls(
                 block, dtype=dtype, zero_init_residual=self.config.zero_init_residual, name=block.name
-            )(x, train=train, tau=tau, gate_offset=gate_offset, forced=masks[i] if masks else None)
+            )(
+                x, train=train, tau=tau, gate_offset=gate_offset, forced=masks[i] if masks else None,
+                noise=gumbel_noise,
+            )
             records.append(record)
 
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -71,6 +77,7 @@ class DynamicNet(nn.Module):
         aux = {
             "blocks": records,
             "macs": macs,
+            "batch_macs": spec.fixed_macs + sum(record["batch_macs"] for record in records),
             "dense_macs": jnp.asarray(spec.dense_macs, jnp.float32),
         }
         return logits, aux

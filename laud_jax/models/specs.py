@@ -113,7 +113,7 @@ class ModelConfig:
     mask_groups: int = 1
     channel_granularity: int = 2
     channel_mask_position: str = "post_act"
-    se_pool: str = "masked"
+    se_pool: str = "dense"
     masker_input: str = "pooled"
     dtype: str = "float32"
     zero_init_residual: bool = False
@@ -192,7 +192,7 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
         mask_groups=int(cfg.get("mask_groups", 1)),
         channel_granularity=int(cfg.get("channel_granularity", 2)),
         channel_mask_position=str(cfg.get("channel_mask_position", "post_act")),
-        se_pool=str(cfg.get("se_pool", "masked")),
+        se_pool=str(cfg.get("se_pool", "dense")),
         masker_input=str(cfg.get("masker_input", "pooled")),
         dtype=str(cfg.get("dtype", "float32")),
         zero_init_residual=bool(cfg.get("zero_init_residual", False)),

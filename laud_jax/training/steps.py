@@ -88,8 +88,12 @@ def init_state(model: Any, tx: optax.GradientTransformation, seed: int | jax.Arr
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-                    dynamic: bool, teacher: Any | None) -> Callable[..., tuple[State, dict]]:
-  """train_step(state, batch, tau, progress, teacher_variables) -> (state, metrics)."""
+                    dynamic: bool, teacher: Any | None,
+                    gumbel_noise: bool = True) -> Callable[..., tuple[State, dict]]:
+  """train_step(state, batch, tau, progress, teacher_variables) -> (state, metrics).
+
+  `gumbel_noise=False` trains with deterministic hard gates (same straight-through gradient).
+  """
   use_teacher = teacher is not None and loss_cfg.kd_alpha > 0
 
   def train_step(state: State, batch: dict[str, jax.Array], tau: jax.Array, progress: jax.Array,
@@ -103,14 +107,12 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_cfg: ml_c
     def loss_fn(params):
       (logits, aux), updates = model.apply(
           {'params': params, 'batch_stats': state['batch_stats']}, images, train=True, tau=tau,
-          rngs={'gumbel': rng}, mutable=['batch_stats'])
-      # losses relaxes the per-block bounds over BOUND_RELAX_FRACTION of training; rescale
-      # progress so that they relax over loss.bound_relax_fraction instead.
-      bound_progress = progress * (losses.BOUND_RELAX_FRACTION / loss_cfg.bound_relax_fraction)
+          gumbel_noise=gumbel_noise, rngs={'gumbel': rng}, mutable=['batch_stats'])
       loss, parts = losses.total_loss(
-          logits, labels, aux, bound_progress, teacher_logits=teacher_logits,
+          logits, labels, aux, progress, teacher_logits=teacher_logits,
           target_rate=loss_cfg.target_rate, sparsity_weight=loss_cfg.sparsity_weight,
-          kd_alpha=loss_cfg.kd_alpha, kd_temperature=loss_cfg.kd_temperature, dynamic=dynamic)
+          kd_alpha=loss_cfg.kd_alpha, kd_temperature=loss_cfg.kd_temperature,
+          bound_relax_fraction=loss_cfg.bound_relax_fraction, dynamic=dynamic)
       parts['accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels)
       parts['mac_ratio'] = jnp.mean(aux['macs']) / aux['dense_macs']
       return loss, (parts, updates)
