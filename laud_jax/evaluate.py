@@ -12,7 +12,9 @@ threshold (execute iff logit_execute - logit_skip >= offset): a positive offset 
 work and runs faster, without retraining.
 
 Reported: top-1/top-5; per-stage and overall density (the blocks' executed / dense MACs);
-the network MAC ratio; gate rates; the latency of the static network and of the dynamic one
+the network MAC ratio; gate rates; on the embedded dataset, per spatial stage, the mask
+coverage (the fraction of the digit's ink and of the clutter's ink in executed cells, and
+of blank cells executed); the latency of the static network and of the dynamic one
 measured side by side with the sparse engine on this device (medians after warm-up); and the
 latency the roofline predictor gives for a hardware profile at the measured gate rates.
 """
@@ -74,11 +76,47 @@ def data_config(exp_config: Any | None, recorded: Mapping[str, Any] | None) -> A
 # ----------------------------------------------------------------------------- accuracy
 
 
+COVERAGE_KEYS = ("digit_hit", "digit_ink", "clutter_hit", "clutter_ink", "blank_hit", "blank_cells")
+
+
+def _cell_matrix(pixels: int, cells: int) -> jax.Array:
+    """(pixels, cells) one-hot: pixel y lies in mask cell y * cells // pixels."""
+    return jax.nn.one_hot(np.arange(pixels) * cells // pixels, cells, dtype=jnp.float32)
+
+
+def mask_coverage_sums(spatial_mask: jax.Array, digit_ink: jax.Array, clutter_ink: jax.Array,
+                       weight: jax.Array) -> jax.Array:
+    """Weighted sums of one block's coverage, in the order of ``COVERAGE_KEYS``.
+
+    ``spatial_mask`` (B, gh, gw, G): a cell executes where any group does. Ink maps
+    (B, H, W) bool. digit/clutter: ink pixels in executed cells and all ink pixels; blank:
+    executed cells without any ink and all such cells.
+    """
+    executed = jnp.max(spatial_mask, axis=-1)
+    rows = _cell_matrix(digit_ink.shape[1], executed.shape[1])
+    cols = _cell_matrix(digit_ink.shape[2], executed.shape[2])
+
+    def per_cell(ink):
+        return jnp.einsum("bhw,hi,wj->bij", ink.astype(jnp.float32), rows, cols)
+
+    digit, clutter = per_cell(digit_ink), per_cell(clutter_ink)
+    blank = ((digit + clutter) == 0).astype(jnp.float32)
+    w = weight[:, None, None]
+    return jnp.stack([
+        jnp.sum(w * digit * executed), jnp.sum(w * digit),
+        jnp.sum(w * clutter * executed), jnp.sum(w * clutter),
+        jnp.sum(w * blank * executed), jnp.sum(w * blank),
+    ])
+
+
 def make_eval_step(model: Any) -> Callable[..., dict[str, jax.Array]]:
-    """jitted (variables, images, labels, weight, gate_offset) -> weighted sums of one batch."""
+    """jitted (variables, images, labels, weight, gate_offset[, ink]) -> weighted sums of one batch.
+
+    ``ink`` = (digit_ink, clutter_ink) maps add ``coverage`` (blocks x COVERAGE_KEYS).
+    """
 
     @jax.jit
-    def step(variables, images, labels, weight, gate_offset):
+    def step(variables, images, labels, weight, gate_offset, ink=None):
         logits, aux = model.apply(variables, images, train=False, gate_offset=gate_offset)
         k = min(5, logits.shape[-1])
         top = jax.lax.top_k(logits, k)[1]
@@ -88,7 +126,10 @@ def make_eval_step(model: Any) -> Callable[..., dict[str, jax.Array]]:
         def per_block(values):
             return jnp.stack([jnp.sum(v * weight) for v in values])
 
-        return {
+        sums = {}
+        if ink is not None:
+            sums["coverage"] = jnp.stack([mask_coverage_sums(b["spatial_mask"], *ink, weight) for b in blocks])
+        return sums | {
             "count": jnp.sum(weight),
             "top1": jnp.sum(hit[:, 0] * weight),
             "top5": jnp.sum(jnp.any(hit, axis=-1) * weight),
@@ -134,7 +175,8 @@ def accuracy_and_density(
             seen = 0 if totals is None else float(totals["count"])
             weight = weight * (np.cumsum(weight) + seen <= max_examples)
         image_shape = images.shape[1:]
-        out = jax.device_get(step(variables, images, np.asarray(batch["label"], np.int32), weight, offset))
+        ink = (batch["digit_ink"], batch["clutter_ink"]) if "digit_ink" in batch else None
+        out = jax.device_get(step(variables, images, np.asarray(batch["label"], np.int32), weight, offset, ink))
         totals = out if totals is None else {
             k: v if k in ("dense_macs", "block_dense_macs") else totals[k] + v for k, v in out.items()
         }
@@ -191,7 +233,27 @@ def summarize(model_cfg: Mapping[str, Any], image_shape: Sequence[int], totals: 
         "blocks": blocks,
         "gate_offset": float(gate_offset),
         "image_shape": [int(s) for s in image_shape],
-    }
+    } | ({"mask_coverage": mask_coverage(spec, totals["coverage"])} if "coverage" in totals else {})
+
+
+def mask_coverage(spec: Any, coverage: np.ndarray) -> list[dict[str, Any]]:
+    """Per spatial stage: the fractions of the digit's ink and of the clutter's ink that lie in
+    executed cells, and the fraction of blank cells (no ink) executed, over its blocks."""
+    coverage = np.asarray(coverage, np.float64)
+    records = []
+    for stage in sorted({b.stage for b in spec.blocks}):
+        idx = [i for i, b in enumerate(spec.blocks) if b.stage == stage and b.spatial]
+        if not idx:
+            continue
+        total = dict(zip(COVERAGE_KEYS, coverage[idx].sum(axis=0)))
+        ratio = lambda hit, all_: float(total[hit] / total[all_]) if total[all_] else None  # noqa: E731
+        records.append({
+            "stage": stage + 1,
+            "digit": ratio("digit_hit", "digit_ink"),
+            "clutter": ratio("clutter_hit", "clutter_ink"),
+            "background": ratio("blank_hit", "blank_cells"),
+        })
+    return records
 
 
 # ----------------------------------------------------------------------------- latency
@@ -341,7 +403,7 @@ def evaluate_checkpoint(
         "data": {"name": info.name, "split": str(data_cfg.get("eval_split", "test")), "examples": info.num_eval},
     }
     result.update(accuracy_and_density(
-        model_cfg, variables, data.eval_batches(data_cfg, size), gate_offset=gate_offset,
+        model_cfg, variables, data.eval_batches(data_cfg, size, ink=True), gate_offset=gate_offset,
         max_examples=max_examples, total=total, progress=progress,
     ))
     if latency:
@@ -380,6 +442,13 @@ def format_table(result: Mapping[str, Any]) -> str:
             f"{_fmt_rate(stage['channel_rate']):>9}{_fmt_rate(stage['layer_rate']):>9}"
         )
     lines.append(f"{'all':<7}{'':<9}{result['density']:>9.3f}")
+    if result.get("mask_coverage"):
+        lines += ["", "mask coverage: the fraction of the digit's and the clutter's ink in executed cells, "
+                  "and of blank cells executed",
+                  f"{'stage':<7}{'digit':>9}{'clutter':>9}{'blank':>9}"]
+        for entry in result["mask_coverage"]:
+            lines.append(f"{entry['stage']:<7}" + "".join(
+                f"{_fmt_rate(entry[k]):>9}" for k in ("digit", "clutter", "background")))
     if "latency" in result:
         lat = result["latency"]
         lines += [

@@ -42,7 +42,8 @@ def test_canvas_holds_the_digit_plus_clutter():
   images, _ = cluttered_mnist.split_digits('train')
   spec = cluttered_mnist.CanvasSpec(size=64, num_clutter=0)
   rng = np.random.default_rng(3)
-  canvas = cluttered_mnist.render_canvas(images[7], images, spec, rng)[..., 0]
+  canvas, digit_ink, clutter_ink = cluttered_mnist.render_canvas(images[7], images, spec, rng)
+  canvas = canvas[..., 0]
   assert canvas.shape == (64, 64)
   hits = locate(np.round(canvas * 255).astype(np.uint8), images[7])
   assert len(hits) == 1
@@ -50,11 +51,34 @@ def test_canvas_holds_the_digit_plus_clutter():
   rest = canvas.copy()
   rest[y:y + 28, x:x + 28] = 0
   assert rest.max() == 0                      # nothing but the digit without clutter
+  np.testing.assert_array_equal(digit_ink, canvas > 0)   # the ink map is the digit, where drawn
+  assert not clutter_ink.any()
   cluttered = cluttered_mnist.render_canvas(images[7], images, cluttered_mnist.CanvasSpec(),
-                                            np.random.default_rng(3))[..., 0]
+                                            np.random.default_rng(3))[0][..., 0]
   as_uint8 = np.round(cluttered * 255).astype(np.uint8)
   assert locate(as_uint8, images[7], exact=False)   # the digit is still there, under clutter
   assert (as_uint8 > 0).sum() > (images[7] > 0).sum()   # plus clutter pixels
+
+
+def test_test_split_ink_maps_locate_the_digit_and_the_clutter():
+  spec = cluttered_mnist.CanvasSpec(size=48, num_clutter=3, fragment_size=6)
+  test = cluttered_mnist.test_set(spec, 1)
+  images, _ = cluttered_mnist.split_digits('test')
+  for i in (0, 17, 999):
+    canvas = np.round(test['image'][i, ..., 0] * 255).astype(np.uint8)
+    digit_ink, clutter_ink = test['digit_ink'][i], test['clutter_ink'][i]
+    assert (canvas > 0).tolist() == (digit_ink | clutter_ink).tolist()   # every inked pixel is one of the two
+    rows, cols = np.nonzero(digit_ink)
+    y, x = rows.min(), cols.min()
+    glyph = images[i][(images[i] > 0).any(1)][:, (images[i] > 0).any(0)]
+    h, w = glyph.shape
+    np.testing.assert_array_equal(digit_ink[y:y + h, x:x + w], glyph > 0)   # the digit's shape
+    assert digit_ink.sum() == (images[i] > 0).sum()
+    assert clutter_ink.sum() > 0 and clutter_ink.sum() <= 3 * 6 * 6
+  batch = next(data.eval_batches(data_config(image_size=48, num_clutter=3, fragment_size=6, test_copies=1),
+                                 8, ink=True))
+  np.testing.assert_array_equal(batch['digit_ink'], test['digit_ink'][:8])
+  assert 'digit_ink' not in next(data.eval_batches(data_config(image_size=48), 8))
 
 
 def test_training_canvases_are_redrawn_each_epoch_and_reproducible():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from fixtures.tiny_checkpoint import IMAGE_SIZE, mixed_gate_variables, shared_tiny_checkpoint, tiny_model_config
 
 from laud_jax import evaluate
@@ -128,3 +130,43 @@ def test_gate_offset_sweep_script(tiny_dir, tmp_path, capsys):
     assert rows[1]["mac_ratio"] < rows[0]["mac_ratio"] and all(r["dynamic_ms"] > 0 for r in rows)
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| +50 |" in capsys.readouterr().out
+
+
+def test_mask_coverage_sums_equal_a_pixel_loop():
+    """Non-square image and grid: cells of 4 x 5 pixels; group masks executed where any group is."""
+    rng = np.random.default_rng(4)
+    mask = (rng.random((2, 3, 4, 2)) < 0.4).astype(np.float32)
+    digit = rng.random((2, 12, 20)) < 0.1
+    clutter = rng.random((2, 12, 20)) < 0.05
+    digit[1, :4, :5] = clutter[1, :4, :5] = False          # at least one blank cell
+    weight = np.asarray([1.0, 0.5], np.float32)
+    sums = np.asarray(evaluate.mask_coverage_sums(mask, digit, clutter, weight), np.float64)
+    expected = dict.fromkeys(evaluate.COVERAGE_KEYS, 0.0)
+    for b in range(2):
+        for i in range(3):
+            for j in range(4):
+                executed = mask[b, i, j].max()
+                cell_digit = digit[b, 4 * i:4 * i + 4, 5 * j:5 * j + 5].sum()
+                cell_clutter = clutter[b, 4 * i:4 * i + 4, 5 * j:5 * j + 5].sum()
+                blank = float(cell_digit + cell_clutter == 0)
+                for key, value in (("digit_hit", cell_digit * executed), ("digit_ink", cell_digit),
+                                   ("clutter_hit", cell_clutter * executed), ("clutter_ink", cell_clutter),
+                                   ("blank_hit", blank * executed), ("blank_cells", blank)):
+                    expected[key] += weight[b] * value
+    np.testing.assert_allclose(sums, [expected[k] for k in evaluate.COVERAGE_KEYS], rtol=1e-6)
+    assert expected["blank_cells"] > 0 and 0 < expected["digit_hit"] < expected["digit_ink"]
+
+
+def test_evaluate_reports_mask_coverage_on_the_embedded_dataset(tiny_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["evaluate", f"--checkpoint={tiny_dir}", "--nolatency", "--hardware=",
+                          f"--exp={os.path.join(REPO_ROOT, 'configs', 'tiny.py')}", "--exp.data.num_clutter=2",
+                          "--max_examples=250", f"--json={out}", "--noprogress"]) == 0
+    coverage = json.loads(out.read_text())["mask_coverage"]
+    spec = network_spec(tiny_model_config(), (IMAGE_SIZE, IMAGE_SIZE, 1))
+    assert [c["stage"] for c in coverage] == sorted({b.stage + 1 for b in spec.blocks if b.spatial})
+    for entry in coverage:
+        assert set(entry) == {"stage", "digit", "clutter", "background"}
+        assert all(0.0 <= entry[k] <= 1.0 for k in ("digit", "clutter", "background"))
+    table = evaluate.format_table(json.loads(out.read_text()))
+    assert "mask coverage" in table

@@ -78,8 +78,12 @@ def split_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_canvas(digit: np.ndarray, pool: np.ndarray, spec: CanvasSpec,
-                  rng: np.random.Generator) -> np.ndarray:
-  """One (size, size, 1) float32 canvas in [0, 1]: `digit` plus fragments from `pool`."""
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One canvas: `digit` plus fragments from `pool`.
+
+  Returns the (size, size, 1) float32 image in [0, 1] and two (size, size) bool maps: the
+  digit's ink (its non-zero pixels where it was drawn) and the clutter's ink.
+  """
   canvas = np.zeros((spec.size, spec.size), np.uint8)
   f = spec.fragment_size
   sources = rng.integers(0, len(pool), spec.num_clutter)
@@ -88,25 +92,36 @@ def render_canvas(digit: np.ndarray, pool: np.ndarray, spec: CanvasSpec,
   for src, (cy, cx), (py, px) in zip(sources, crops, places):
     region = canvas[py:py + f, px:px + f]
     np.maximum(region, pool[src, cy:cy + f, cx:cx + f], out=region)
+  clutter_ink = canvas > 0
   y, x = rng.integers(0, spec.size - DIGIT_SIZE + 1, 2)
   region = canvas[y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
   np.maximum(region, digit, out=region)
-  return (canvas.astype(np.float32) / 255.0)[..., None]
+  digit_ink = np.zeros_like(clutter_ink)
+  digit_ink[y:y + DIGIT_SIZE, x:x + DIGIT_SIZE] = digit > 0
+  return (canvas.astype(np.float32) / 255.0)[..., None], digit_ink, clutter_ink
 
 
 def render_batch(digit_ids: np.ndarray, positions: np.ndarray, split: str,
-                 spec: CanvasSpec, seed: int) -> dict[str, np.ndarray]:
-  """Canvases for `digit_ids`; element i's randomness depends only on (seed, positions[i])."""
+                 spec: CanvasSpec, seed: int, ink: bool = False) -> dict[str, np.ndarray]:
+  """Canvases for `digit_ids`; element i's randomness depends only on (seed, positions[i]).
+
+  With `ink`, also 'digit_ink' and 'clutter_ink': (B, size, size) bool maps of where the
+  digit and the clutter fragments were drawn.
+  """
   images, labels = split_digits(split)
-  canvases = np.stack([
-      render_canvas(images[d], images, spec, np.random.default_rng((seed, int(p))))
-      for d, p in zip(digit_ids, positions)])
-  return {'image': canvases, 'label': labels[digit_ids]}
+  drawn = [render_canvas(images[d], images, spec, np.random.default_rng((seed, int(p))))
+           for d, p in zip(digit_ids, positions)]
+  batch = {'image': np.stack([c for c, _, _ in drawn]), 'label': labels[digit_ids]}
+  if ink:
+    batch['digit_ink'] = np.stack([d for _, d, _ in drawn])
+    batch['clutter_ink'] = np.stack([c for _, _, c in drawn])
+  return batch
 
 
 @functools.cache
 def test_set(spec: CanvasSpec, copies: int = 2) -> dict[str, np.ndarray]:
-  """The fixed test split: every held-out digit drawn `copies` times (seeded)."""
+  """The fixed test split: every held-out digit drawn `copies` times (seeded), with the
+  digit's and the clutter's ink maps."""
   images, _ = split_digits('test')
   ids = np.tile(np.arange(len(images)), copies)
-  return render_batch(ids, np.arange(len(ids)), 'test', spec, TEST_CANVAS_SEED)
+  return render_batch(ids, np.arange(len(ids)), 'test', spec, TEST_CANVAS_SEED, ink=True)

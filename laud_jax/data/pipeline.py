@@ -122,15 +122,20 @@ def train_iterator(data_cfg: Any, global_batch: int, seed: int, process_index: i
 
 
 def eval_batches(data_cfg: Any, global_batch: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """This process's slice of each global eval batch; the last batch is padded (weight 0)."""
+                 process_count: int = 1, ink: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """This process's slice of each global eval batch; the last batch is padded (weight 0).
+
+  `ink`: the embedded dataset's batches also carry 'digit_ink' and 'clutter_ink' (where the
+  digit and the clutter were drawn); other datasets have none.
+  """
   if global_batch % process_count:
     raise ValueError(f'eval batch size {global_batch} is not divisible by the number of '
                      f'processes ({process_count}).')
   if data_cfg.name == EMBEDDED:
     data = cluttered_mnist.test_set(canvas_spec(data_cfg), int(data_cfg.test_copies))
     total = len(data['label'])
-    fetch = lambda idx: {'image': data['image'][idx], 'label': data['label'][idx]}  # noqa: E731
+    keys = ('image', 'label', 'digit_ink', 'clutter_ink') if ink else ('image', 'label')
+    fetch = lambda idx: {k: data[k][idx] for k in keys}  # noqa: E731
   else:
     source = tfds_source.open_source(data_cfg.name, data_cfg.eval_split, data_cfg.data_dir)
     _, channels = tfds_source.source_info(source)
