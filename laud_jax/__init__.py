@@ -2,7 +2,9 @@
 
 Importing the package is cheap; import the subpackages you need
 (``laud_jax.models``, ``laud_jax.data``, ``laud_jax.train``, ...).
-``laud_jax.load_pretrained`` imports the converter on first use.
+``laud_jax.load_pretrained`` imports the converter on first use; a checkpoint directory it
+cannot read raises ``laud_jax.CheckpointError`` (a ``ValueError`` whose one-line message names
+the file and what to do).
 """
 
 __version__ = "0.1.0"
@@ -14,4 +16,8 @@ def __getattr__(name: str):
         from laud_jax.convert import load_pretrained
 
         return load_pretrained
+    if name == "CheckpointError":
+        from laud_jax.checkpointing import CheckpointError
+
+        return CheckpointError
     raise AttributeError(f"module 'laud_jax' has no attribute {name!r}")

@@ -64,9 +64,7 @@ def _load_checkpoint(path: str):
         from laud_jax.checkpointing import load_variables
     except ImportError as err:
         raise SystemExit(f"--checkpoint needs laud_jax.checkpointing (the training module): {err}") from err
-    variables, run_config = load_variables(path)
-    if "model" not in run_config:
-        raise SystemExit(f"{path}/config.json has no 'model' section; is it a laud_jax.train work directory?")
+    variables, run_config = load_variables(path)  # CheckpointError (a ValueError) if unreadable
     return run_config["model"], variables, run_config
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import ml_collections
 
@@ -256,3 +257,40 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config().')
   return module.get_config()
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --NAME=VALUE or --NAME VALUE in `argv`, else None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def command_line_error(error: BaseException, argv: list[str], tool: str) -> str:
+  """One line for an error in the flags of `python -m laud_jax.TOOL`: what, the config file, the fix.
+
+  ml_collections reports an unknown --exp.key as a KeyError (or an AttributeError holding
+  one) whose message spans lines, and a config file it cannot load as an OSError.
+  """
+  path = _flag_value(argv, 'exp') or '--exp'
+  if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
+    error = error.args[0]
+  if isinstance(error, KeyError) and error.args:
+    first, *rest = str(error.args[0]).splitlines()
+    key = first.strip('\'"')
+    flag = next((a.split('=', 1)[0] for a in argv
+                 if a.startswith('--exp.') and key in a.split('=', 1)[0].split('.')), '--exp')
+    hint = ' '.join(line.strip() for line in rest)
+    hint = hint[:1].lower() + hint[1:] + ' ' if hint else ''
+    return (f'unknown config key {key!r} in {flag} ({path}): {hint}(every field is listed in '
+            'laud_jax/config_utils.py, base_config)')
+  if isinstance(error, OSError) and path != '--exp':
+    if not os.path.isfile(path):
+      return (f'config file not found ({os.path.abspath(path)}): pass --exp the path of an '
+              'experiment file, e.g. configs/quickstart.py')
+    detail = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+    return f'config file could not be loaded: {detail} ({os.path.abspath(path)}): fix the file'
+  return f'{" ".join(str(error).split())}; python -m laud_jax.{tool} --help lists the flags'

@@ -591,6 +591,8 @@ def save_converted(
     """Write ``config.json`` + an orbax checkpoint (step 0) in the train work-dir layout."""
     import orbax.checkpoint as ocp
 
+    from laud_jax import checkpointing
+
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not overwrite:
@@ -598,8 +600,7 @@ def save_converted(
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     config = {"model": _jsonable(cfg), "converted_from": dict(info or {})}
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True, default=list)
+    checkpointing.write_json(os.path.join(out_dir, CONFIG_FILE), config)
     manager = ocp.CheckpointManager(
         os.path.join(out_dir, CHECKPOINT_DIR),
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
@@ -614,36 +615,15 @@ def save_converted(
 
 
 def load_converted(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model config, variables) of a converted directory or a ``laud_jax.train`` work dir."""
-    import jax
-    import orbax.checkpoint as ocp
+    """(model config, variables) of a converted directory or a ``laud_jax.train`` work dir.
 
-    directory = os.path.abspath(os.fspath(directory))
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"{config_path} not found: {directory} is neither a converted checkpoint nor a "
-            "laud_jax.train work directory"
-        )
-    with open(config_path) as f:
-        config = json.load(f)
-    manager = ocp.CheckpointManager(
-        os.path.join(directory, CHECKPOINT_DIR),
-        # training work dirs also hold the data iterator's state ("data"), not needed here
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
-    )
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {os.path.join(directory, CHECKPOINT_DIR)}")
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        metadata = manager.item_metadata(step)["state"]
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    finally:
-        manager.close()
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
-    return config["model"], jax.tree.map(np.asarray, variables)
+    Raises :class:`laud_jax.checkpointing.CheckpointError` (one line naming the file and the
+    fix) when the directory is not a checkpoint or its files are damaged.
+    """
+    from laud_jax import checkpointing
+
+    variables, config = checkpointing.load_variables(os.fspath(directory))
+    return config["model"], variables
 
 
 def load_pretrained(source: str | os.PathLike, image_size: int | None = None, **model_config_overrides: Any):
@@ -652,6 +632,8 @@ def load_pretrained(source: str | os.PathLike, image_size: int | None = None, **
     ``source``: a ``.pth``/``.pth.tar`` file (converted on the fly; keyword arguments give
     or override the model config, with the registry's names) or a converted / trained
     directory (keyword arguments must agree with its config; ``dtype`` may be changed).
+    A directory that cannot be read raises :class:`laud_jax.CheckpointError`, a
+    ``ValueError`` whose one-line message names the file and what to do.
     """
     from laud_jax.models import build_model
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from laud_jax import convert
+from laud_jax import checkpointing, config_utils, convert
 from laud_jax.models import build_model, network_spec
 
 BACKEND_CHOICES = ("auto", "xla", "pallas", "dense")
@@ -47,12 +47,14 @@ BACKEND_CHOICES = ("auto", "xla", "pallas", "dense")
 def load_checkpoint(
     path: str, image_size: int | None = None, **model_overrides: Any
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-    """(model config, variables, the directory's recorded config or None) of ``path``."""
+    """(model config, variables, the directory's recorded config or None) of ``path``.
+
+    A directory that cannot be read raises :class:`checkpointing.CheckpointError` (one line:
+    what, the file, what to do).
+    """
     if os.path.isdir(path):
-        model_cfg, variables = convert.load_converted(path)
-        with open(os.path.join(path, convert.CONFIG_FILE)) as f:
-            recorded = json.load(f)
-        return {**model_cfg, **model_overrides}, variables, recorded
+        variables, recorded = checkpointing.load_variables(path)
+        return {**recorded["model"], **model_overrides}, variables, recorded
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
     model_cfg, variables, _ = convert.convert_checkpoint(path, image_size=image_size, **model_overrides)
@@ -492,8 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         fv(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        print(f"error: {e}\n(python -m laud_jax.evaluate --help lists the flags)", file=sys.stderr)
+        if fv.exp is not None:
+            fv.exp.to_dict()  # a config file that failed to load raises its OSError here
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        print(f"error: {config_utils.command_line_error(e, argv, 'evaluate')}", file=sys.stderr)
         return 2
     # CPU has no buffer donation; the engine's donated inputs are then simply copied.
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")

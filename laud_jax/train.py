@@ -1,7 +1,8 @@
 """Train a (dynamic) model: python -m laud_jax.train --exp configs/X.py --workdir DIR.
 
 Overrides: --exp.field=value (e.g. --exp.batch_size=128 --exp.model.mode=static).
-A run resumes automatically from the latest checkpoint in DIR. With `teacher.source=train`
+A run resumes automatically from the newest readable checkpoint in DIR (a damaged newer one
+is moved to DIR/checkpoints_unreadable). With `teacher.source=train`
 (the quickstart) a static teacher is trained first in DIR/teacher, then the dynamic model
 in DIR with knowledge distillation from it. At the end DIR/summary.json holds top1,
 mac_ratio, per-stage density, steps and teacher_top1.
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -104,24 +106,24 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_
   record = json.loads(config_utils.to_json(config))
   record['model'] = json.loads(json.dumps(model_cfg, default=list))
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+    saved = checkpointing.read_config(
+        workdir, fix='move it aside and rerun the same command (it is written again from --exp; '
+        'the checkpoints are still checked against the model)')
     for section in ('model', 'data'):
       if saved.get(section) != record[section]:
         diff = {k: (saved.get(section, {}).get(k), record[section].get(k))
                 for k in set(saved.get(section, {})) | set(record[section])
                 if saved.get(section, {}).get(k) != record[section].get(k)}
         raise checkpointing.CheckpointError(
-            f'{path} was written by a run with a different {section} config '
-            f'(field: (saved, now) = {diff}). Its checkpoints cannot be resumed with this config; '
-            'use a new --workdir or the original config.')
+            f'the run in this work directory has a different {section} config '
+            f'(field: (saved, now) = {diff}), so its checkpoints cannot be resumed', path,
+            'use a new --workdir or the original config')
   if jax.process_count() > 1:  # every process has read the old file before it is replaced
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('laud_jax.train: workdir config checked')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True)
+    checkpointing.write_json(path, record)
 
 
 def evaluate(block_stages: list[int], variables: dict[str, Any], config: ml_collections.ConfigDict,
@@ -183,11 +185,13 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
                     out_shardings=repl)(seed, variables)
 
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
+  if is_main:
+    for path in checkpointer.remove_temporary():
+      print(f'[{label}] removed {path}, left by a save that did not finish', flush=True)
   iterator = data.train_iterator(config.data, config.batch_size, config.seed,
                                  jax.process_index(), jax.process_count())
-  start = checkpointer.latest_step() or 0
+  start, state, data_state = checkpointer.restore_latest(state)
   if start:
-    state, data_state = checkpointer.restore(start, state)
     iterator.set_state(data_state)
     if is_main:
       print(f'[{label}] resumed from {checkpointer.step_dir(start)}', flush=True)
@@ -201,7 +205,7 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
                                 gumbel_noise=config.gumbel.noise),
       in_shardings=(repl, batch_sh, repl, repl, repl), out_shardings=(repl, repl),
       donate_argnums=(0,))
-  log = MetricsLog(workdir, enabled=is_main)
+  log = MetricsLog(workdir, enabled=is_main, resume_step=start)   # drops records past `start`
   bar = tqdm(total=total_steps, initial=start, desc=label, unit='step', dynamic_ncols=True,
              disable=not (is_main and config.progress_bar), file=sys.stdout)
   pending: list[dict[str, jax.Array]] = []
@@ -280,8 +284,7 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
       summary['teacher_top1'] = teacher.summary['top1']
     log.write(total_steps, 'eval', {'top1': summary['top1'], 'mac_ratio': summary['mac_ratio']})
     if is_main:
-      with open(summary_path, 'w') as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+      checkpointing.write_json(summary_path, summary)
   log.close()
   return PhaseResult(model, variables, summary)
 
@@ -293,10 +296,12 @@ def _eval_fn(model: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def _read_summary(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
+  """The summary.json a finished phase wrote; None if absent or damaged (it is recomputed)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
     return None
-  with open(path) as f:
-    return json.load(f)
 
 
 def load_teacher(path: str, mesh: jax.sharding.Mesh) -> PhaseResult:
@@ -357,6 +362,25 @@ def format_table(summary: dict[str, Any], summary_path: str) -> str:
   return '\n'.join(lines)
 
 
+def workdir_problem(workdir: str) -> str | None:
+  """Why a run could not write its work directory (one line: what, the path, what to do), or
+  None. Checked before anything is written: a missing directory is checked through the
+  directory that would hold it."""
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return (f'--workdir is a file, not a directory ({existing}): pass the path of a directory '
+            '(it is created if missing)')
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    return (f'cannot write to the work directory: {e.strerror} ({existing}): make it writable '
+            'or pass another --workdir')
+  return None
+
+
 def enable_compilation_cache() -> None:
   """Persists compiled programs (resumed and repeated runs skip XLA compilation).
 
@@ -385,16 +409,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   try:
     flag_values(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    # config_flags reports an unknown --exp.key as KeyError and a bad value as TypeError.
-    print(f'error: {e}\n(python -m laud_jax.train --help lists the flags)', file=sys.stderr)
+    config = flag_values.exp
+    if config is not None:
+      config.to_dict()   # a config file that failed to load raises its OSError here
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    print(f'error: {config_utils.command_line_error(e, argv, "train")}', file=sys.stderr)
     return 2
-  if flag_values.exp is None or flag_values.workdir is None:
+  if config is None or flag_values.workdir is None:
     print('error: --exp CONFIG.py and --workdir DIR are required.\n'
           'example: python -m laud_jax.train --exp configs/quickstart.py --workdir runs/quickstart',
           file=sys.stderr)
     return 2
-  config, workdir = flag_values.exp, flag_values.workdir
+  workdir = flag_values.workdir
+  problem = workdir_problem(workdir)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    return 2
   enable_compilation_cache()
   try:
     distributed.initialize(config.distributed)

@@ -635,6 +635,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        import triton  # noqa: F401  (compiles the kernels; its NVIDIA tools measure them)
+    except ImportError:
+        print("error: the triton package is not installed (python -m pallas_kernels.report compiles "
+              "with it): pip install -e '.[dev]' (the dev extra pins triton)", file=sys.stderr)
+        return 2
     if args.tune:
         records = build_records(tuning_launches(args.dtype, args.group_size), args.arch, args.jobs,
                                 progress=not args.no_progress)

@@ -1,5 +1,7 @@
 """End-to-end training: loss falls, checkpoints, resume, kill-and-resume, bad checkpoints, NaN stop."""
 
+import collections
+
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ import pytest
 from conftest import REPO_ROOT, run_python, subprocess_env
 from laud_jax import checkpointing, config_utils, train
 from laud_jax.data import cluttered_mnist
+from laud_jax.training import metrics_log
 
 TINY = os.path.join(REPO_ROOT, 'configs', 'tiny.py')
 STEPS = 24
@@ -39,6 +42,40 @@ def read_metrics(workdir, split='train'):
 def checkpoint_steps(workdir):
   root = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
   return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+def truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def file_contents(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  contents = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as f:
+        contents[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return contents
+
+
+def array_file(step_dir):
+  """The largest array-data file of a checkpoint step (OCDBT data files)."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  return max(files, key=os.path.getsize)
+
+
+def tensorboard_values(workdir):
+  """{(tag, step): how many values} over every event file of the run."""
+  from tensorboardX.proto.event_pb2 import Event  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, 'tensorboard')
+  counts = collections.Counter()
+  for name in os.listdir(directory):
+    for record in metrics_log.read_event_records(os.path.join(directory, name)):
+      event = Event.FromString(record)
+      counts.update((value.tag, event.step) for value in event.summary.value)
+  return counts
 
 
 @pytest.fixture(scope='module')
@@ -74,15 +111,16 @@ def test_loss_falls_and_outputs_are_written(trained):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
 
-def test_resume_from_saved_step_gives_identical_state(trained, tmp_path):
+def test_resume_from_saved_step_gives_identical_state(trained, tmp_path, capsys):
   workdir = copy_run(trained, tmp_path)
   for step in range(15, STEPS + 1, 3):
     shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
   os.remove(os.path.join(workdir, 'summary.json'))
-  lines_before = len(read_metrics(workdir))
   train.train_and_evaluate(tiny_config(), workdir)
-  resumed = read_metrics(workdir)[lines_before:]
-  assert [r['step'] for r in resumed] == [16, 20, 24]          # continued after step 12
+  assert 'resumed from ' + os.path.join(workdir, 'checkpoints', '12') in capsys.readouterr().out
+  # Steps 16, 20, 24 were logged before and again after the resume: each is kept once.
+  assert [r['step'] for r in read_metrics(workdir)] == list(range(4, STEPS + 1, 4))
+  assert set(tensorboard_values(workdir).values()) == {1}
   variables, _ = checkpointing.load_variables(workdir)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(trained[2]), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -95,24 +133,48 @@ def test_finished_run_is_not_retrained(trained, tmp_path):
   assert len(read_metrics(workdir)) == STEPS // 4
 
 
-def test_corrupt_checkpoint_is_reported_and_left_alone(trained, tmp_path):
+@pytest.mark.parametrize('damage', ['metadata', 'array', 'uncommitted'])
+def test_unreadable_newest_checkpoint_is_moved_aside_and_training_falls_back(
+    trained, tmp_path, capsys, damage):
   workdir = copy_run(trained, tmp_path)
-  state_dir = os.path.join(workdir, 'checkpoints', str(STEPS), 'state')
-  victim = os.path.join(state_dir, 'manifest.ocdbt')
-  with open(victim, 'wb') as f:
-    f.write(b'\x00garbage' * 10)
-  before = {p: open(os.path.join(state_dir, p), 'rb').read() for p in os.listdir(state_dir)
-            if os.path.isfile(os.path.join(state_dir, p))}
-  with pytest.raises(checkpointing.CheckpointError, match=os.path.join('checkpoints', str(STEPS))):
-    train.train_and_evaluate(tiny_config(), workdir)
-  after = {p: open(os.path.join(state_dir, p), 'rb').read() for p in before}
-  assert after == before
+  os.remove(os.path.join(workdir, 'summary.json'))
+  newest = os.path.join(workdir, 'checkpoints', str(STEPS))
+  victim = {'metadata': os.path.join(newest, 'state', '_METADATA'), 'array': array_file(newest),
+            'uncommitted': os.path.join(newest, checkpointing.COMMIT_MARKER)}[damage]
+  if damage == 'uncommitted':
+    os.remove(victim)
+  else:
+    truncate(victim)
+  before = file_contents(newest)
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
+  assert len(warnings) == 1, warnings
+  aside = os.path.join(workdir, checkpointing.UNREADABLE_DIR, str(STEPS))
+  named = newest if damage == 'uncommitted' else victim
+  assert f'({named})' in warnings[0] and aside in warnings[0]
+  assert file_contents(aside) == before                # moved, not deleted or changed
+  assert checkpoint_steps(workdir) == list(range(3, STEPS + 1, 3))   # step 24 written again
+  assert summary['steps'] == STEPS
+  assert_same_parameters(workdir, trained[2])          # resumed from step 21: the same run
+
+
+def test_leftover_temporary_directories_of_this_run_are_removed(trained, tmp_path, capsys):
+  workdir = copy_run(trained, tmp_path)
+  leftover = os.path.join(workdir, 'checkpoints', f'{STEPS + 3}.orbax-checkpoint-tmp-1712')
+  elsewhere = str(tmp_path / 'other_run' / 'checkpoints' / '6.orbax-checkpoint-tmp-1712')
+  for directory in (leftover, elsewhere):
+    os.makedirs(os.path.join(directory, 'state'))
+    with open(os.path.join(directory, 'state', '_METADATA'), 'w') as f:
+      f.write('{')
+  train.train_and_evaluate(tiny_config(), workdir)
+  assert not os.path.exists(leftover) and os.path.isdir(elsewhere)
+  assert f'removed {leftover}' in capsys.readouterr().out
   assert checkpoint_steps(workdir) == list(range(3, STEPS + 1, 3))
 
 
 def test_incompatible_checkpoint_names_file_and_mismatch(trained, tmp_path):
   workdir = copy_run(trained, tmp_path)
-  with pytest.raises(checkpointing.CheckpointError, match='config.json.*model'):
+  with pytest.raises(checkpointing.CheckpointError, match='different model config.*config.json'):
     train.train_and_evaluate(tiny_config(**{'model.stage_widths': (4, 8, 8, 8)}), workdir)
   # The state itself checked against a different model: names the leaf and both shapes.
   checkpointer = checkpointing.Checkpointer(workdir)
@@ -158,22 +220,34 @@ def assert_same_parameters(workdir, reference):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
-def test_killed_run_resumes_to_identical_parameters(trained, tmp_path):
+def test_killed_run_resumes_to_identical_parameters_and_logs_each_step_once(trained, tmp_path):
+  """Killed (SIGKILL) after it logged steps past its last checkpoint: the resumed run logs
+  those steps again, and the log and TensorBoard files end with one value per step."""
   workdir = str(tmp_path / 'victim')
-  args = TRAIN_CLI + ['--workdir', workdir]
+  args = TRAIN_CLI + ['--workdir', workdir, '--exp.checkpoint.every_steps=12']
   victim = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while victim.poll() is None and time.time() < deadline:
     steps = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, 'checkpoints')) else []
-    if steps:
+    try:
+      logged = [r['step'] for r in read_metrics(workdir)] if steps else []
+    except ValueError:   # a line being written
+      logged = []
+    if steps and max(logged, default=0) > max(steps):
       break
-    time.sleep(0.01)
+    time.sleep(0.005)
   victim.send_signal(signal.SIGKILL)
   victim.communicate()
   assert victim.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
-  assert 3 <= max(checkpoint_steps(workdir)) < STEPS
+  assert checkpoint_steps(workdir) == [12]
+  assert max(r['step'] for r in read_metrics(workdir)) > 12   # logged past the checkpoint
   resumed = run_python(args, timeout=240)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from' in resumed.stdout
   assert_same_parameters(workdir, trained[2])
+  assert [r['step'] for r in read_metrics(workdir)] == list(range(4, STEPS + 1, 4))
+  assert [r['step'] for r in read_metrics(workdir, 'eval')] == [STEPS]
+  values = tensorboard_values(workdir)
+  assert {step for _, step in values} == set(range(4, STEPS + 1, 4))
+  assert set(values.values()) == {1}, [k for k, n in values.items() if n > 1]
