@@ -32,6 +32,12 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", cases, ids=[metafunc.cls.case_id(c) for c in cases])
 
 
+def _hw(case: dict) -> tuple[int, int]:
+    """(H, W) of a case's map: ``hw`` is one side (square) or an (H, W) pair."""
+    hw = case["hw"]
+    return (hw, hw) if isinstance(hw, int) else hw
+
+
 def _normal(rng, shape, dtype, scale=1.0):
     return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
 
@@ -65,9 +71,12 @@ class KernelTestBase:
 
     @staticmethod
     def case_id(case: dict) -> str:
-        return "-".join(
-            f"{k}{v.__name__ if isinstance(v, type) else v}" for k, v in case.items()
-        )
+        def text(v):
+            if isinstance(v, type):
+                return v.__name__
+            return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+        return "-".join(f"{k}{text(v)}" for k, v in case.items())
 
     def make(self, case, density, rng):
         raise NotImplementedError
@@ -111,24 +120,25 @@ class TestGatherConv1x1(KernelTestBase):
         dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, dtype=jnp.float32),
         dict(batch=2, hw=9, cin=24, cout=40, S=2, s=2, dtype=jnp.bfloat16),
         dict(batch=2, hw=7, cin=3, cout=20, S=7, s=1, dtype=jnp.float32),
+        dict(batch=2, hw=(6, 11), cin=16, cout=24, S=2, s=2, dtype=jnp.float32),
     ]
 
     def make(self, case, density, rng):
-        b, hw, dtype = case["batch"], case["hw"], case["dtype"]
-        out_hw = (hw - 1) // case["s"] + 1
-        grid = -(-out_hw // case["S"])
-        patches = jnp.asarray(_random_mask(rng, (b, grid, grid), density))
+        b, dtype = case["batch"], case["dtype"]
+        height, width = _hw(case)
+        grid = (mask_grid(height, case["s"], case["S"]), mask_grid(width, case["s"], case["S"]))
+        patches = jnp.asarray(_random_mask(rng, (b, *grid), density))
         pixels = np.flatnonzero(
-            np.asarray(indices.dilated_pixel_mask(patches, case["S"], case["s"], (hw, hw)))
+            np.asarray(indices.dilated_pixel_mask(patches, case["S"], case["s"], (height, width)))
         )
-        total = b * hw * hw
+        total = b * height * width
         return dict(
-            x=_normal(rng, (b, hw, hw, case["cin"]), dtype),
+            x=_normal(rng, (b, height, width, case["cin"]), dtype),
             pixel_indices=_index_list(rng, pixels, total, total),
             pixel_count=jnp.int32(pixels.size),
             w=_normal(rng, (case["cin"], case["cout"]), dtype, case["cin"] ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
-            out=jnp.full((b, hw, hw, case["cout"]), jnp.nan, dtype),
+            out=jnp.full((b, height, width, case["cout"]), jnp.nan, dtype),
         )
 
     def run(self, inputs, implementation):
@@ -152,15 +162,19 @@ class TestGatherConv3x3(KernelTestBase):
         dict(batch=1, hw=14, cin=16, cout=16, S=7, s=1, dtype=jnp.bfloat16),
         dict(batch=2, hw=15, cin=8, cout=16, S=8, s=2, dtype=jnp.float32),
         dict(batch=1, hw=13, cin=16, cout=32, S=7, s=2, dtype=jnp.float32),
+        # non-square maps and mask grids, partial border patches
+        dict(batch=2, hw=(9, 14), cin=16, cout=16, S=4, s=1, dtype=jnp.float32),
+        dict(batch=1, hw=(13, 6), cin=16, cout=24, S=2, s=2, dtype=jnp.float32),
     ]
 
     def make(self, case, density, rng):
-        b, hw, size, stride, dtype = case["batch"], case["hw"], case["S"], case["s"], case["dtype"]
-        grid = mask_grid(hw, stride, size)
-        patches = _random_mask(rng, (b, grid, grid), density)
-        readable = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (hw, hw))
-        h = _normal(rng, (b, hw, hw, case["cin"]), dtype)
-        capacity = b * grid * grid
+        b, size, stride, dtype = case["batch"], case["S"], case["s"], case["dtype"]
+        height, width = _hw(case)
+        grid = (mask_grid(height, stride, size), mask_grid(width, stride, size))
+        patches = _random_mask(rng, (b, *grid), density)
+        readable = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (height, width))
+        h = _normal(rng, (b, height, width, case["cin"]), dtype)
+        capacity = b * grid[0] * grid[1]
         return dict(
             # Pixels outside conv2's receptive field are NaN: kernel 1 never writes them.
             h=jnp.where(readable[..., None], h, jnp.nan),
@@ -206,13 +220,17 @@ class TestConv1x1ScatterAdd(KernelTestBase):
         dict(batch=2, hw=12, cin=8, cout=24, S=8, dtype=jnp.float32),
         dict(batch=2, hw=8, cin=16, cout=16, S=2, dtype=jnp.float32, base=True),
         dict(batch=1, hw=14, cin=32, cout=24, S=7, dtype=jnp.bfloat16, base=True),
+        # non-square maps and mask grids, partial border patches
+        dict(batch=2, hw=(8, 14), cin=16, cout=16, S=4, dtype=jnp.float32),
+        dict(batch=1, hw=(11, 6), cin=16, cout=24, S=2, dtype=jnp.float32, base=True),
     ]
 
     def make(self, case, density, rng):
-        b, hw, size, dtype = case["batch"], case["hw"], case["S"], case["dtype"]
-        grid = -(-hw // size)
-        patches = _random_mask(rng, (b, grid, grid), density)
-        capacity = b * grid * grid
+        b, size, dtype = case["batch"], case["S"], case["dtype"]
+        height, width = _hw(case)
+        grid = (-(-height // size), -(-width // size))
+        patches = _random_mask(rng, (b, *grid), density)
+        capacity = b * grid[0] * grid[1]
         return dict(
             h=_normal(rng, (capacity, size, size, case["cin"]), dtype),
             patch_indices=_index_list(rng, np.flatnonzero(patches), capacity, capacity),
@@ -220,8 +238,8 @@ class TestConv1x1ScatterAdd(KernelTestBase):
             w=_normal(rng, (case["cin"], case["cout"]), dtype, case["cin"] ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
             # The identity (or the base) is the output buffer: untouched pixels keep it exactly.
-            identity=_normal(rng, (b, hw, hw, case["cout"]), dtype),
-            **({"base": _normal(rng, (b, hw, hw, case["cout"]), dtype)} if case.get("base") else {}),
+            identity=_normal(rng, (b, height, width, case["cout"]), dtype),
+            **({"base": _normal(rng, (b, height, width, case["cout"]), dtype)} if case.get("base") else {}),
         )
 
     def run(self, inputs, implementation):
@@ -230,14 +248,13 @@ class TestConv1x1ScatterAdd(KernelTestBase):
     def expected(self, inputs):
         identity = np.array(inputs["identity"], np.float32)
         size = inputs["h"].shape[1]
-        hw = identity.shape[1]
-        grid = -(-hw // size)
+        grid_h, grid_w = -(-identity.shape[1] // size), -(-identity.shape[2] // size)
         h = np.asarray(inputs["h"], np.float32)
         w, bias = np.asarray(inputs["w"], np.float32), np.asarray(inputs["b"])
         out = np.array(inputs.get("base", identity), np.float32)
         for slot, patch in enumerate(np.asarray(inputs["patch_indices"])[: int(inputs["patch_count"])]):
-            image, cell = divmod(int(patch), grid * grid)
-            i, j = divmod(cell, grid)
+            image, cell = divmod(int(patch), grid_h * grid_w)
+            i, j = divmod(cell, grid_w)
             rows, cols = slice(i * size, (i + 1) * size), slice(j * size, (j + 1) * size)
             region = identity[image, rows, cols]
             branch = h[slot, : region.shape[0], : region.shape[1]] @ w + bias
@@ -306,18 +323,22 @@ class TestPatchConv(KernelTestBase):
         dict(batch=2, hw=14, cin=16, cout=32, S=7, s=1, patches=4, dtype=jnp.bfloat16),
         # conv1 ran on the whole map: rows are the map itself (coords=None)
         dict(batch=2, hw=8, cin=16, cout=24, S=2, s=2, patches=5, dtype=jnp.float32, whole_map=True),
+        # non-square maps and mask grids, partial border patches
+        dict(batch=2, hw=(8, 13), cin=16, cout=16, S=2, s=2, patches=8, dtype=jnp.float32),
+        dict(batch=1, hw=(10, 6), cin=16, cout=16, S=4, s=1, patches=5, dtype=jnp.float32, whole_map=True),
     ]
 
     def make(self, case, density, rng):
-        b, hw, size, stride, dtype = case["batch"], case["hw"], case["S"], case["s"], case["dtype"]
+        b, size, stride, dtype = case["batch"], case["S"], case["s"], case["dtype"]
+        height, width = _hw(case)
         if case.get("whole_map"):
-            coords = np.argwhere(np.ones((b, hw, hw), bool))  # row-major: not passed
+            coords = np.argwhere(np.ones((b, height, width), bool))  # row-major: not passed
         else:
-            listed = np.argwhere(_random_mask(rng, (b, hw, hw), density))
+            listed = np.argwhere(_random_mask(rng, (b, height, width), density))
             padding = np.tile([[b, 0, 0]], (4, 1))  # padding rows: sample >= B
             coords = rng.permutation(np.concatenate([listed, padding]))
-        grid = mask_grid(hw, stride, size)
-        cells = np.argwhere(np.ones((b, grid, grid), bool))[rng.permutation(b * grid * grid)]
+        grid = (mask_grid(height, stride, size), mask_grid(width, stride, size))
+        cells = np.argwhere(np.ones((b, *grid), bool))[rng.permutation(b * grid[0] * grid[1])]
         starts = cells[: case["patches"] - 1] * [1, size, size]
         starts = np.concatenate([starts, [[b, 0, 0]]])  # one padding patch
         return dict(
@@ -326,7 +347,7 @@ class TestPatchConv(KernelTestBase):
             starts=jnp.asarray(starts.astype(np.int32)),
             w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
-            grid=(b, hw, hw),
+            grid=(b, height, width),
             size=size,
             stride=stride,
         )
@@ -335,25 +356,25 @@ class TestPatchConv(KernelTestBase):
         return patch_conv(**inputs, implementation=implementation)
 
     def expected(self, inputs):
-        batch, hw, _ = inputs["grid"]
+        batch, height, width = inputs["grid"]
         size, stride = inputs["size"], inputs["stride"]
         rows = np.asarray(inputs["rows"], np.float32)
         if inputs["coords"] is None:
-            coords = np.argwhere(np.ones((batch, hw, hw), bool))
+            coords = np.argwhere(np.ones((batch, height, width), bool))
         else:
             coords = np.asarray(inputs["coords"])
         w = np.asarray(inputs["w"], np.float32)
-        canvas = np.zeros((batch, hw + 2, hw + 2, rows.shape[1]), np.float32)  # zero border
+        canvas = np.zeros((batch, height + 2, width + 2, rows.shape[1]), np.float32)  # zero border
         for row, (sample, y, x) in zip(rows, coords):
             if sample < batch:
                 canvas[sample, y + 1, x + 1] = row
-        out_hw = (hw - 1) // stride + 1
+        out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
         out = np.zeros((len(inputs["starts"]), size, size, w.shape[-1]), np.float32)
         for p, (sample, y0, x0) in enumerate(np.asarray(inputs["starts"])):
             for y in range(size):
                 for x in range(size):
                     oy, ox = y0 + y, x0 + x
-                    if sample >= batch or oy >= out_hw or ox >= out_hw:
+                    if sample >= batch or oy >= out_h or ox >= out_w:
                         continue  # padding patch / outside the image: zeros
                     window = canvas[sample, oy * stride : oy * stride + 3, ox * stride : ox * stride + 3]
                     out[p, y, x] = np.maximum(np.einsum("hwc,hwcd->d", window, w) + np.asarray(inputs["b"]), 0.0)
@@ -422,22 +443,23 @@ class TestChannelGatherMatmul(KernelTestBase):
         return out
 
 
-def test_spatial_block_pipeline_matches_dense_masked_block():
+@pytest.mark.parametrize("height, width", [(10, 10), (10, 17)])
+def test_spatial_block_pipeline_matches_dense_masked_block(height, width):
     """Kernels 1 -> 2 -> 3 chained as the engine does equal a dense masked bottleneck."""
     rng = np.random.default_rng(3)
-    batch, hw, cin, width, size, stride = 2, 10, 16, 16, 2, 2
-    out_hw = (hw - 1) // stride + 1
-    grid = -(-out_hw // size)
-    mask = jnp.asarray(_random_mask(rng, (batch, grid, grid), 0.4))
-    x = jnp.abs(_normal(rng, (batch, hw, hw, cin), jnp.float32))
-    w1, b1 = _normal(rng, (cin, width), jnp.float32, 0.25), _normal(rng, (width,), jnp.float32)
-    w2, b2 = _normal(rng, (3, 3, width, width), jnp.float32, 0.1), _normal(rng, (width,), jnp.float32)
-    w3, b3 = _normal(rng, (width, cin), jnp.float32, 0.25), _normal(rng, (cin,), jnp.float32)
-    identity = jnp.abs(_normal(rng, (batch, out_hw, out_hw, cin), jnp.float32))
+    batch, cin, channels, size, stride = 2, 16, 16, 2, 2
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    grid = (-(-out_h // size), -(-out_w // size))
+    mask = jnp.asarray(_random_mask(rng, (batch, *grid), 0.4))
+    x = jnp.abs(_normal(rng, (batch, height, width, cin), jnp.float32))
+    w1, b1 = _normal(rng, (cin, channels), jnp.float32, 0.25), _normal(rng, (channels,), jnp.float32)
+    w2, b2 = _normal(rng, (3, 3, channels, channels), jnp.float32, 0.1), _normal(rng, (channels,), jnp.float32)
+    w3, b3 = _normal(rng, (channels, cin), jnp.float32, 0.25), _normal(rng, (cin,), jnp.float32)
+    identity = jnp.abs(_normal(rng, (batch, out_h, out_w, cin), jnp.float32))
 
-    dilated = indices.dilated_pixel_mask(mask, size, stride, (hw, hw))
-    pixel_ids, pixel_count = indices.active_indices(dilated, batch * hw * hw)
-    patch_ids, patch_count = indices.active_indices(mask, batch * grid * grid)
+    dilated = indices.dilated_pixel_mask(mask, size, stride, (height, width))
+    pixel_ids, pixel_count = indices.active_indices(dilated, batch * height * width)
+    patch_ids, patch_count = indices.active_indices(mask, batch * grid[0] * grid[1])
     run = dict(implementation="interpret")
     h1 = gather_conv1x1(x, pixel_ids, pixel_count, w1, b1, **run)
     h2 = gather_conv3x3(h1, patch_ids, patch_count, w2, b2, patch_size=size, stride=stride, **run)
@@ -450,7 +472,7 @@ def test_spatial_block_pipeline_matches_dense_masked_block():
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi,
     )
     dense = jnp.einsum("bhwc,cd->bhwd", jnp.maximum(dense + b2, 0), w3, precision=hi) + b3
-    up = jnp.repeat(jnp.repeat(mask, size, 1), size, 2)[:, :out_hw, :out_hw, None]
+    up = jnp.repeat(jnp.repeat(mask, size, 1), size, 2)[:, :out_h, :out_w, None]
     expected = jnp.maximum(identity + up * dense, 0)
     np.testing.assert_allclose(sparse, expected, rtol=1e-5, atol=1e-5)
 
@@ -554,21 +576,24 @@ def test_selfcheck_on_a_small_block():
         assert record["dense_ms"] > 0 and record["sparse_ms"] > 0
 
 
-@pytest.mark.parametrize("size, stride, hw", [(1, 1, 6), (2, 2, 9), (4, 1, 8), (7, 2, 13)])
-def test_dilated_pixel_mask_is_conv2_receptive_field(size, stride, hw):
+@pytest.mark.parametrize(
+    "size, stride, height, width",
+    [(1, 1, 6, 6), (2, 2, 9, 9), (4, 1, 8, 8), (7, 2, 13, 13), (2, 1, 6, 11), (4, 2, 15, 7)],
+)
+def test_dilated_pixel_mask_is_conv2_receptive_field(size, stride, height, width):
     """Brute force: every input pixel a 3x3/stride conv reads for an active output pixel."""
     rng = np.random.default_rng(5)
-    grid = mask_grid(hw, stride, size)
-    out_hw = (hw - 1) // stride + 1
-    patches = _random_mask(rng, (2, grid, grid), 0.3)
-    expected = np.zeros((2, hw, hw), bool)
-    for b, oy, ox in np.argwhere(np.kron(patches, np.ones((1, size, size), bool))[:, :out_hw, :out_hw]):
+    grid = (mask_grid(height, stride, size), mask_grid(width, stride, size))
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    patches = _random_mask(rng, (2, *grid), 0.3)
+    expected = np.zeros((2, height, width), bool)
+    for b, oy, ox in np.argwhere(np.kron(patches, np.ones((1, size, size), bool))[:, :out_h, :out_w]):
         for dy in range(3):
             for dx in range(3):
                 y, x = oy * stride + dy - 1, ox * stride + dx - 1
-                if 0 <= y < hw and 0 <= x < hw:
+                if 0 <= y < height and 0 <= x < width:
                     expected[b, y, x] = True
-    actual = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (hw, hw))
+    actual = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (height, width))
     np.testing.assert_array_equal(actual, expected)
 
 

@@ -25,11 +25,11 @@ IMAGE = {"resnet_tiny": (32, 32, 3), "resnet18": (32, 32, 3), "regnety_400mf": (
 
 
 @functools.cache
-def setup(items: tuple, gate_bias: float | None = None):
+def setup(items: tuple, gate_bias: float | None = None, image: tuple | None = None):
     """Model, random variables (random batch norm, so folding is exercised) and image shape."""
     cfg = dict(items)
     model = build_model(cfg)
-    image = IMAGE[cfg["arch"]]
+    image = image or IMAGE[cfg["arch"]]
     return model, random_variables(model, image, seed=1, random_bn=True, gate_bias=gate_bias), image
 
 
@@ -81,6 +81,37 @@ def test_forced_masks_match_dense_masked_model(base, mode, granularity, position
     assert info.execution == "planned"
     assert {p.run for p in info.plans} >= {"sparse"}
     assert_close(logits, expected)
+
+
+# Non-square images: every block's map and mask grid has H != W, and S differs between
+# stages, so a height/width mix-up in the index lists, the patch starts or either write-back
+# changes the logits. Each case runs backend="xla" with one write-back, and backend="dense".
+NON_SQUARE = [
+    (TINY, (32, 64, 3), ("spatial", "both", "spatial", "both"), (2, 4, 1, 1), "loop"),
+    (TINY, (96, 64, 3), ("both", "spatial", "both", "spatial"), (4, 2, 2, 1), "scatter"),
+    (TINY_BASIC, (32, 64, 3), ("spatial", "both", "spatial", "spatial"), (2, 2, 1, 1), "scatter"),
+    # SE pooling over every pixel: conv3 runs on patches cut from the dense conv2 output.
+    ({**TINY_REGNET, "se_pool": "dense"}, (64, 96, 3), ("both", "spatial", "both", "spatial"), (2, 2, 1, 1),
+     "loop"),
+]
+
+
+@pytest.mark.parametrize("base,image,mode,granularity,writeback", NON_SQUARE,
+                         ids=["tiny-32x64", "tiny-96x64", "basic-32x64", "regnet-64x96"])
+def test_non_square_images_match_model(base, image, mode, granularity, writeback):
+    items = cfg_items(base, mode=mode, granularity=granularity)
+    model, variables, _ = setup(items, image=image)
+    spec = network_spec(dict(items), image)
+    assert all(b.mask_grid[0] != b.mask_grid[1] for b in spec.blocks)
+    masks = random_masks(spec, 2, 0.5, seed=5)
+    x = images_for(image, 2)
+    expected, _ = reference(model, variables, x, masks)
+    engine = SparseEngine(dict(items), variables)
+    engine.ops = XlaOps(writeback=writeback)  # the engine's backend="xla" with this write-back
+    logits, info = engine.apply(x, masks=masks)
+    assert [p.run for p in info.plans] == ["sparse"] * len(spec.blocks)
+    assert_close(logits, expected)
+    assert_close(SparseEngine(dict(items), variables, backend="dense")(x, masks=masks), expected)
 
 
 @pytest.mark.parametrize("mode", [("spatial", "both", "layer", "lc"), "lc"])
@@ -220,18 +251,22 @@ def test_conv1_pixels_equal_the_models_dilated_mask(cfg, image):
 @pytest.mark.parametrize("writeback", ["loop", "scatter"])
 @pytest.mark.parametrize("in_place", [True, False])
 def test_padding_slots_never_write(writeback, in_place):
-    """Slots past the count hold poison values and point at real places: nothing may change there."""
+    """Slots past the count hold poison values and point at real places: nothing may change there.
+
+    The map is not square and every patch's row differs from its column: a height/width
+    mix-up writes elsewhere.
+    """
     ops = XlaOps(writeback=writeback)
     rng = np.random.default_rng(2)
-    identity = jnp.asarray(rng.random((2, 8, 8, 3)).astype(np.float32))
-    starts = jnp.asarray([[0, 0, 0], [1, 4, 4], [0, 4, 0], [1, 0, 4]], jnp.int32)  # last two: padding
+    identity = jnp.asarray(rng.random((2, 8, 12, 3)).astype(np.float32))
+    starts = jnp.asarray([[0, 0, 8], [1, 4, 0], [0, 4, 4], [1, 0, 4]], jnp.int32)  # last two: padding
     h = jnp.asarray(rng.standard_normal((4, 4, 4, 3)).astype(np.float32))
     h = h.at[2:].set(1e6)
     base = identity if in_place else jax.nn.relu(identity - 0.5)
     out = np.asarray(ops.scatter_residual(h, identity, base, starts, jnp.int32(2), in_place=in_place))
     expected = np.array(base)
-    expected[0, 0:4, 0:4] = np.maximum(np.asarray(identity)[0, 0:4, 0:4] + np.asarray(h[0]), 0)
-    expected[1, 4:8, 4:8] = np.maximum(np.asarray(identity)[1, 4:8, 4:8] + np.asarray(h[1]), 0)
+    expected[0, 0:4, 8:12] = np.maximum(np.asarray(identity)[0, 0:4, 8:12] + np.asarray(h[0]), 0)
+    expected[1, 4:8, 0:4] = np.maximum(np.asarray(identity)[1, 4:8, 0:4] + np.asarray(h[1]), 0)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 

@@ -80,3 +80,30 @@ def test_pallas_backend_matches_xla_and_dense(config):
     assert any(plan.run == "sparse" for plan in info.plans)
     np.testing.assert_allclose(pallas, xla, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(pallas, dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("image,granularity", [((32, 64, 3), (2, 4, 1, 1)), ((96, 64, 3), (4, 2, 2, 1))],
+                         ids=["32x64", "96x64"])
+def test_pallas_backend_on_non_square_images_matches_model(image, granularity):
+    """Every map and mask grid has H != W: the kernels' patch ids and pixel offsets must
+    keep height and width apart."""
+    rng = np.random.default_rng(1)
+    cfg = dict(arch="resnet_tiny", num_classes=10, mode=("spatial", "both", "spatial", "both"),
+               granularity=granularity)
+    model = build_model(cfg)
+    variables = _random_batch_stats(init_variables(model, 0, image), rng)
+    images = jnp.asarray(rng.standard_normal((2, *image)), jnp.float32)
+    engine = SparseEngine(cfg, variables, backend="pallas")
+    spec, _ = engine.network(image)
+    assert all(b.mask_grid[0] != b.mask_grid[1] for b in spec.blocks)
+    masks = _forced_masks(spec, images.shape[0], rng, 0.5)
+    assert all(0.0 < float(jnp.mean(m["spatial"])) < 1.0 for m in masks)
+    kernels = ("patch_conv", "conv1x1_scatter_add")
+    spies = {k: mock.patch.object(pallas_ops, k, wraps=getattr(pallas_ops, k)) for k in kernels}
+    with warnings.catch_warnings(), spies["patch_conv"] as conv2, spies["conv1x1_scatter_add"] as conv3:
+        warnings.simplefilter("ignore")  # interpret mode
+        logits, info = engine.apply(images, masks=masks)
+    assert conv2.call_count > 0 and conv3.call_count > 0
+    assert [plan.run for plan in info.plans] == ["sparse"] * len(spec.blocks)
+    expected, _ = jax.jit(lambda v, x, m: model.apply(v, x, masks=m))(variables, images, masks)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
