@@ -145,19 +145,24 @@ def _damage(step_dir: str, error: BaseException) -> tuple[str, str]:
   return step_dir, f'{type(error).__name__}: {first_line}'
 
 
-def _ignore_closed_event_loop_reports() -> None:
-  """Silences the reports of orbax reads still pending when a failed restore closed its loop.
+def _ignore_pending_read_reports() -> None:
+  """Silences what orbax's reads still pending when a restore failed report as they end.
 
-  Each of them reports an unraisable RuntimeError('Event loop is closed') on stderr (hundreds
-  of traceback lines after the one-line error); anything else still reaches the old hook.
+  They report on stderr through sys.unraisablehook (often dozens of traceback lines around
+  the one-line error): RuntimeError('Event loop is closed') from their callbacks, and the
+  read errors of orbax coroutines that are no longer awaited. Anything else still reaches
+  the previous hook. Installed once per process.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'laud_jax_filter', False):
     return
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
+    error, source = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+    code = getattr(source, 'cr_code', None)   # a coroutine's
+    orbax_read = f'{os.sep}orbax{os.sep}' in getattr(code, 'co_filename', '')
+    if not (closed_loop or orbax_read):
       previous(unraisable)
 
   hook.laud_jax_filter = True
@@ -171,7 +176,6 @@ def _check_committed(step_dir: str, step: int, fix: str) -> None:
 
 
 def _unreadable(step_dir: str, step: int, error: BaseException, fix: str) -> UnreadableCheckpointError:
-  _ignore_closed_event_loop_reports()
   path, reason = _damage(step_dir, error)
   return UnreadableCheckpointError(f'checkpoint step {step} is damaged: {reason}', path, fix)
 
@@ -183,6 +187,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+    _ignore_pending_read_reports()   # before any read: they can come while one fails
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(

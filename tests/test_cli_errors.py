@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, run_python
+from fixtures.damage import truncate, truncate_array_file
 from fixtures.tiny_checkpoint import make_tiny_checkpoint
 
 import laud_jax
@@ -42,21 +43,17 @@ def damaged_copy(pristine, kind, damage, tmp_path):
     """A copy of the `kind` checkpoint with one file cut in half; (directory, that file)."""
     directory = str(tmp_path / kind)
     shutil.copytree(pristine[kind], directory)
-    step_dir = os.path.join(directory, "checkpoints", max(
-        (d for d in os.listdir(os.path.join(directory, "checkpoints")) if d.isdigit()), key=int))
+    step = max(int(d) for d in os.listdir(os.path.join(directory, "checkpoints")) if d.isdigit())
+    state = os.path.join(directory, "checkpoints", str(step), "state")
+    if damage == "array":
+        return directory, truncate_array_file(directory, step)
     if damage == "config":
         victim = os.path.join(directory, "config.json")
     elif damage == "metadata":
-        victim = os.path.join(step_dir, "state", "_METADATA")
-    elif damage == "index":  # the database's own node file (keys, array metadata)
-        [victim] = [os.path.join(step_dir, "state", "d", name)
-                    for name in os.listdir(os.path.join(step_dir, "state", "d"))]
-    else:  # the largest array-data file
-        data = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
-                for name in names if f"{os.sep}d{os.sep}" in os.path.join(root, name)]
-        victim = max(data, key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
+        victim = os.path.join(state, "_METADATA")
+    else:  # "index": the database's own node file (keys, array metadata)
+        [victim] = [os.path.join(state, "d", name) for name in os.listdir(os.path.join(state, "d"))]
+    truncate(victim)
     return directory, victim
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, run_python, subprocess_env
+from fixtures.damage import truncate, truncate_array_file
 from laud_jax import checkpointing, config_utils, train
 from laud_jax.data import cluttered_mnist
 from laud_jax.training import metrics_log
@@ -44,11 +45,6 @@ def checkpoint_steps(workdir):
   return sorted(int(d) for d in os.listdir(root) if d.isdigit())
 
 
-def truncate(path):
-  with open(path, 'r+b') as f:
-    f.truncate(os.path.getsize(path) // 2)
-
-
 def file_contents(directory):
   """{relative path: bytes} of every file under `directory`."""
   contents = {}
@@ -57,13 +53,6 @@ def file_contents(directory):
       with open(os.path.join(root, name), 'rb') as f:
         contents[os.path.relpath(os.path.join(root, name), directory)] = f.read()
   return contents
-
-
-def array_file(step_dir):
-  """The largest array-data file of a checkpoint step (OCDBT data files)."""
-  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
-           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
-  return max(files, key=os.path.getsize)
 
 
 def tensorboard_values(workdir):
@@ -139,16 +128,19 @@ def test_unreadable_newest_checkpoint_is_moved_aside_and_training_falls_back(
   workdir = copy_run(trained, tmp_path)
   os.remove(os.path.join(workdir, 'summary.json'))
   newest = os.path.join(workdir, 'checkpoints', str(STEPS))
-  victim = {'metadata': os.path.join(newest, 'state', '_METADATA'), 'array': array_file(newest),
-            'uncommitted': os.path.join(newest, checkpointing.COMMIT_MARKER)}[damage]
-  if damage == 'uncommitted':
-    os.remove(victim)
-  else:
+  if damage == 'array':
+    victim = truncate_array_file(workdir, STEPS)
+  elif damage == 'metadata':
+    victim = os.path.join(newest, 'state', '_METADATA')
     truncate(victim)
+  else:
+    victim = os.path.join(newest, checkpointing.COMMIT_MARKER)
+    os.remove(victim)
   before = file_contents(newest)
   summary = train.train_and_evaluate(tiny_config(), workdir)
-  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
-  assert len(warnings) == 1, warnings
+  out, err = capsys.readouterr()
+  warnings = [l for l in err.splitlines() if l.startswith('warning:')]
+  assert len(warnings) == 1, (out, err)
   aside = os.path.join(workdir, checkpointing.UNREADABLE_DIR, str(STEPS))
   named = newest if damage == 'uncommitted' else victim
   assert f'({named})' in warnings[0] and aside in warnings[0]
