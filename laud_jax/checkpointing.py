@@ -11,6 +11,7 @@ overwritten or deleted here: training moves a damaged one to ``checkpoints_unrea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -145,13 +146,24 @@ def _damage(step_dir: str, error: BaseException) -> tuple[str, str]:
   return step_dir, f'{type(error).__name__}: {first_line}'
 
 
+class _PendingReadFilter(logging.Filter):
+  """Drops asyncio's '... exception was never retrieved' for TensorStore read errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if 'exception was never retrieved' not in str(record.msg).split('\n', 1)[0]:
+      return True
+    chain = _error_chain(record.exc_info[1]) if record.exc_info else []
+    return not any('tensorstore' in str(e).lower() or 'OCDBT' in str(e) for e in chain)
+
+
 def _ignore_pending_read_reports() -> None:
   """Silences what orbax's reads still pending when a restore failed report as they end.
 
-  They report on stderr through sys.unraisablehook (often dozens of traceback lines around
-  the one-line error): RuntimeError('Event loop is closed') from their callbacks, and the
-  read errors of orbax coroutines that are no longer awaited. Anything else still reaches
-  the previous hook. Installed once per process.
+  They report on stderr (often dozens of traceback lines around the one-line error):
+  RuntimeError('Event loop is closed') from their callbacks and the read errors of orbax
+  coroutines no longer awaited, through sys.unraisablehook; the read errors of tasks and
+  futures nobody awaits, through the 'asyncio' logger. Anything else is still reported. Installed once per
+  process.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'laud_jax_filter', False):
@@ -167,6 +179,7 @@ def _ignore_pending_read_reports() -> None:
 
   hook.laud_jax_filter = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_PendingReadFilter())
 
 
 def _check_committed(step_dir: str, step: int, fix: str) -> None:
