@@ -181,7 +181,7 @@ class BlockMasks:
     def channel_mask(self, h: jax.Array) -> jax.Array:
         if self.channel is None:
             return h
-        return h * expand_groups(self.channel, h.shape[-1])[:, None, None, :].astype(h.dtype)
+        return apply_group_mask(h, self.channel[:, None, None, :])
 
     def out_spatial(self, h: jax.Array) -> jax.Array:
         return apply_group_mask(h, self.spatial_out)
@@ -248,7 +248,7 @@ class DynamicBottleneck(_DynamicBlockBase):
             h, self.conv(spec.width, 3, spec.stride, spec.groups, name="conv2"), batch_norm(train, "bn2"), masks
         )
         if spec.mode == "lc":
-            h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :].astype(h.dtype)
+            h = apply_group_mask(h, gates["channel_scale"][:, None, None, :])
         if spec.se_channels:
             pool_mask = masks.spatial_union if spec.se_pool == "masked" else None
             h = h * SqueezeExcitation(spec.se_channels, name="se")(h, pool_mask)
@@ -270,7 +270,7 @@ class DynamicBasicBlock(_DynamicBlockBase):
         masks = BlockMasks(spec, gates)
         h = self.conv_bn_relu(x, self.conv(spec.width, 3, spec.stride, name="conv1"), batch_norm(train, "bn1"), masks)
         if spec.mode == "lc":
-            h = h * expand_groups(gates["channel_scale"], spec.width)[:, None, None, :].astype(h.dtype)
+            h = apply_group_mask(h, gates["channel_scale"][:, None, None, :])
         h = self.conv(spec.out_channels, 3, name="conv2")(h)
         h = batch_norm(train, "bn2", zero_scale=self.zero_init_residual)(h)
         h = masks.out_spatial(h)
