@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from laud_jax.latency import ENGINES, PRESETS, BlockShape, block_setting, grid_block_times, predict, search  # noqa: E402
-from laud_jax.latency.kernels import MODE_CODE  # noqa: E402
+from laud_jax.latency.launches import MODE_CODE  # noqa: E402
 from laud_jax.models import network_spec  # noqa: E402
 
 ARCHS = ("resnet50", "resnet101", "regnety_800mf")

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,33 +29,7 @@ from laud_jax.models import MODES, build_model, network_spec
 from laud_jax.models.specs import ARCHS
 from laud_jax.sparse import BACKENDS, SparseEngine
 from laud_jax.sparse.synthetic import random_masks, random_variables
-
-
-def _stats(times: Sequence[float]) -> dict[str, float]:
-    ms = 1e3 * np.asarray(times)
-    return {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
-
-
-def time_alternating(
-    fns: dict[str, Callable[[], jax.Array]], repeats: int, warmup: int, progress: bool = False, desc: str = ""
-) -> dict[str, list[float]]:
-    """Wall seconds of each callable, run in rotating order ``repeats`` times after ``warmup`` runs."""
-    names = list(fns)
-    for name in names:
-        for _ in range(max(1, warmup)):
-            jax.block_until_ready(fns[name]())
-    times: dict[str, list[float]] = {name: [] for name in names}
-    steps = range(repeats)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=desc, leave=False, file=sys.stderr)
-    for r in steps:
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            jax.block_until_ready(fns[name]())
-            times[name].append(time.perf_counter() - start)
-    return times
+from laud_jax.timing import stats_ms, time_side_by_side
 
 
 def _load_checkpoint(path: str):
@@ -155,7 +128,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             masked_engine = SparseEngine(model.config, variables, backend="dense")
             fns["dense_masked"] = lambda: masked_engine.apply(images, masks=masks, gate_offset=args.gate_offset)[0]
     diffs = {name: float(jnp.max(jnp.abs(fn() - reference))) for name, fn in fns.items() if name != "dense"}
-    times = time_alternating(fns, args.repeats, args.warmup, progress=not args.no_progress, desc="network")
+    times = time_side_by_side(fns, args.repeats, args.warmup, progress=not args.no_progress, desc="network")
     dense_t, dyn_t = np.asarray(times["dense"]), np.asarray(times["dynamic"])
     result: dict[str, Any] = {
         "model": model.config.to_dict(),
@@ -170,11 +143,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "paired_latency_ratio": float(np.median(dyn_t / dense_t)),
         "min_latency_ratio": float(dyn_t.min() / dense_t.min()),
         "mac_ratio": mac_ratio,
-        "dense": _stats(dense_t),
-        "dynamic": _stats(dyn_t),
+        "dense": stats_ms(dense_t),
+        "dynamic": stats_ms(dyn_t),
         "max_abs_diff_vs_model": diffs,
         "others": {
-            name: {**_stats(t), "latency_ratio": float(np.median(t) / np.median(dense_t))}
+            name: {**stats_ms(t), "latency_ratio": float(np.median(t) / np.median(dense_t))}
             for name, t in times.items()
             if name not in ("dense", "dynamic")
         },
@@ -203,7 +176,7 @@ def _block_table(engine, spec, images, plan, aux, args) -> list[dict[str, Any]]:
 
         iterator = tqdm(traces, desc="blocks", leave=False, file=sys.stderr)
     for trace, record in zip(iterator, aux["blocks"]):
-        times = time_alternating(
+        times = time_side_by_side(
             {"dense": engine.block_program(trace, dense=True), "dynamic": engine.block_program(trace)},
             args.block_repeats, args.warmup,
         )
@@ -216,8 +189,8 @@ def _block_table(engine, spec, images, plan, aux, args) -> list[dict[str, Any]]:
             "counts": trace.counts,
             "dense_ms": float(1e3 * np.median(dense_t)),
             "dynamic_ms": float(1e3 * np.median(dyn_t)),
-            "dense": _stats(dense_t),
-            "dynamic": _stats(dyn_t),
+            "dense": stats_ms(dense_t),
+            "dynamic": stats_ms(dyn_t),
             "latency_ratio": float(np.median(dyn_t) / np.median(dense_t)),
             "mac_ratio": float(jnp.mean(record["macs"]) / record["dense_macs"]),
         })

@@ -68,7 +68,7 @@ def channel_tile(channels: int, cap: int) -> int:
 
 
 def tuned_tiles(k: int, n: int) -> TileConfig:
-    """The default of every kernel, picked with `python -m pallas_kernels.report --tune`
+    """The default of every kernel, picked with `python -m laud_jax.gpu_check.report --tune`
     (docs/gpu_build_report.md): 64-row tiles (one Hopper warpgroup MMA per 4 warps), up to
     64 output and 32 reduction channels, 8 warps, 3 pipeline stages. No spills on sm_80 /
     sm_90 in float32 and bfloat16, HGMMA on sm_90, 24-40 resident warps per SM."""

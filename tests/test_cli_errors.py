@@ -208,7 +208,7 @@ def test_misspelt_config_key(tmp_path, capsys):
 
 
 def test_gpu_build_report_without_triton_names_the_extra(monkeypatch, capsys):
-    from pallas_kernels import report
+    from laud_jax.gpu_check import report
 
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is missing
     assert report.main(["--quick"]) == 2

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import cuda_build
+from laud_jax.gpu_check import cuda_build
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
 from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul

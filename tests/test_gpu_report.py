@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from laud_jax.latency import PRESETS
-from pallas_kernels import cuda_build, report
+from laud_jax.gpu_check import cuda_build, report
 
 
 def _bar_launches():

@@ -29,7 +29,7 @@ from laud_jax.latency import (
 )
 from laud_jax.latency.calibrate import FIT_FIELDS, Measurements, error_summary, fit_profile, predict_measured, relative_errors
 from laud_jax.latency.cli import main as cli
-from laud_jax.latency.kernels import (
+from laud_jax.latency.launches import (
     KIND_CONV,
     KIND_DENSE,
     KIND_HOST,

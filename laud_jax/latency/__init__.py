@@ -7,7 +7,7 @@ roofline work records, per-block and whole-network latency, granularity search, 
 >>> predict(spec, PRESETS["v100"], "pallas", rho=0.5, batch=128).latency_ratio
 """
 
-from laud_jax.latency.kernels import (
+from laud_jax.latency.launches import (
     ENGINES,
     BlockSetting,
     BlockShape,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from laud_jax.latency.kernels import BlockSetting, BlockShape, EngineModel, ENGINES
+from laud_jax.latency.launches import BlockSetting, BlockShape, EngineModel, ENGINES
 from laud_jax.latency.predictor import block_time
 from laud_jax.latency.profiles import LOCAL_INITIAL, HardwareProfile, profile_to_json
 

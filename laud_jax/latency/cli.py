@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from laud_jax.latency.kernels import ENGINES
+from laud_jax.latency.launches import ENGINES
 from laud_jax.latency.predictor import default_engine, predict
 from laud_jax.latency.profiles import HARDWARE_NAMES, get_profile, local_profile_path
 from laud_jax.latency.search import CHANNEL_GRANULARITIES, GRANULARITIES, NUM_RATES, SEARCH_MODES, default_rates, search

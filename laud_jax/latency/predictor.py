@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from laud_jax.latency.kernels import (
+from laud_jax.latency.launches import (
     ENGINES,
     MODE_CODE,
     OVERHEAD_SLOTS,

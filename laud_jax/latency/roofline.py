@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from laud_jax.latency.kernels import KIND_CONV, KIND_GATHERED, KIND_GROUPED, KIND_HOST, KIND_LOOP, Launches
+from laud_jax.latency.launches import KIND_CONV, KIND_GATHERED, KIND_GROUPED, KIND_HOST, KIND_LOOP, Launches
 from laud_jax.latency.profiles import HardwareProfile
 
 

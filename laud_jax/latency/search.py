@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from laud_jax.latency.kernels import MODE_CODE, BlockSetting, BlockShape, EngineModel, block_macs, static_twin
+from laud_jax.latency.launches import MODE_CODE, BlockSetting, BlockShape, EngineModel, block_macs, static_twin
 from laud_jax.latency.predictor import block_time, fixed_time
 from laud_jax.latency.profiles import HardwareProfile
 from laud_jax.models.specs import CHANNEL_MODES, SPATIAL_MODES, NetworkSpec, network_spec

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from laud_jax.latency.calibrate import Measurements
-from laud_jax.latency.kernels import MODE_CODE, BlockSetting, BlockShape
+from laud_jax.latency.launches import MODE_CODE, BlockSetting, BlockShape
 from laud_jax.models.blocks import DynamicBasicBlock, DynamicBottleneck
 from laud_jax.models.specs import MODES, BlockSpec, network_spec
 from laud_jax.sparse import engine as sparse_engine

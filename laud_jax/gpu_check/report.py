@@ -4,7 +4,7 @@ CPU host and read what the GPU would run.
 For every kernel launch the sparse engine makes in ResNet-50 / ResNet-101 at 224 x 224
 (shapes from laud_jax's network_spec: each stage, first and later blocks, every S in
 {1, 2, 4, 7, 8} that divides the stage's grid, batch 1 and 8, float32 and bfloat16;
-spatial and channel modes), the kernel is lowered for CUDA (pallas_kernels.cuda_build), compiled by the
+spatial and channel modes), the kernel is lowered for CUDA (laud_jax.gpu_check.cuda_build), compiled by the
 triton package to PTX and a cubin, and measured with the NVIDIA tools Triton ships:
 `ptxas -v` (registers, spill stores/loads, stack frame) and `cuobjdump` (resource
 usage, SASS). From those: shared memory per block, theoretical occupancy (resident warps
@@ -14,9 +14,9 @@ record also carries the latency predictor's time for that launch on the target's
 (`laud_jax.latency`: sm_90 -> `h100`, sm_80 -> `a100`; the `pallas` engine model at
 density 1, the capacities the report compiles).
 
-    python -m pallas_kernels.report                     # full table (minutes; cached)
-    python -m pallas_kernels.report --quick             # one S, batch 1, sm_90
-    python -m pallas_kernels.report --json out.json --markdown docs/gpu_build_report.md
+    python -m laud_jax.gpu_check.report                     # full table (minutes; cached)
+    python -m laud_jax.gpu_check.report --quick             # one S, batch 1, sm_90
+    python -m laud_jax.gpu_check.report --json out.json --markdown docs/gpu_build_report.md
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 
 from laud_jax.latency import PRESETS, BlockShape, block_setting
-from laud_jax.latency.kernels import LAUNCH_NAMES, get_engine
+from laud_jax.latency.launches import LAUNCH_NAMES, get_engine
 from laud_jax.latency.predictor import block_launch_times
 from laud_jax.models.specs import ARCHS, BlockSpec, network_spec
-from pallas_kernels import cuda_build
+from laud_jax.gpu_check import cuda_build
 from pallas_kernels._common import TileConfig, channel_tile
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
@@ -602,7 +602,7 @@ def tuning_table(records: Sequence[dict[str, Any]]) -> tuple[str, dict[tuple[str
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pallas_kernels.report",
+        prog="python -m laud_jax.gpu_check.report",
         description="Compile every Pallas kernel launch of the sparse engine (ResNet-50/101 "
         "at 224) for H100/A100 on this CPU host and report registers, spills, shared memory, "
         "occupancy and tensor-core use.",
@@ -638,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import triton  # noqa: F401  (compiles the kernels; its NVIDIA tools measure them)
     except ImportError:
-        print("error: the triton package is not installed (python -m pallas_kernels.report compiles "
+        print("error: the triton package is not installed (python -m laud_jax.gpu_check.report compiles "
               "with it): pip install -e '.[dev]' (the dev extra pins triton)", file=sys.stderr)
         return 2
     if args.tune:

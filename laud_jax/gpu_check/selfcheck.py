@@ -6,8 +6,8 @@ channel-skipping conv1 (channel_gather_matmul), compares each with the dense mas
 computation in XLA (cuDNN convolutions on a GPU) and times both side by side (medians
 after warm-up, `block_until_ready`).
 
-    python -m pallas_kernels.selfcheck                        # on a GPU: Triton kernels
-    python -m pallas_kernels.selfcheck --json selfcheck.json
+    python -m laud_jax.gpu_check.selfcheck                        # on a GPU: Triton kernels
+    python -m laud_jax.gpu_check.selfcheck --json selfcheck.json
 
 Without a GPU it runs the kernels in interpret mode on the small last stage only: a
 correctness check, and its timings mean nothing.
@@ -149,7 +149,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pallas_kernels.selfcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m laud_jax.gpu_check.selfcheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("--implementation", choices=["pallas", "interpret"],
                         help="default: pallas on a GPU, interpret (last stage only) otherwise")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
