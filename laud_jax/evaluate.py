@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -37,6 +36,8 @@ import numpy as np
 
 from laud_jax import checkpointing, config_utils, convert
 from laud_jax.models import build_model, network_spec
+from laud_jax.timing import stats_ms, time_side_by_side
+from laud_jax.training import steps
 
 BACKEND_CHOICES = ("auto", "xla", "pallas", "dense")
 
@@ -78,73 +79,9 @@ def data_config(exp_config: Any | None, recorded: Mapping[str, Any] | None) -> A
 # ----------------------------------------------------------------------------- accuracy
 
 
-COVERAGE_KEYS = ("digit_hit", "digit_ink", "clutter_hit", "clutter_ink", "blank_hit", "blank_cells")
-
-
-def _cell_matrix(pixels: int, cells: int) -> jax.Array:
-    """(pixels, cells) one-hot: pixel y lies in mask cell y * cells // pixels."""
-    return jax.nn.one_hot(np.arange(pixels) * cells // pixels, cells, dtype=jnp.float32)
-
-
-def mask_coverage_sums(spatial_mask: jax.Array, digit_ink: jax.Array, clutter_ink: jax.Array,
-                       weight: jax.Array) -> jax.Array:
-    """Weighted sums of one block's coverage, in the order of ``COVERAGE_KEYS``.
-
-    ``spatial_mask`` (B, gh, gw, G): a cell executes where any group does. Ink maps
-    (B, H, W) bool. digit/clutter: ink pixels in executed cells and all ink pixels; blank:
-    executed cells without any ink and all such cells.
-    """
-    executed = jnp.max(spatial_mask, axis=-1)
-    rows = _cell_matrix(digit_ink.shape[1], executed.shape[1])
-    cols = _cell_matrix(digit_ink.shape[2], executed.shape[2])
-
-    def per_cell(ink):
-        return jnp.einsum("bhw,hi,wj->bij", ink.astype(jnp.float32), rows, cols)
-
-    digit, clutter = per_cell(digit_ink), per_cell(clutter_ink)
-    blank = ((digit + clutter) == 0).astype(jnp.float32)
-    w = weight[:, None, None]
-    return jnp.stack([
-        jnp.sum(w * digit * executed), jnp.sum(w * digit),
-        jnp.sum(w * clutter * executed), jnp.sum(w * clutter),
-        jnp.sum(w * blank * executed), jnp.sum(w * blank),
-    ])
-
-
 def make_eval_step(model: Any) -> Callable[..., dict[str, jax.Array]]:
-    """jitted (variables, images, labels, weight, gate_offset[, ink]) -> weighted sums of one batch.
-
-    ``ink`` = (digit_ink, clutter_ink) maps add ``coverage`` (blocks x COVERAGE_KEYS).
-    """
-
-    @jax.jit
-    def step(variables, images, labels, weight, gate_offset, ink=None):
-        logits, aux = model.apply(variables, images, train=False, gate_offset=gate_offset)
-        k = min(5, logits.shape[-1])
-        top = jax.lax.top_k(logits, k)[1]
-        hit = top == labels[:, None]
-        blocks = aux["blocks"]
-
-        def per_block(values):
-            return jnp.stack([jnp.sum(v * weight) for v in values])
-
-        sums = {}
-        if ink is not None:
-            sums["coverage"] = jnp.stack([mask_coverage_sums(b["spatial_mask"], *ink, weight) for b in blocks])
-        return sums | {
-            "count": jnp.sum(weight),
-            "top1": jnp.sum(hit[:, 0] * weight),
-            "top5": jnp.sum(jnp.any(hit, axis=-1) * weight),
-            "macs": jnp.sum(aux["macs"] * weight),
-            "dense_macs": aux["dense_macs"],
-            "block_macs": per_block([b["macs"] for b in blocks]),
-            "block_dense_macs": jnp.stack([jnp.asarray(b["dense_macs"], jnp.float32) for b in blocks]),
-            "spatial": per_block([jnp.mean(b["spatial_mask"], axis=(1, 2, 3)) for b in blocks]),
-            "channel": per_block([jnp.mean(b["channel_mask"], axis=-1) for b in blocks]),
-            "layer": per_block([b["layer_gate"] for b in blocks]),
-        }
-
-    return step
+    """The trainer's evaluation step (``training.steps.make_eval_step``), jitted."""
+    return jax.jit(steps.make_eval_step(model))
 
 
 def accuracy_and_density(
@@ -177,11 +114,10 @@ def accuracy_and_density(
             seen = 0 if totals is None else float(totals["count"])
             weight = weight * (np.cumsum(weight) + seen <= max_examples)
         image_shape = images.shape[1:]
-        ink = (batch["digit_ink"], batch["clutter_ink"]) if "digit_ink" in batch else None
-        out = jax.device_get(step(variables, images, np.asarray(batch["label"], np.int32), weight, offset, ink))
-        totals = out if totals is None else {
-            k: v if k in ("dense_macs", "block_dense_macs") else totals[k] + v for k, v in out.items()
-        }
+        arrays = {"image": images, "label": np.asarray(batch["label"], np.int32), "weight": weight}
+        if "digit_ink" in batch:
+            arrays |= {"digit_ink": batch["digit_ink"], "clutter_ink": batch["clutter_ink"]}
+        totals = steps.add_eval_sums(totals, jax.device_get(step(variables, arrays, offset)))
         bar.update(int(weight.sum()))
         if max_examples and float(totals["count"]) >= max_examples:
             break
@@ -247,7 +183,7 @@ def mask_coverage(spec: Any, coverage: np.ndarray) -> list[dict[str, Any]]:
         idx = [i for i, b in enumerate(spec.blocks) if b.stage == stage and b.spatial]
         if not idx:
             continue
-        total = dict(zip(COVERAGE_KEYS, coverage[idx].sum(axis=0)))
+        total = dict(zip(steps.COVERAGE_KEYS, coverage[idx].sum(axis=0)))
         ratio = lambda hit, all_: float(total[hit] / total[all_]) if total[all_] else None  # noqa: E731
         records.append({
             "stage": stage + 1,
@@ -266,12 +202,6 @@ def default_backend() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-def _time(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
 def measure_latency(
     model_cfg: Mapping[str, Any],
     variables: Mapping[str, Any],
@@ -285,7 +215,7 @@ def measure_latency(
     """Static (dense) and dynamic (sparse) latency of one batch with the sparse engine.
 
     Both run in the same process on the same device, alternating after ``warmup`` calls
-    each (compilation included there); the medians of ``repeats`` timed calls are reported,
+    each (compilation included there); median, min and max of ``repeats`` timed calls are reported,
     with the largest logit difference between the engine and ``model.apply``.
     """
     from laud_jax.sparse import SparseEngine
@@ -294,28 +224,26 @@ def measure_latency(
     images = jnp.asarray(images, jnp.float32)
     engine = SparseEngine(model_cfg, variables, backend=backend, image_shape=images.shape[1:])
     offset = float(gate_offset)
-    dense = lambda: engine.apply_static(images)  # noqa: E731
-    sparse = lambda: engine(images, gate_offset=offset)  # noqa: E731
-    for _ in range(max(1, warmup)):
-        _time(dense)
-        _time(sparse)
-    dense_t, sparse_t = [], []
-    for _ in range(max(1, repeats)):
-        dense_t.append(_time(dense))
-        sparse_t.append(_time(sparse))
+    times = time_side_by_side(
+        {"dense": lambda: engine.apply_static(images), "sparse": lambda: engine(images, gate_offset=offset)},
+        repeats,
+        warmup,
+    )
     reference, _ = build_model(model_cfg).apply(variables, images, train=False, gate_offset=offset)
-    difference = float(jnp.max(jnp.abs(sparse() - reference)))
-    dense_ms, sparse_ms = 1e3 * float(np.median(dense_t)), 1e3 * float(np.median(sparse_t))
+    difference = float(jnp.max(jnp.abs(engine(images, gate_offset=offset) - reference)))
+    dense, sparse = stats_ms(times["dense"]), stats_ms(times["sparse"])
     return {
         "backend": backend,
         "device": str(jax.devices()[0].device_kind),
         "batch": int(images.shape[0]),
         "repeats": int(repeats),
-        "dense_ms": dense_ms,
-        "sparse_ms": sparse_ms,
-        "speedup": dense_ms / sparse_ms,
-        "dense_ms_p90": 1e3 * float(np.percentile(dense_t, 90)),
-        "sparse_ms_p90": 1e3 * float(np.percentile(sparse_t, 90)),
+        "dense_ms": dense["median_ms"],
+        "sparse_ms": sparse["median_ms"],
+        "speedup": dense["median_ms"] / sparse["median_ms"],
+        "dense_ms_min": dense["min_ms"],
+        "dense_ms_max": dense["max_ms"],
+        "sparse_ms_min": sparse["min_ms"],
+        "sparse_ms_max": sparse["max_ms"],
         "max_logit_difference": difference,
     }
 

@@ -133,8 +133,7 @@ def evaluate(block_stages: list[int], variables: dict[str, Any], config: ml_coll
   for local in data.eval_batches(config.data, config.eval_batch_size, jax.process_index(),
                                  jax.process_count()):
     out = jax.device_get(eval_step(variables, distributed.global_batch(local, mesh)))
-    totals = out if totals is None else {k: (totals[k] + out[k] if k not in (
-        'dense_macs', 'block_dense_macs') else out[k]) for k in out}
+    totals = steps_lib.add_eval_sums(totals, out)
   count = float(totals['count'])
   density = {}
   for stage in sorted(set(block_stages)):
@@ -142,7 +141,7 @@ def evaluate(block_stages: list[int], variables: dict[str, Any], config: ml_coll
     dynamic = float(np.sum(totals['block_macs'][idx])) / count
     density[f'stage{stage}'] = dynamic / float(np.sum(totals['block_dense_macs'][idx]))
   return {
-      'top1': float(totals['correct']) / count,
+      'top1': float(totals['top1']) / count,
       'mac_ratio': float(totals['macs']) / count / float(totals['dense_macs']),
       'macs': float(totals['macs']) / count,
       'dense_macs': float(totals['dense_macs']),

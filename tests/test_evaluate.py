@@ -13,6 +13,7 @@ from conftest import REPO_ROOT
 from fixtures.tiny_checkpoint import IMAGE_SIZE, mixed_gate_variables, shared_tiny_checkpoint, tiny_model_config
 
 from laud_jax import evaluate
+from laud_jax.training import steps
 from laud_jax.models import build_model, network_spec
 
 
@@ -140,8 +141,8 @@ def test_mask_coverage_sums_equal_a_pixel_loop():
     clutter = rng.random((2, 12, 20)) < 0.05
     digit[1, :4, :5] = clutter[1, :4, :5] = False          # at least one blank cell
     weight = np.asarray([1.0, 0.5], np.float32)
-    sums = np.asarray(evaluate.mask_coverage_sums(mask, digit, clutter, weight), np.float64)
-    expected = dict.fromkeys(evaluate.COVERAGE_KEYS, 0.0)
+    sums = np.asarray(steps.mask_coverage_sums(mask, digit, clutter, weight), np.float64)
+    expected = dict.fromkeys(steps.COVERAGE_KEYS, 0.0)
     for b in range(2):
         for i in range(3):
             for j in range(4):
@@ -153,7 +154,7 @@ def test_mask_coverage_sums_equal_a_pixel_loop():
                                    ("clutter_hit", cell_clutter * executed), ("clutter_ink", cell_clutter),
                                    ("blank_hit", blank * executed), ("blank_cells", blank)):
                     expected[key] += weight[b] * value
-    np.testing.assert_allclose(sums, [expected[k] for k in evaluate.COVERAGE_KEYS], rtol=1e-6)
+    np.testing.assert_allclose(sums, [expected[k] for k in steps.COVERAGE_KEYS], rtol=1e-6)
     assert expected["blank_cells"] > 0 and 0 < expected["digit_hit"] < expected["digit_ink"]
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from laud_jax import losses
@@ -133,21 +134,82 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_cfg: ml_c
   return train_step
 
 
-def make_eval_step(model: Any) -> Callable[..., dict[str, jax.Array]]:
-  """eval_step(variables, batch) -> weighted sums: correct, count, macs, per-block macs."""
+COVERAGE_KEYS = ('digit_hit', 'digit_ink', 'clutter_hit', 'clutter_ink', 'blank_hit', 'blank_cells')
+UNSUMMED_EVAL_KEYS = ('dense_macs', 'block_dense_macs')  # per-example constants, not batch sums
 
-  def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    logits, aux = model.apply(variables, batch['image'], train=False)
+
+def _cell_matrix(pixels: int, cells: int) -> jax.Array:
+  """(pixels, cells) one-hot: pixel y lies in mask cell y * cells // pixels."""
+  return jax.nn.one_hot(np.arange(pixels) * cells // pixels, cells, dtype=jnp.float32)
+
+
+def mask_coverage_sums(spatial_mask: jax.Array, digit_ink: jax.Array, clutter_ink: jax.Array,
+                       weight: jax.Array) -> jax.Array:
+  """Weighted sums of one block's coverage, in the order of ``COVERAGE_KEYS``.
+
+  ``spatial_mask`` (B, gh, gw, G): a cell executes where any group does. Ink maps
+  (B, H, W) bool. digit/clutter: ink pixels in executed cells and all ink pixels; blank:
+  executed cells without any ink and all such cells.
+  """
+  executed = jnp.max(spatial_mask, axis=-1)
+  rows = _cell_matrix(digit_ink.shape[1], executed.shape[1])
+  cols = _cell_matrix(digit_ink.shape[2], executed.shape[2])
+
+  def per_cell(ink):
+    return jnp.einsum('bhw,hi,wj->bij', ink.astype(jnp.float32), rows, cols)
+
+  digit, clutter = per_cell(digit_ink), per_cell(clutter_ink)
+  blank = ((digit + clutter) == 0).astype(jnp.float32)
+  w = weight[:, None, None]
+  return jnp.stack([
+      jnp.sum(w * digit * executed), jnp.sum(w * digit),
+      jnp.sum(w * clutter * executed), jnp.sum(w * clutter),
+      jnp.sum(w * blank * executed), jnp.sum(w * blank),
+  ])
+
+
+def make_eval_step(model: Any) -> Callable[..., dict[str, jax.Array]]:
+  """eval_step(variables, batch, gate_offset=0.0) -> weighted sums of one batch.
+
+  The one evaluation step of the trainer and of ``laud_jax.evaluate``. ``batch`` holds
+  ``image``, ``label``, ``weight`` (0 for padding) and optionally ``digit_ink`` and
+  ``clutter_ink`` maps, which add ``coverage`` (blocks x COVERAGE_KEYS). Returned: count,
+  top1, top5, macs, per-block macs and gate rates (all weighted sums) and the dense MACs.
+  """
+
+  def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array],
+                gate_offset: float | jax.Array = 0.0) -> dict[str, jax.Array]:
+    logits, aux = model.apply(variables, batch['image'], train=False, gate_offset=gate_offset)
     weight = batch['weight']
-    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-    return {
-        'correct': jnp.sum(correct * weight),
+    hit = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == batch['label'][:, None]
+    blocks = aux['blocks']
+
+    def per_block(values):
+      return jnp.stack([jnp.sum(v * weight) for v in values])
+
+    sums = {
         'count': jnp.sum(weight),
+        'top1': jnp.sum(hit[:, 0] * weight),
+        'top5': jnp.sum(jnp.any(hit, axis=-1) * weight),
         'macs': jnp.sum(aux['macs'] * weight),
-        'block_macs': jnp.stack([jnp.sum(b['macs'] * weight) for b in aux['blocks']]),
         'dense_macs': aux['dense_macs'],
-        'block_dense_macs': jnp.stack([jnp.asarray(b['dense_macs'], jnp.float32)
-                                       for b in aux['blocks']]),
+        'block_macs': per_block([b['macs'] for b in blocks]),
+        'block_dense_macs': jnp.stack([jnp.asarray(b['dense_macs'], jnp.float32) for b in blocks]),
+        'spatial': per_block([jnp.mean(b['spatial_mask'], axis=(1, 2, 3)) for b in blocks]),
+        'channel': per_block([jnp.mean(b['channel_mask'], axis=-1) for b in blocks]),
+        'layer': per_block([b['layer_gate'] for b in blocks]),
     }
+    if 'digit_ink' in batch:
+      sums['coverage'] = jnp.stack([
+          mask_coverage_sums(b['spatial_mask'], batch['digit_ink'], batch['clutter_ink'], weight)
+          for b in blocks])
+    return sums
 
   return eval_step
+
+
+def add_eval_sums(totals: dict[str, Any] | None, sums: dict[str, Any]) -> dict[str, Any]:
+  """Running totals of eval_step outputs over batches (dense MACs are kept, not summed)."""
+  if totals is None:
+    return dict(sums)
+  return {k: v if k in UNSUMMED_EVAL_KEYS else totals[k] + v for k, v in sums.items()}
