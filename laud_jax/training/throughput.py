@@ -3,14 +3,15 @@
   python -m laud_jax.training.throughput --arch resnet50 --batch 8 --out bench.json
 
 Both steps are the trainer's own jitted step (SGD Nesterov, the loss of the recipe: CE for
-the static model, CE + sparsity loss with Gumbel masks for the dynamic one), timed as the
-median of repeated calls after warm-up with block_until_ready, alternating the two models
-each round so that background load affects both alike.
+the static model, CE + sparsity loss with Gumbel masks for the dynamic one), timed with laud_jax.timing
+(warm-up, block_until_ready, the two models alternating each round so that background
+load affects both alike; median, min and max).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from laud_jax import config_utils
+from laud_jax.timing import time_side_by_side
 from laud_jax.training import steps as steps_lib
 
 
@@ -46,30 +48,26 @@ def build_step(model_cfg: dict[str, Any], image_size: int, batch: int, seed: int
 
 def measure(configs: dict[str, dict[str, Any]], image_size: int, batch: int, warmup: int,
             repeats: int, log=print) -> dict[str, dict[str, float]]:
-  """Median seconds per train step for each config, interleaved round by round."""
+  """Seconds per train step for each config, timed side by side (laud_jax.timing)."""
   runners = {}
   for name, cfg in configs.items():
     start = time.perf_counter()
     step, state, data = build_step(cfg, image_size, batch)
-    for _ in range(warmup):
-      state, metrics = step(state, data, np.float32(1.0), np.float32(0.5), None)
-    jax.block_until_ready((state, metrics))
-    runners[name] = [step, state, data]
-    log(f'{name}: compiled and warmed up in {time.perf_counter() - start:.1f} s')
-  times = {name: [] for name in configs}
-  for round_index in range(repeats):
-    for name, runner in runners.items():
-      step, state, data = runner
-      start = time.perf_counter()
-      state, metrics = step(state, data, np.float32(1.0), np.float32(0.5), None)
-      jax.block_until_ready((state, metrics))
-      times[name].append(time.perf_counter() - start)
-      runner[1] = state
-    log(f'round {round_index + 1}/{repeats}: ' +
-        ', '.join(f'{n} {t[-1] * 1e3:.0f} ms' for n, t in times.items()))
+    runners[name] = {'step': step, 'state': state, 'data': data}
+    jax.block_until_ready(advance(runners[name]))
+    log(f'{name}: compiled in {time.perf_counter() - start:.1f} s')
+  times = time_side_by_side({name: functools.partial(advance, runner) for name, runner in runners.items()},
+                            repeats, warmup, progress=True, desc='train steps')
   return {name: {'median_s': statistics.median(t), 'min_s': min(t), 'max_s': max(t),
                  'images_per_s': batch / statistics.median(t), 'samples_s': t}
           for name, t in times.items()}
+
+
+def advance(runner: dict[str, Any]) -> Any:
+  """One train step of a runner {'step', 'state', 'data'}; keeps the new state, returns it."""
+  runner['state'], metrics = runner['step'](runner['state'], runner['data'], np.float32(1.0),
+                                            np.float32(0.5), None)
+  return runner['state'], metrics
 
 
 def main(argv: list[str] | None = None) -> int:
