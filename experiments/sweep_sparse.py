@@ -39,12 +39,10 @@ def point_key(arch: str, batch: int, rate: float, setting: str) -> str:
 
 def measure(arch: str, batch: int, rate: float, setting: str, repeats: int) -> dict[str, Any]:
     mode, granularity = SETTINGS[setting]
-    args = benchmark.parse_args([
-        "--arch", arch, "--mode", mode, "--granularity", granularity, "--rate", str(rate),
-        "--batch", str(batch), "--repeats", str(repeats), "--warmup", "2",
-        "--no-blocks", "--skip-masked", "--skip-stepwise", "--no-progress",
-    ])
-    result = benchmark.run_benchmark(args)
+    result = benchmark.run_benchmark(
+        arch=arch, mode=mode, granularity=tuple(int(g) for g in granularity.split(",")), rate=rate, batch=batch,
+        repeats=repeats, warmup=2, blocks=False, masked=False, stepwise=False, progress=False,
+    )
     keep = ("dense_ms", "dynamic_ms", "latency_ratio", "paired_latency_ratio", "min_latency_ratio", "mac_ratio",
             "efficiency")
     return {

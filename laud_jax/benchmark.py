@@ -14,6 +14,7 @@ ratio and the MAC ratio per block and for the whole network.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from laud_jax.checkpointing import load_variables
 from laud_jax.models import MODES, build_model, network_spec
 from laud_jax.models.specs import ARCHS
 from laud_jax.sparse import BACKENDS, SparseEngine
@@ -32,16 +34,57 @@ from laud_jax.sparse.synthetic import random_masks, random_variables
 from laud_jax.timing import stats_ms, time_side_by_side
 
 
-def _load_checkpoint(path: str):
-    try:
-        from laud_jax.checkpointing import load_variables
-    except ImportError as err:
-        raise SystemExit(f"--checkpoint needs laud_jax.checkpointing (the training module): {err}") from err
-    variables, run_config = load_variables(path)  # CheckpointError (a ValueError) if unreadable
-    return run_config["model"], variables, run_config
+EXECUTIONS = ("auto", "planned", "speculative", "stepwise")
 
 
-def _inputs(args, run_config, image_shape) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSettings:
+    """What ``run_benchmark`` measures; the CLI flags map one to one (``--no-blocks`` -> blocks=False)."""
+
+    arch: str = "resnet50"
+    mode: str | tuple[str, ...] = "spatial"
+    granularity: tuple[int, ...] = (4, 4, 2, 1)
+    rate: float = 0.5
+    channel_rate: float | None = None
+    mask_groups: int = 1
+    channel_granularity: int = 2
+    num_classes: int = 1000
+    dtype: str = "float32"
+    image_size: int = 224
+    channels: int = 3
+    checkpoint: str | None = None
+    inputs: str = "eval"
+    gate_offset: float = 0.0
+    batch: int = 1
+    backend: str = "xla"
+    execution: str = "auto"
+    repeats: int = 30
+    block_repeats: int = 15
+    warmup: int = 3
+    capacity_steps: int = 32
+    seed: int = 0
+    blocks: bool = True
+    masked: bool = True
+    stepwise: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mode, str) and "," in self.mode:
+            object.__setattr__(self, "mode", tuple(m.strip() for m in self.mode.split(",")))
+        if not self.checkpoint and not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"--rate must be in [0, 1], got {self.rate}")
+        for name in ("batch", "repeats", "block_repeats", "image_size", "capacity_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"--execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
+
+
+def _inputs(args: BenchmarkSettings, run_config: dict[str, Any] | None, image_shape: tuple[int, ...]) -> np.ndarray:
     if args.inputs == "random" or (args.inputs == "eval" and run_config is None):
         rng = np.random.default_rng(args.seed + 1)
         return rng.standard_normal((args.batch, *image_shape)).astype(np.float32)
@@ -54,7 +97,7 @@ def _inputs(args, run_config, image_shape) -> np.ndarray:
         return np.asarray(batch["image"], np.float32)
     images = np.load(args.inputs)
     if images.ndim != 4 or images.shape[0] < args.batch:
-        raise SystemExit(f"--inputs {args.inputs}: need an (N >= {args.batch}, H, W, C) array, got {images.shape}")
+        raise ValueError(f"--inputs {args.inputs}: need an (N >= {args.batch}, H, W, C) array, got {images.shape}")
     return images[: args.batch].astype(np.float32)
 
 
@@ -72,12 +115,18 @@ def _masks_from_aux(spec, aux) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the model, measure dense and dynamic side by side, return the result record."""
+def run_benchmark(settings: BenchmarkSettings | None = None, /, **overrides: Any) -> dict[str, Any]:
+    """Build the model, measure dense and dynamic side by side, return the result record.
+
+    ``run_benchmark(arch="resnet50", mode="channel", rate=0.3, batch=8)``: keyword arguments
+    are ``BenchmarkSettings`` fields (bad values raise ValueError).
+    """
+    args = dataclasses.replace(settings or BenchmarkSettings(), **overrides)
     load_before = os.getloadavg()
     run_config = None
     if args.checkpoint:
-        model_cfg, variables, run_config = _load_checkpoint(args.checkpoint)
+        variables, run_config = load_variables(args.checkpoint)  # CheckpointError if unreadable
+        model_cfg = run_config["model"]
         image_size = int(run_config.get("data", {}).get("image_size", args.image_size))
     else:
         model_cfg = {
@@ -122,13 +171,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # Checkpoint: "planned" reruns the masks the gates chose, fixed ahead of time.
         others = ("planned", "stepwise") if args.checkpoint else ("stepwise",)
         for other in others:
-            if other != execution and not (other == "stepwise" and args.skip_stepwise):
+            if other != execution and (other != "stepwise" or args.stepwise):
                 fns[other] = dynamic(other)
-        if not args.skip_masked:
+        if args.masked:
             masked_engine = SparseEngine(model.config, variables, backend="dense")
             fns["dense_masked"] = lambda: masked_engine.apply(images, masks=masks, gate_offset=args.gate_offset)[0]
     diffs = {name: float(jnp.max(jnp.abs(fn() - reference))) for name, fn in fns.items() if name != "dense"}
-    times = time_side_by_side(fns, args.repeats, args.warmup, progress=not args.no_progress, desc="network")
+    times = time_side_by_side(fns, args.repeats, args.warmup, progress=args.progress, desc="network")
     dense_t, dyn_t = np.asarray(times["dense"]), np.asarray(times["dynamic"])
     result: dict[str, Any] = {
         "model": model.config.to_dict(),
@@ -153,7 +202,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     result["efficiency"] = result["latency_ratio"] / mac_ratio if mac_ratio > 0 else None
-    if not args.no_blocks and engine.backend != "dense":
+    if args.blocks and engine.backend != "dense":
         result["blocks"] = _block_table(engine, spec, images, plan if not args.checkpoint else None, aux, args)
     result["machine"] = {
         "cpus": os.cpu_count(),
@@ -171,7 +220,7 @@ def _block_table(engine, spec, images, plan, aux, args) -> list[dict[str, Any]]:
     traces = engine.trace_blocks(images, masks=plan, gate_offset=args.gate_offset)
     rows = []
     iterator = traces
-    if not args.no_progress:
+    if args.progress:
         from tqdm import tqdm
 
         iterator = tqdm(traces, desc="blocks", leave=False, file=sys.stderr)
@@ -248,66 +297,63 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model (without --checkpoint: random weights, forced masks)")
-    model.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
-    model.add_argument("--mode", default="spatial", help=f"one mode or one per stage, comma separated: {', '.join(MODES)}")
-    model.add_argument("--granularity", type=_granularity, default=(4, 4, 2, 1), help="spatial patch size S per stage, e.g. 4,4,2,1")
-    model.add_argument("--rate", type=float, default=0.5, help="forced mask density (spatial cells, channel groups, executed blocks)")
-    model.add_argument("--channel-rate", type=float, default=None, help="channel-group density when it should differ from --rate")
-    model.add_argument("--mask-groups", type=int, default=1)
-    model.add_argument("--channel-granularity", type=int, default=2)
-    model.add_argument("--num-classes", type=int, default=1000)
-    model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    model.add_argument("--image-size", type=int, default=224)
-    model.add_argument("--channels", type=int, default=3)
+    model.add_argument("--arch", choices=sorted(ARCHS))
+    model.add_argument("--mode", help=f"one mode or one per stage, comma separated: {', '.join(MODES)}")
+    model.add_argument("--granularity", type=_granularity, help="spatial patch size S per stage, e.g. 4,4,2,1")
+    model.add_argument("--rate", type=float, help="forced mask density (spatial cells, channel groups, executed blocks)")
+    model.add_argument("--channel-rate", type=float, help="channel-group density when it should differ from --rate")
+    model.add_argument("--mask-groups", type=int)
+    model.add_argument("--channel-granularity", type=int)
+    model.add_argument("--num-classes", type=int)
+    model.add_argument("--dtype", choices=("float32", "bfloat16"))
+    model.add_argument("--image-size", type=int)
+    model.add_argument("--channels", type=int)
     trained = parser.add_argument_group("trained model")
-    trained.add_argument("--checkpoint", default=None, help="laud_jax.train work directory: its gates decide the masks")
-    trained.add_argument("--inputs", default="eval", help="'eval' (the run's eval data; random without --checkpoint), 'random', or an .npy file of NHWC images")
-    trained.add_argument("--gate-offset", type=float, default=0.0, help="eval gate threshold offset")
+    trained.add_argument("--checkpoint", help="laud_jax.train work directory: its gates decide the masks")
+    trained.add_argument("--inputs", help="'eval' (the run's eval data; random without --checkpoint), 'random', or an .npy file of NHWC images")
+    trained.add_argument("--gate-offset", type=float, help="eval gate threshold offset")
     run = parser.add_argument_group("measurement")
-    run.add_argument("--batch", type=int, default=1)
-    run.add_argument("--backend", default="xla", choices=BACKENDS)
-    run.add_argument("--execution", default="auto", choices=("auto", "planned", "speculative", "stepwise"),
+    run.add_argument("--batch", type=int)
+    run.add_argument("--backend", choices=BACKENDS)
+    run.add_argument("--execution", choices=EXECUTIONS,
                      help="dynamic figure: planned (masks known ahead: one program), speculative (gates decide; one program under the plans earlier inputs needed, checked) or stepwise (host reads each block's counts); auto: planned with --rate, speculative with --checkpoint")
-    run.add_argument("--repeats", type=int, default=30, help="timed runs of each network (medians reported)")
-    run.add_argument("--block-repeats", type=int, default=15, help="timed runs of each block alone")
-    run.add_argument("--warmup", type=int, default=3)
-    run.add_argument("--capacity-steps", type=int, default=32, help="index-list padding at most 1/steps of the dense work")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--no-blocks", action="store_true", help="skip the per-block table")
-    run.add_argument("--skip-masked", action="store_true", help="skip timing the dense masked reference")
-    run.add_argument("--skip-stepwise", action="store_true", help="skip timing the stepwise driver")
-    run.add_argument("--no-progress", action="store_true")
-    run.add_argument("--json", default=None, help="write the result record here")
+    run.add_argument("--repeats", type=int, help="timed runs of each network (medians reported)")
+    run.add_argument("--block-repeats", type=int, help="timed runs of each block alone")
+    run.add_argument("--warmup", type=int)
+    run.add_argument("--capacity-steps", type=int, help="index-list padding at most 1/steps of the dense work")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--no-blocks", dest="blocks", action="store_false", help="skip the per-block table")
+    run.add_argument("--skip-masked", dest="masked", action="store_false", help="skip timing the dense masked reference")
+    run.add_argument("--skip-stepwise", dest="stepwise", action="store_false", help="skip timing the stepwise driver")
+    run.add_argument("--no-progress", dest="progress", action="store_false")
+    run.add_argument("--json", help="write the result record here")
+    parser.set_defaults(**{f.name: f.default for f in dataclasses.fields(BenchmarkSettings)})
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchmarkSettings, str | None]:
+    """(settings, --json path) from the command line; bad values exit with a one-line message."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if "," in args.mode:
-        args.mode = tuple(m.strip() for m in args.mode.split(","))
-    if not args.checkpoint and not 0.0 <= args.rate <= 1.0:
-        parser.error(f"--rate must be in [0, 1], got {args.rate}")
-    for name in ("batch", "repeats", "block_repeats", "image_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
-    return args
+    args = vars(parser.parse_args(argv))
+    json_path = args.pop("json")
+    try:
+        return BenchmarkSettings(**args), json_path
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    settings, json_path = parse_args(argv)
     try:
-        result = run_benchmark(args)
-    except ValueError as err:  # bad model settings: say what, not a traceback
+        result = run_benchmark(settings)
+    except ValueError as err:  # bad model settings or inputs: say what, not a traceback
         raise SystemExit(f"error: {err}") from err
     print(format_table(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {json_path}")
     return result
 
 

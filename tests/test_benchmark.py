@@ -90,3 +90,27 @@ def test_help_describes_the_measurement(capsys):
         benchmark.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--rate" in out and "--checkpoint" in out and "block_until_ready" in out
+
+
+def test_run_benchmark_takes_keyword_arguments_like_the_cli():
+    """The Python API and the CLI build the same settings; the record is the same kind."""
+    kwargs = dict(arch="resnet_tiny", image_size=32, num_classes=7, repeats=3, warmup=1, mode="channel",
+                  rate=0.25, batch=2, blocks=False, masked=False, stepwise=False, progress=False)
+    settings, json_path = benchmark.parse_args(TINY_ARGS + ["--mode", "channel", "--rate", "0.25", "--batch", "2",
+                                                            "--no-blocks", "--skip-stepwise"])
+    assert json_path is None
+    assert settings == benchmark.BenchmarkSettings(**{**kwargs, "block_repeats": 2})
+    result = benchmark.run_benchmark(**kwargs)
+    assert result["batch"] == 2 and result["rate"] == 0.25 and "blocks" not in result
+    assert set(result["others"]) == set()  # stepwise and the masked reference were switched off
+    assert 0 < result["mac_ratio"] < 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rate": -0.1}, "--rate must be in"),
+    ({"repeats": 0}, "--repeats must be >= 1"),
+    ({"backend": "cuda"}, "--backend must be one of"),
+])
+def test_run_benchmark_rejects_bad_keywords_before_building(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.run_benchmark(arch="resnet_tiny", image_size=32, **kwargs)
