@@ -1,15 +1,23 @@
 """Experiment configs: the schema every config starts from, and validation before compute.
 
 An experiment file `configs/X.py` defines `get_config()` returning `base_config()` with
-fields changed; `--exp.a.b=value` overrides any field. Unknown keys and impossible values
-are rejected here with a message naming the field, before any data or model is touched.
+fields changed; `--exp.a.b=value` overrides any field (`parse_command_line`, for argparse).
+Unknown keys and impossible values are rejected here with a message naming the field, before
+any data or model is touched.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
+import difflib
 import json
 import math
 import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -259,38 +267,221 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def _flag_value(argv: list[str], name: str) -> str | None:
-  """The value of --NAME=VALUE or --NAME VALUE in `argv`, else None."""
-  for i, arg in enumerate(argv):
-    if arg.startswith(f'--{name}='):
-      return arg.split('=', 1)[1]
-    if arg == f'--{name}' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+class CommandLineExit(Exception):
+    """A command line was handled without running the tool: help printed (code 0) or a usage
+    error reported in one line (code 2). `main` returns `code`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
-def command_line_error(error: BaseException, argv: list[str], tool: str) -> str:
-  """One line for an error in the flags of `python -m laud_jax.TOOL`: what, the config file, the fix.
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the `laud_jax` tools: the module docstring as the help text, one-line
+    usage errors, and CommandLineExit instead of SystemExit (so `main` returns the code)."""
 
-  ml_collections reports an unknown --exp.key as a KeyError (or an AttributeError holding
-  one) whose message spans lines, and a config file it cannot load as an OSError.
-  """
-  path = _flag_value(argv, 'exp') or '--exp'
-  if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
-    error = error.args[0]
-  if isinstance(error, KeyError) and error.args:
-    first, *rest = str(error.args[0]).splitlines()
-    key = first.strip('\'"')
-    flag = next((a.split('=', 1)[0] for a in argv
-                 if a.startswith('--exp.') and key in a.split('=', 1)[0].split('.')), '--exp')
-    hint = ' '.join(line.strip() for line in rest)
-    hint = hint[:1].lower() + hint[1:] + ' ' if hint else ''
-    return (f'unknown config key {key!r} in {flag} ({path}): {hint}(every field is listed in '
-            'laud_jax/config_utils.py, base_config)')
-  if isinstance(error, OSError) and path != '--exp':
+    def __init__(self, tool: str, doc: str | None, **kwargs: Any) -> None:
+        super().__init__(prog=f"python -m laud_jax.{tool}", description=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise CommandLineExit(status)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; {self.prog} --help lists the flags\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """One `--exp.a.b=value` on the command line: the flag as written, the key `a.b` and the
+    value text (None for a bare `--exp.a.b`, which sets a bool field to True)."""
+    flag: str
+    key: str
+    text: str | None
+
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+FIELD_LIST_HINT = "every field is listed in laud_jax/config_utils.py, base_config"
+
+
+def split_overrides(argv: Sequence[str], name: str = "exp") -> tuple[list[str], list[Override]]:
+    """Takes `--NAME.a.b=value` and `--NAME.a.b value` out of `argv`: (the other arguments,
+    the overrides in order). A value that starts with `--` must be given with `=`."""
+    rest: list[str] = []
+    overrides: list[Override] = []
+    prefix = f"--{name}."
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if not arg.startswith(prefix):
+            rest.append(arg)
+            i += 1
+            continue
+        flag, equals, text = arg.partition("=")
+        value: str | None = text if equals else None
+        if not equals and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 1
+        overrides.append(Override(flag, flag[len(prefix):], value))
+        i += 1
+    return rest, overrides
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise ValueError(f"expected true/false, 1/0 or yes/no, got {text!r}")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return int(text, 0)   # 0x10, 0o17, 0b101
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_sequence(text: str) -> tuple[Any, ...]:
+    """`4,4,2,1`, `(4, 4, 2, 1)`, `[4, 4]`, `7` (one element), `a,b` (strings), `` or `()`."""
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = tuple(_parse_literal(part.strip()) for part in text.strip("()[]").split(","))
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    return (value,)
+
+
+def parse_field_value(text: str | None, field_type: type, optional: bool = False) -> Any:
+    """The value of a config field of type `field_type` given as `text` on the command line.
+
+    bool: true/false, 1/0, yes/no (any case; None = a bare flag = True); int; float (an int
+    too); str (as written); tuple and list: Python literals or comma-separated elements.
+    `optional` (placeholder fields) also accepts `None`. Raises ValueError.
+    """
+    if text is None:
+        if field_type is bool:
+            return True
+        raise ValueError("a value is needed (--exp.key=value)")
+    if optional and text == "None":
+        return None
+    if field_type is bool:
+        return _parse_bool(text)
+    if field_type is int:
+        return _parse_int(text)
+    if field_type is float:
+        return float(text)
+    if field_type is str:
+        return text
+    if field_type in (tuple, list):
+        return field_type(_parse_sequence(text))
+    return _parse_literal(text)
+
+
+def _unknown_key(part: str, override: Override, group: ml_collections.ConfigDict,
+                 source: str) -> ConfigError:
+    known = sorted(group.keys())
+    close = difflib.get_close_matches(part, known, n=1)
+    hint = f'did you mean "{close[0]}"?' if close else f"known keys here: {', '.join(known)}"
+    return ConfigError(f"unknown config key {part!r} in {override.flag} ({source}): {hint} "
+                       f"({FIELD_LIST_HINT})")
+
+
+def apply_override(config: ml_collections.ConfigDict, override: Override,
+                   source: str = "--exp") -> None:
+    """Sets the field `override.key` of `config` from the override's text, parsed with the
+    type of the field as the config file left it. Raises ConfigError in one line naming the
+    flag and `source` (the config file): an unknown key (with the closest key), a group, a
+    value the field's type cannot take."""
+    *path, last = override.key.split(".")
+    group = config
+    for part in path:
+        if part not in group:
+            raise _unknown_key(part, override, group, source)
+        group = group[part]
+        if not isinstance(group, ml_collections.ConfigDict):
+            raise ConfigError(f"{override.flag} ({source}): {part!r} is a value, not a group "
+                              f"of fields ({FIELD_LIST_HINT})")
+    if last not in group:
+        raise _unknown_key(last, override, group, source)
+    if isinstance(group[last], ml_collections.ConfigDict):
+        raise ConfigError(f"{override.flag} ({source}): {last!r} is a group; set one of its "
+                          f"fields: {', '.join(sorted(group[last].keys()))}")
+    field_type = group.get_type(last)
+    placeholder = isinstance(dict(group.items(preserve_field_references=True))[last],
+                             ml_collections.FieldReference)
+    try:
+        value = parse_field_value(override.text, field_type, optional=placeholder)
+        group[last] = value
+    except (ValueError, TypeError) as e:
+        written = override.flag if override.text is None else f"{override.flag}={override.text}"
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"bad value in {written} ({source}): {last} is a "
+                          f"{field_type.__name__} field; {detail}") from None
+
+
+def config_file_error(error: BaseException, path: str) -> str:
+    """One line for a config file that could not be loaded: what, the file, the fix."""
+    if isinstance(error, ConfigError):
+        return f"{error} ({os.path.abspath(path)})"
     if not os.path.isfile(path):
-      return (f'config file not found ({os.path.abspath(path)}): pass --exp the path of an '
-              'experiment file, e.g. configs/quickstart.py')
-    detail = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-    return f'config file could not be loaded: {detail} ({os.path.abspath(path)}): fix the file'
-  return f'{" ".join(str(error).split())}; python -m laud_jax.{tool} --help lists the flags'
+        return (f"config file not found ({os.path.abspath(path)}): pass --exp the path of an "
+                "experiment file, e.g. configs/quickstart.py")
+    detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, SyntaxError) and error.lineno:
+        detail = [f"{error.msg} (line {error.lineno})"]
+    reason = detail[-1] if detail else type(error).__name__
+    return f"config file could not be loaded: {reason} ({os.path.abspath(path)}): fix the file"
+
+
+def add_config_argument(parser: argparse.ArgumentParser, help_text: str,
+                        name: str = "exp") -> None:
+    """Adds `--NAME CONFIG.py`; `parse_command_line` loads it and applies `--NAME.a.b=value`."""
+    parser.add_argument(f"--{name}", metavar="CONFIG.py",
+                        help=f"{help_text} Override any field with --{name}.FIELD=VALUE "
+                        f"(every field: laud_jax/config_utils.py, base_config).")
+
+
+def parse_command_line(parser: ArgumentParser, argv: Sequence[str] | None,
+                       name: str = "exp") -> argparse.Namespace:
+    """Parses `argv` (without the program name; None = sys.argv[1:]) with `parser`; `--NAME`
+    (see add_config_argument) becomes the loaded config with the `--NAME.a.b=value`
+    overrides applied, locked (None without --NAME). Raises CommandLineExit after printing
+    the help (code 0) or a one-line error (code 2)."""
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv, name)
+    args = parser.parse_args(rest)
+    path = getattr(args, name)
+    if path is None:
+        if overrides:
+            parser.error(f"{overrides[0].flag} overrides a field of the config file: "
+                         f"give --{name} CONFIG.py too")
+        return args
+    try:
+        config = load_config_file(path)
+    except (OSError, SyntaxError, ConfigError) as e:
+        parser.exit(2, f"error: {config_file_error(e, path)}\n")
+    config.lock()
+    try:
+        for override in overrides:
+            apply_override(config, override, path)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
+    setattr(args, name, config)
+    return args

@@ -21,6 +21,7 @@ latency the roofline predictor gives for a hardware profile at the measured gate
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -395,60 +396,66 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    from absl import flags
-    from ml_collections import config_flags
+def build_parser() -> config_utils.ArgumentParser:
+    """The flags of `python -m laud_jax.evaluate`."""
+    parser = config_utils.ArgumentParser("evaluate", __doc__)
+    config_utils.add_config_argument(
+        parser, "Experiment config (configs/*.py) for the data; --exp.data.name=... picks the dataset. "
+        "Default: the config a training work directory recorded.")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="Training work dir, converted dir, or PyTorch .pth/.pth.tar file.")
+    parser.add_argument("--gate_offset", metavar="X", type=float, default=0.0,
+                        help="Gate threshold offset: execute iff l_exec - l_skip >= offset (> 0 skips more).")
+    parser.add_argument("--max_examples", metavar="N", type=int, default=0,
+                        help="Evaluate at most this many examples (0 = the whole split).")
+    parser.add_argument("--batch_size", metavar="N", type=int, default=0,
+                        help="Evaluation batch size (0 = the config's eval_batch_size).")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                        help="Sparse engine backend for the latency measurement (auto: pallas on GPU, else xla).")
+    parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                        help="Measure static vs dynamic latency on this device.")
+    parser.add_argument("--latency_batch", metavar="N", type=int, default=1,
+                        help="Batch size of the latency measurement and prediction.")
+    parser.add_argument("--repeats", metavar="N", type=int, default=20,
+                        help="Timed calls per network (median reported).")
+    parser.add_argument("--hardware", metavar="NAME", default="v100",
+                        help="Hardware profile for the predicted latency (preset, 'local', a .json; '' to skip).")
+    parser.add_argument("--image_size", metavar="N", type=int, default=0,
+                        help="For .pth files: input size the granularity is checked against.")
+    parser.add_argument("--json", metavar="FILE", help="Also write the full report as JSON to this file.")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="Show a progress bar.")
+    return parser
 
-    argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "exp", None, "Experiment config (configs/*.py) for the data; --exp.data.name=... picks the dataset. "
-        "Default: the config a training work directory recorded.", flag_values=fv, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("checkpoint", None, "Training work dir, converted dir, or PyTorch .pth/.pth.tar file.", flag_values=fv)
-    flags.DEFINE_float("gate_offset", 0.0, "Gate threshold offset: execute iff l_exec - l_skip >= offset (> 0 skips more).", flag_values=fv)
-    flags.DEFINE_integer("max_examples", 0, "Evaluate at most this many examples (0 = the whole split).", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 0, "Evaluation batch size (0 = the config's eval_batch_size).", flag_values=fv)
-    flags.DEFINE_enum("backend", "auto", BACKEND_CHOICES, "Sparse engine backend for the latency measurement (auto: pallas on GPU, else xla).", flag_values=fv)
-    flags.DEFINE_boolean("latency", True, "Measure static vs dynamic latency on this device.", flag_values=fv)
-    flags.DEFINE_integer("latency_batch", 1, "Batch size of the latency measurement and prediction.", flag_values=fv)
-    flags.DEFINE_integer("repeats", 20, "Timed calls per network (median reported).", flag_values=fv)
-    flags.DEFINE_string("hardware", "v100", "Hardware profile for the predicted latency (preset, 'local', a .json; '' to skip).", flag_values=fv)
-    flags.DEFINE_integer("image_size", 0, "For .pth files: input size the granularity is checked against.", flag_values=fv)
-    flags.DEFINE_string("json", None, "Also write the full report as JSON to this file.", flag_values=fv)
-    flags.DEFINE_boolean("progress", True, "Show a progress bar.", flag_values=fv)
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(f"{__doc__}\nflags:\n{fv.get_help()}")
-        return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; `argv` without the program name (None = sys.argv[1:])."""
     try:
-        fv(argv)
-        if fv.exp is not None:
-            fv.exp.to_dict()  # a config file that failed to load raises its OSError here
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-        print(f"error: {config_utils.command_line_error(e, argv, 'evaluate')}", file=sys.stderr)
-        return 2
+        args = config_utils.parse_command_line(build_parser(), argv)
+    except config_utils.CommandLineExit as e:
+        return e.code
     # CPU has no buffer donation; the engine's donated inputs are then simply copied.
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    if not fv.checkpoint:
+    if not args.checkpoint:
         print("error: --checkpoint is required (a training work dir, a converted dir or a .pth file)", file=sys.stderr)
         return 2
     try:
         result = evaluate_checkpoint(
-            fv.checkpoint, fv.exp, gate_offset=fv.gate_offset, max_examples=fv.max_examples,
-            batch_size=fv.batch_size or None, backend=fv.backend, latency=fv.latency,
-            latency_batch=fv.latency_batch, repeats=fv.repeats, hardware=fv.hardware or None,
-            image_size=fv.image_size or None, progress=fv.progress,
+            args.checkpoint, args.exp, gate_offset=args.gate_offset, max_examples=args.max_examples,
+            batch_size=args.batch_size or None, backend=args.backend, latency=args.latency,
+            latency_batch=args.latency_batch, repeats=args.repeats, hardware=args.hardware or None,
+            image_size=args.image_size or None, progress=args.progress,
         )
     except (ValueError, FileNotFoundError, convert.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(result))
-    if fv.json:
-        directory = os.path.dirname(os.path.abspath(fv.json))
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(directory, exist_ok=True)
-        with open(fv.json, "w") as f:
+        with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=_json_default)
-        print(f"wrote {fv.json}")
+        print(f"wrote {args.json}")
     return 0
 
 

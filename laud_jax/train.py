@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -126,8 +127,9 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, model_
     checkpointing.write_json(path, record)
 
 
-def evaluate(block_stages: list[int], variables: dict[str, Any], config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh, eval_step: Any) -> dict[str, Any]:
+def eval_split_metrics(block_stages: list[int], variables: dict[str, Any],
+                       config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       eval_step: Any) -> dict[str, Any]:
   """top1, mac_ratio and per-stage density (blocks' dynamic / dense MACs) on the eval split."""
   totals = None
   for local in data.eval_batches(config.data, config.eval_batch_size, jax.process_index(),
@@ -258,7 +260,7 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
         last_good = done
       if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
         variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-        result = evaluate(block_stages, variables, config, mesh, eval_step)
+        result = eval_split_metrics(block_stages, variables, config, mesh, eval_step)
         log.write(done, 'eval', {'top1': result['top1'], 'mac_ratio': result['mac_ratio']})
   except BaseException:
     log.close()
@@ -274,7 +276,7 @@ def train_phase(config: ml_collections.ConfigDict, workdir: str, model_cfg: dict
   if previous and previous.get('steps') == total_steps and start == total_steps:
     summary = previous   # finished before: reuse its evaluation
   else:
-    summary = evaluate(block_stages, variables, config, mesh, eval_step)
+    summary = eval_split_metrics(block_stages, variables, config, mesh, eval_step)
     summary.update(steps=total_steps, train_seconds=train_seconds,
                    checkpoint=checkpointer.step_dir(total_steps), label=label,
                    target_rate=config.loss.target_rate if dynamic else 1.0,
@@ -390,50 +392,42 @@ def enable_compilation_cache() -> None:
                       os.path.join(os.path.expanduser('~'), '.cache', 'laud_jax', 'xla'))
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Command-line entry point."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+def build_parser() -> config_utils.ArgumentParser:
+    """The flags of `python -m laud_jax.train`."""
+    parser = config_utils.ArgumentParser("train", __doc__)
+    config_utils.add_config_argument(parser, "Experiment config file (configs/*.py).")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="Run directory: checkpoints, metrics.jsonl, TensorBoard files, "
+                        "summary.json. An existing run there is resumed.")
+    return parser
 
-  argv = list(sys.argv if argv is None else argv)
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('exp', None, 'Experiment config file (configs/*.py); override '
-                                  'fields with --exp.field=value.', flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
-  flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics.jsonl, TensorBoard '
-                      'files, summary.json. An existing run there is resumed.',
-                      flag_values=flag_values)
-  if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
-    print(f'{__doc__}\nflags:\n{flag_values.get_help()}')
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; `argv` without the program name (None = sys.argv[1:])."""
+    try:
+        args = config_utils.parse_command_line(build_parser(), argv)
+    except config_utils.CommandLineExit as e:
+        return e.code
+    config, workdir = args.exp, args.workdir
+    if config is None or workdir is None:
+        print("error: --exp CONFIG.py and --workdir DIR are required.\n"
+              "example: python -m laud_jax.train --exp configs/quickstart.py --workdir runs/quickstart",
+              file=sys.stderr)
+        return 2
+    problem = workdir_problem(workdir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    enable_compilation_cache()
+    try:
+        distributed.initialize(config.distributed)
+        summary = train_and_evaluate(config, workdir)
+    except (ConfigError, checkpointing.CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(format_table(summary, os.path.abspath(os.path.join(workdir, SUMMARY_FILE))), flush=True)
     return 0
-  try:
-    flag_values(argv)
-    config = flag_values.exp
-    if config is not None:
-      config.to_dict()   # a config file that failed to load raises its OSError here
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    print(f'error: {config_utils.command_line_error(e, argv, "train")}', file=sys.stderr)
-    return 2
-  if config is None or flag_values.workdir is None:
-    print('error: --exp CONFIG.py and --workdir DIR are required.\n'
-          'example: python -m laud_jax.train --exp configs/quickstart.py --workdir runs/quickstart',
-          file=sys.stderr)
-    return 2
-  workdir = flag_values.workdir
-  problem = workdir_problem(workdir)
-  if problem:
-    print(f'error: {problem}', file=sys.stderr)
-    return 2
-  enable_compilation_cache()
-  try:
-    distributed.initialize(config.distributed)
-    summary = train_and_evaluate(config, workdir)
-  except (ConfigError, checkpointing.CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  if jax.process_index() == 0:
-    print(format_table(summary, os.path.abspath(os.path.join(workdir, SUMMARY_FILE))), flush=True)
-  return 0
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from laud_jax import config_utils
 from laud_jax.models import build_model, network_spec
 
 EXECUTED_COLOR = np.array([1.0, 0.45, 0.0])  # orange tint on executed pixels
@@ -181,56 +182,58 @@ def dataset_images(data_cfg: Any, num: int) -> tuple[np.ndarray, list[str]]:
     return np.asarray(batch["image"])[ids], labels
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    import warnings
+def build_parser() -> config_utils.ArgumentParser:
+    """The flags of `python -m laud_jax.visualize`."""
+    parser = config_utils.ArgumentParser("visualize", __doc__)
+    config_utils.add_config_argument(
+        parser, "Experiment config for the data (default: the config a training work dir recorded).")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="Training work dir, converted dir, or PyTorch .pth file.")
+    parser.add_argument("--images", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="Image files, one row each (default: the first --num test images of the "
+                        "dataset).")
+    parser.add_argument("--num", metavar="N", type=int, default=6,
+                        help="Number of dataset images when --images is not given.")
+    parser.add_argument("--gate_offset", metavar="X", type=float, default=0.0,
+                        help="Gate threshold offset (as in laud_jax.evaluate).")
+    parser.add_argument("--image_size", metavar="N", type=int, default=0,
+                        help="For .pth files: input size the granularity is checked against.")
+    parser.add_argument("--out", metavar="FILE", default="masks.png", help="PNG file to write.")
+    return parser
 
-    from absl import flags
-    from ml_collections import config_flags
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; `argv` without the program name (None = sys.argv[1:])."""
+    import warnings
 
     from laud_jax import data
     from laud_jax.evaluate import data_config, load_checkpoint
 
-    argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "exp", None, "Experiment config for the data (default: the config a training work dir recorded).",
-        flag_values=fv, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("checkpoint", None, "Training work dir, converted dir, or PyTorch .pth file.", flag_values=fv)
-    flags.DEFINE_multi_string("images", [], "Image files (default: the first --num test images of the dataset).", flag_values=fv)
-    flags.DEFINE_integer("num", 6, "Number of dataset images when --images is not given.", flag_values=fv)
-    flags.DEFINE_float("gate_offset", 0.0, "Gate threshold offset (as in laud_jax.evaluate).", flag_values=fv)
-    flags.DEFINE_integer("image_size", 0, "For .pth files: input size the granularity is checked against.", flag_values=fv)
-    flags.DEFINE_string("out", "masks.png", "PNG file to write.", flag_values=fv)
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(f"{__doc__}\nflags:\n{fv.get_help()}")
-        return 0
     try:
-        fv(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        print(f"error: {e}\n(python -m laud_jax.visualize --help lists the flags)", file=sys.stderr)
-        return 2
-    if not fv.checkpoint:
+        args = config_utils.parse_command_line(build_parser(), argv)
+    except config_utils.CommandLineExit as e:
+        return e.code
+    if not args.checkpoint:
         print("error: --checkpoint is required", file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     try:
-        model_cfg, variables, recorded = load_checkpoint(fv.checkpoint, image_size=fv.image_size or None)
-        data_cfg = data_config(fv.exp, recorded)
+        model_cfg, variables, recorded = load_checkpoint(args.checkpoint, image_size=args.image_size or None)
+        data_cfg = data_config(args.exp, recorded)
         info = data.dataset_info(data_cfg)
         model_cfg = {**model_cfg, "num_classes": model_cfg.get("num_classes") or info.num_classes}
-        if fv.images:
-            missing = [p for p in fv.images if not os.path.isfile(p)]
+        if args.images:
+            missing = [p for p in args.images if not os.path.isfile(p)]
             if missing:
                 raise FileNotFoundError(f"no such image file(s): {missing}")
-            images = load_image_files(fv.images, data_cfg, info.image_shape)
-            labels = [os.path.basename(p) for p in fv.images]
+            images = load_image_files(args.images, data_cfg, info.image_shape)
+            labels = [os.path.basename(p) for p in args.images]
         else:
-            if fv.num < 1:
-                raise ValueError(f"--num must be >= 1, got {fv.num}")
-            images, labels = dataset_images(data_cfg, fv.num)
+            if args.num < 1:
+                raise ValueError(f"--num must be >= 1, got {args.num}")
+            images, labels = dataset_images(data_cfg, args.num)
         network_spec(model_cfg, images.shape[1:])
-        result = mask_figure(model_cfg, variables, images, fv.out, gate_offset=fv.gate_offset, labels=labels)
+        result = mask_figure(model_cfg, variables, images, args.out, gate_offset=args.gate_offset, labels=labels)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

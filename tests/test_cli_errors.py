@@ -68,8 +68,8 @@ def assert_one_line(message, victim):
 @pytest.mark.parametrize("kind", ["converted", "trained"])
 def test_evaluate_reports_a_damaged_checkpoint_in_one_line(pristine, tmp_path, capsys, kind, damage):
     directory, victim = damaged_copy(pristine, kind, damage, tmp_path)
-    assert evaluate.main(["evaluate", f"--checkpoint={directory}", "--nolatency", "--hardware=",
-                          "--noprogress"]) == 1
+    assert evaluate.main([f"--checkpoint={directory}", "--no-latency", "--hardware=",
+                          "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert_one_line(err, victim)
     fix = "python -m laud_jax.convert" if kind == "converted" or damage == "config" else "aside"
@@ -96,21 +96,21 @@ def test_benchmark_reports_a_damaged_checkpoint_in_one_line(pristine, tmp_path, 
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_train_reports_a_damaged_checkpoint_to_start_from_in_one_line(pristine, tmp_path, capsys, damage):
     directory, victim = damaged_copy(pristine, "converted", damage, tmp_path)
-    assert train.main(["train", f"--exp={TINY}", f"--exp.init_from={directory}",
+    assert train.main([f"--exp={TINY}", f"--exp.init_from={directory}",
                        f"--workdir={tmp_path / 'run'}"]) == 1
     assert_one_line(capsys.readouterr().err, victim)
 
 
 def test_train_reports_its_own_damaged_config_in_one_line(pristine, tmp_path, capsys):
     directory, victim = damaged_copy(pristine, "trained", "config", tmp_path)
-    assert train.main(["train", f"--exp={TINY}", "--exp.num_steps=3", f"--workdir={directory}"]) == 1
+    assert train.main([f"--exp={TINY}", "--exp.num_steps=3", f"--workdir={directory}"]) == 1
     err = capsys.readouterr().err
     assert_one_line(err, victim)
     assert "move it aside and rerun" in err
 
 
 @pytest.mark.parametrize("damage", ["array", "index"])
-@pytest.mark.parametrize("tool", [["-m", "laud_jax.evaluate", "--nolatency", "--hardware=", "--checkpoint"],
+@pytest.mark.parametrize("tool", [["-m", "laud_jax.evaluate", "--no-latency", "--hardware=", "--checkpoint"],
                                   ["-m", "laud_jax.benchmark", "--checkpoint"]])
 def test_command_line_tools_exit_non_zero_with_one_line(pristine, tmp_path, tool, damage):
     """As users run them: orbax's reads still pending after the failure print nothing more
@@ -160,7 +160,7 @@ def test_reports_of_reads_left_pending_by_a_failed_restore_are_dropped(pristine)
 
 def test_missing_experiment_file(tmp_path, capsys):
     missing = str(tmp_path / "nope.py")
-    assert train.main(["train", f"--exp={missing}", f"--workdir={tmp_path / 'run'}"]) == 2
+    assert train.main([f"--exp={missing}", f"--workdir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert_one_line(err, missing)
     assert "config file not found" in err and "configs/quickstart.py" in err
@@ -169,7 +169,7 @@ def test_missing_experiment_file(tmp_path, capsys):
 def test_workdir_that_is_a_file(tmp_path, capsys):
     path = tmp_path / "afile"
     path.write_text("not a directory")
-    assert train.main(["train", f"--exp={TINY}", f"--workdir={path}"]) == 2
+    assert train.main([f"--exp={TINY}", f"--workdir={path}"]) == 2
     err = capsys.readouterr().err
     assert_one_line(err, path)
     assert "is a file, not a directory" in err
@@ -189,7 +189,7 @@ def test_read_only_workdir(tmp_path, capsys, monkeypatch):
 
         monkeypatch.setattr(os, "open", read_only_open)
     try:
-        assert train.main(["train", f"--exp={TINY}", f"--workdir={workdir}"]) == 2
+        assert train.main([f"--exp={TINY}", f"--workdir={workdir}"]) == 2
     finally:
         workdir.chmod(0o755)
     err = capsys.readouterr().err
@@ -198,7 +198,7 @@ def test_read_only_workdir(tmp_path, capsys, monkeypatch):
 
 
 def test_misspelt_config_key(tmp_path, capsys):
-    assert train.main(["train", f"--exp={TINY}", "--exp.optimzer.learning_rate=0.1",
+    assert train.main([f"--exp={TINY}", "--exp.optimzer.learning_rate=0.1",
                        f"--workdir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert_one_line(err, TINY)

@@ -42,7 +42,7 @@ def test_quickstart_and_imagenet_recipes_hold_the_documented_values():
 
 def run_main(tmp_path, *flags):
   workdir = str(tmp_path / 'run')
-  return train.main(['train', '--exp', TINY, '--workdir', workdir, *flags]), workdir
+  return train.main(['--exp', TINY, '--workdir', workdir, *flags]), workdir
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -96,9 +96,9 @@ def test_batch_must_divide_over_devices_and_processes():
 
 
 def test_help_and_missing_flags(capsys):
-  assert train.main(['train']) == 2
+  assert train.main([]) == 2
   assert '--exp CONFIG.py and --workdir DIR are required' in capsys.readouterr().err
-  assert train.main(['train', '--help']) == 0
+  assert train.main(['--help']) == 0
   out = capsys.readouterr().out
   assert '--exp.field=value' in out and '--workdir' in out
 

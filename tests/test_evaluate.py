@@ -97,19 +97,19 @@ def test_evaluate_checkpoint_reports_everything(tiny_dir):
 
 def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = evaluate.main(["evaluate", f"--checkpoint={tiny_dir}", "--max_examples=100", "--nolatency",
-                          "--hardware=", f"--json={out}", "--noprogress", "--gate_offset=0.5"])
+    code = evaluate.main([f"--checkpoint={tiny_dir}", "--max_examples=100", "--no-latency",
+                          "--hardware=", f"--json={out}", "--no-progress", "--gate_offset=0.5"])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["examples"] == 100 and report["gate_offset"] == 0.5 and "latency" not in report
     assert "gate offset +0.5" in capsys.readouterr().out
-    assert evaluate.main(["evaluate"]) == 2
+    assert evaluate.main([]) == 2
     assert "--checkpoint is required" in capsys.readouterr().err
-    assert evaluate.main(["evaluate", f"--checkpoint={tmp_path / 'nowhere'}"]) == 1
+    assert evaluate.main([f"--checkpoint={tmp_path / 'nowhere'}"]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert evaluate.main(["evaluate", f"--checkpoint={tiny_dir}", "--hardware=abacus"]) == 1
+    assert evaluate.main([f"--checkpoint={tiny_dir}", "--hardware=abacus"]) == 1
     assert "unknown hardware 'abacus'" in capsys.readouterr().err
-    assert evaluate.main(["evaluate", "--help"]) == 0
+    assert evaluate.main(["--help"]) == 0
     assert "--gate_offset" in capsys.readouterr().out
 
 
@@ -160,9 +160,9 @@ def test_mask_coverage_sums_equal_a_pixel_loop():
 
 def test_evaluate_reports_mask_coverage_on_the_embedded_dataset(tiny_dir, tmp_path):
     out = tmp_path / "eval.json"
-    assert evaluate.main(["evaluate", f"--checkpoint={tiny_dir}", "--nolatency", "--hardware=",
+    assert evaluate.main([f"--checkpoint={tiny_dir}", "--no-latency", "--hardware=",
                           f"--exp={os.path.join(REPO_ROOT, 'configs', 'tiny.py')}", "--exp.data.num_clutter=2",
-                          "--max_examples=250", f"--json={out}", "--noprogress"]) == 0
+                          "--max_examples=250", f"--json={out}", "--no-progress"]) == 0
     coverage = json.loads(out.read_text())["mask_coverage"]
     spec = network_spec(tiny_model_config(), (IMAGE_SIZE, IMAGE_SIZE, 1))
     assert [c["stage"] for c in coverage] == sorted({b.stage + 1 for b in spec.blocks if b.spatial})

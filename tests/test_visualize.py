@@ -64,14 +64,14 @@ def test_overlay_marks_only_executed_pixels():
 def test_cli_draws_dataset_images(tmp_path, capsys):
     directory = shared_tiny_checkpoint()
     out = tmp_path / "grid.png"
-    assert visualize.main(["visualize", f"--checkpoint={directory}", "--num=3", f"--out={out}"]) == 0
+    assert visualize.main([f"--checkpoint={directory}", "--num=3", f"--out={out}"]) == 0
     assert "wrote" in capsys.readouterr().out
     image = Image.open(out)
     assert image.size[0] > image.size[1] > 100  # 3 rows x 5 columns
     digit = tmp_path / "digit.png"
     Image.fromarray((np.random.default_rng(0).uniform(size=(40, 40)) * 255).astype(np.uint8)).save(digit)
-    assert visualize.main(["visualize", f"--checkpoint={directory}", f"--images={digit}", f"--out={out}"]) == 0
-    assert visualize.main(["visualize", f"--checkpoint={directory}", f"--images={tmp_path / 'no.png'}"]) == 1
+    assert visualize.main([f"--checkpoint={directory}", f"--images={digit}", f"--out={out}"]) == 0
+    assert visualize.main([f"--checkpoint={directory}", f"--images={tmp_path / 'no.png'}"]) == 1
     assert "no such image" in capsys.readouterr().err
-    assert visualize.main(["visualize", f"--checkpoint={directory}", "--num=0"]) == 1
+    assert visualize.main([f"--checkpoint={directory}", "--num=0"]) == 1
     assert "--num must be >= 1" in capsys.readouterr().err
