@@ -301,6 +301,18 @@ class Checkpointer:
     self.manager.close()
 
 
+def save_variables(directory: str, config: dict[str, Any], variables: dict[str, Any]) -> None:
+  """Writes `config` as config.json and `variables` as checkpoint step 0: what load_variables reads."""
+  write_json(os.path.join(directory, CONFIG_FILE), config)
+  checkpointer = Checkpointer(directory)
+  try:
+    checkpointer.manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(variables))),
+                              force=True)
+    checkpointer.manager.wait_until_finished()
+  finally:
+    checkpointer.close()
+
+
 def load_variables(directory: str, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """(model variables {'params', 'batch_stats'}, recorded config) of a work directory or a
   converted checkpoint; the latest checkpoint unless `step` is given; arrays on the host.

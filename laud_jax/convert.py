@@ -31,8 +31,6 @@ import numpy as np
 from laud_jax import torch_pickle
 from laud_jax.models.specs import ARCHS, MODEL_CONFIG_KEYS, NetworkSpec, model_config, network_spec
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 DEFAULT_IMAGE_SIZE = 224  # ImageNet: what the granularity of released checkpoints refers to
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -589,8 +587,6 @@ def save_converted(
     info: Mapping[str, Any] | None = None, overwrite: bool = False,
 ) -> str:
     """Write ``config.json`` + an orbax checkpoint (step 0) in the train work-dir layout."""
-    import orbax.checkpoint as ocp
-
     from laud_jax import checkpointing
 
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -599,31 +595,8 @@ def save_converted(
             raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to replace it")
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    config = {"model": _jsonable(cfg), "converted_from": dict(info or {})}
-    checkpointing.write_json(os.path.join(out_dir, CONFIG_FILE), config)
-    manager = ocp.CheckpointManager(
-        os.path.join(out_dir, CHECKPOINT_DIR),
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
-    )
-    try:
-        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(variables))), force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+    checkpointing.save_variables(out_dir, {"model": _jsonable(cfg), "converted_from": dict(info or {})}, variables)
     return out_dir
-
-
-def load_converted(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model config, variables) of a converted directory or a ``laud_jax.train`` work dir.
-
-    Raises :class:`laud_jax.checkpointing.CheckpointError` (one line naming the file and the
-    fix) when the directory is not a checkpoint or its files are damaged.
-    """
-    from laud_jax import checkpointing
-
-    variables, config = checkpointing.load_variables(os.fspath(directory))
-    return config["model"], variables
 
 
 def load_pretrained(source: str | os.PathLike, image_size: int | None = None, **model_config_overrides: Any):
@@ -639,7 +612,10 @@ def load_pretrained(source: str | os.PathLike, image_size: int | None = None, **
 
     source = os.fspath(source)
     if os.path.isdir(source):
-        cfg, variables = load_converted(source)
+        from laud_jax import checkpointing
+
+        variables, recorded = checkpointing.load_variables(source)
+        cfg = recorded["model"]
         conflicts = {
             k: (cfg.get(k), v) for k, v in model_config_overrides.items()
             if k != "dtype" and _jsonable({k: v})[k] != cfg.get(k)
