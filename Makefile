@@ -6,7 +6,7 @@ PYTEST_WORKERS ?= 2
 DEMO_WORKDIR ?= runs/quickstart
 BENCH_OUT ?= runs/bench_train.json
 
-.PHONY: help demo test venv install install-dev bench-train clean-demo
+.PHONY: help demo test lint format venv install install-dev bench-train clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,14 @@ demo: $(VENV)/.installed  ## train the quickstart (static teacher, then dynamic 
 
 test: $(VENV)/.installed-dev  ## run the test suite
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q tests
+
+lint: $(VENV)/.installed-dev  ## check formatting and lint (ruff; configured in pyproject.toml)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+format: $(VENV)/.installed-dev  ## reformat the tree and apply safe lint fixes (ruff)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 bench-train: $(VENV)/.installed  ## training throughput: dynamic vs static ResNet-50 step (batch 8, CPU)
 	$(PY) -m laud_jax.training.throughput --out $(BENCH_OUT)
