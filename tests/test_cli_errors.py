@@ -217,3 +217,17 @@ def test_gpu_build_report_without_triton_names_the_extra(monkeypatch, capsys):
     assert err.startswith("error: the triton package is not installed") and "pip install -e '.[dev]'" in err
     dev_extra = open(os.path.join(REPO_ROOT, "pyproject.toml")).read().split("\ndev = ")[1].splitlines()[0]
     assert '"triton==' in dev_extra
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "visualize"])
+def test_help_and_unknown_flags_as_users_run_them(tool):
+    """--help prints the module's usage and its flags (exit 0); an unknown flag, such as the
+    absl spellings --nolatency/--noprogress, is a one-line error (exit 2)."""
+    result = run_python(["-m", f"laud_jax.{tool}", "--help"], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"usage: python -m laud_jax.{tool}")
+    assert "--exp CONFIG.py" in result.stdout and "--exp.FIELD=VALUE" in result.stdout
+    result = run_python(["-m", f"laud_jax.{tool}", "--noprogress"], timeout=240)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: unrecognized arguments: --noprogress; "
+                                      f"python -m laud_jax.{tool} --help lists the flags")

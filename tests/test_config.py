@@ -143,3 +143,115 @@ def test_pretrained_weights_must_fit():
     train.merge_variables(fresh, {'params': {'a': np.ones((3, 3))}}, 'teacher')
   with pytest.raises(ConfigError, match='params/c: not in the model'):
     train.merge_variables(fresh, {'params': {'a': np.ones((2, 3)), 'c': np.ones(1)}}, 'x')
+
+
+# --exp CONFIG.py and --exp.a.b=value overrides on an argparse command line
+
+
+def parse(*argv):
+    """The namespace of a tool with --exp and --workdir (raises CommandLineExit)."""
+    parser = config_utils.ArgumentParser('test', 'A test tool.')
+    config_utils.add_config_argument(parser, 'Config file.')
+    parser.add_argument('--workdir')
+    return config_utils.parse_command_line(parser, list(argv))
+
+
+def test_overrides_take_the_type_of_each_field():
+    config = parse(
+        '--exp', TINY, '--workdir', 'w',
+        '--exp.model.granularity=2,2,1,1',         # placeholder(tuple), set by the file
+        '--exp.data.mean', '(0.5, 0.5, 0.5)',      # placeholder(tuple), None in the file; space form
+        '--exp.model.stem_width=16',               # placeholder(int)
+        '--exp.progress_bar=False',                # bool, any case
+        '--exp.gumbel.noise', 'no',                # bool, space form
+        '--exp.num_epochs=3',                      # float field given an int
+        '--exp.batch_size', '64',                  # int
+        '--exp.teacher.optimizer.learning_rate=1e-3',   # nested key, float
+        '--exp.teacher.source=runs/teacher',       # str
+        '--exp.model.mode=static',
+    ).exp
+    assert config.model.granularity == (2, 2, 1, 1)
+    assert config.data.mean == (0.5, 0.5, 0.5)
+    assert config.model.stem_width == 16 and isinstance(config.model.stem_width, int)
+    assert config.progress_bar is False and config.gumbel.noise is False
+    assert config.num_epochs == 3.0 and isinstance(config.num_epochs, float)
+    assert config.batch_size == 64
+    assert config.teacher.optimizer.learning_rate == pytest.approx(1e-3)
+    assert config.teacher.source == 'runs/teacher' and config.model.mode == 'static'
+    assert parse('--exp', TINY).exp.to_dict() == config_utils.load_config_file(TINY).to_dict()
+
+
+def test_overridden_config_is_locked_and_without_exp_is_none():
+    args = parse(f'--exp={TINY}', '--exp.model.stem_width=None', '--exp.model.granularity=None')
+    assert args.exp.model.stem_width is None and args.exp.model.granularity is None
+    with pytest.raises(AttributeError):
+        args.exp.new_field = 1
+    assert parse('--workdir', 'w').exp is None
+
+
+@pytest.mark.parametrize('text, field_type, optional, expected', [
+    ('true', bool, False, True), ('FALSE', bool, False, False), ('1', bool, False, True),
+    ('0', bool, False, False), ('Yes', bool, False, True), ('no', bool, False, False),
+    (None, bool, False, True),                                  # a bare --exp.flag
+    ('12', int, False, 12), ('-1', int, False, -1), ('None', int, True, None),
+    ('2', float, False, 2.0), ('0.25', float, False, 0.25), ('1e-4', float, False, 1e-4),
+    ('a/b.txt', str, False, 'a/b.txt'), ('', str, False, ''), ('None', str, False, 'None'),
+    ('None', str, True, None),
+    ('4,4,2,1', tuple, True, (4, 4, 2, 1)), ('(4,4,2,1)', tuple, True, (4, 4, 2, 1)),
+    ('[4, 2]', tuple, False, (4, 2)), ('7', tuple, False, (7,)), ('()', tuple, False, ()),
+    ('spatial,channel', tuple, False, ('spatial', 'channel')), ('None', tuple, True, None),
+    ('1,2', list, False, [1, 2]),
+])
+def test_parse_field_value(text, field_type, optional, expected):
+    value = config_utils.parse_field_value(text, field_type, optional)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize('text, field_type', [
+    ('maybe', bool), ('1.5', int), ('x', float), (None, int), ('None', int)])
+def test_parse_field_value_rejects(text, field_type):
+    with pytest.raises(ValueError):
+        config_utils.parse_field_value(text, field_type)
+
+
+def one_line_error(capsys, *argv):
+    with pytest.raises(config_utils.CommandLineExit) as info:
+        parse(*argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith('error: ')
+    return err
+
+
+def test_misspelt_key_names_the_closest_key(capsys):
+    err = one_line_error(capsys, '--exp', TINY, '--exp.teacher.optimzer.learning_rate=0.1')
+    assert ("unknown config key 'optimzer' in --exp.teacher.optimzer.learning_rate "
+            f'({TINY}): did you mean "optimizer"?') in err
+    err = one_line_error(capsys, '--exp', TINY, '--exp.batch_sise=3')
+    assert 'did you mean "batch_size"?' in err
+    err = one_line_error(capsys, '--exp', TINY, '--exp.zzz=3')
+    assert "unknown config key 'zzz'" in err and 'known keys here: batch_size, checkpoint' in err
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--exp.batch_size=abc', "bad value in --exp.batch_size=abc"),
+    ('--exp.progress_bar=maybe', 'progress_bar is a bool field; expected true/false'),
+    ('--exp.model=resnet', "'model' is a group; set one of its fields: arch"),
+    ('--exp.seed.x=1', "'seed' is a value, not a group"),
+    ('--exp.batch_size', 'a value is needed'),
+])
+def test_bad_overrides_are_one_line_errors(capsys, override, message):
+    assert message in one_line_error(capsys, '--exp', TINY, override)
+
+
+def test_overrides_without_exp_and_bad_files_are_one_line_errors(capsys, tmp_path):
+    err = one_line_error(capsys, '--exp.batch_size=3')
+    assert '--exp.batch_size overrides a field of the config file: give --exp CONFIG.py too' in err
+    err = one_line_error(capsys, '--exp', str(tmp_path / 'nope.py'))
+    assert 'config file not found' in err
+    broken = tmp_path / 'broken.py'
+    broken.write_text('def get_config(:\n')
+    assert 'config file could not be loaded: invalid syntax' in one_line_error(capsys, '--exp', str(broken))
+    empty = tmp_path / 'empty.py'
+    empty.write_text('x = 1\n')
+    assert 'defines no get_config()' in one_line_error(capsys, '--exp', str(empty))
+    assert 'unrecognized arguments: --bogus' in one_line_error(capsys, '--bogus')

@@ -71,7 +71,15 @@ def test_cli_draws_dataset_images(tmp_path, capsys):
     digit = tmp_path / "digit.png"
     Image.fromarray((np.random.default_rng(0).uniform(size=(40, 40)) * 255).astype(np.uint8)).save(digit)
     assert visualize.main([f"--checkpoint={directory}", f"--images={digit}", f"--out={out}"]) == 0
+    capsys.readouterr()
+    assert visualize.main([f"--checkpoint={directory}", "--images", str(digit), str(digit), f"--out={out}"]) == 0
+    assert ": 2 images;" in capsys.readouterr().out  # --images takes several files, as the docs show
     assert visualize.main([f"--checkpoint={directory}", f"--images={tmp_path / 'no.png'}"]) == 1
     assert "no such image" in capsys.readouterr().err
     assert visualize.main([f"--checkpoint={directory}", "--num=0"]) == 1
     assert "--num must be >= 1" in capsys.readouterr().err
+
+
+def test_images_flag_takes_several_files_and_repeats():
+    args = visualize.build_parser().parse_args(["--images", "a.png", "b.png", "--images=c.png", "--num", "2"])
+    assert args.images == ["a.png", "b.png", "c.png"] and args.num == 2
