@@ -1,4 +1,4 @@
-"""Kernel 4: channel-group gather matmul for dynamic channel skipping.
+"""channel_gather_matmul: channel-group gather matmul for dynamic channel skipping.
 
 out[b, m, j] = act(sum_t x[b, m, kx(t)] * w[kw(t), nw(j)] + bias[nw(j)]) where t runs only
 over the active input channels of sample b and j over its active output channels:
@@ -45,7 +45,7 @@ def _channels(groups: jax.Array, count: jax.Array, group_size: int) -> tuple[jax
     return jnp.where(valid, channels, 0), valid
 
 
-def reference(
+def channel_gather_matmul_reference(
     x: jax.Array,
     w: jax.Array,
     b: jax.Array,
@@ -58,7 +58,8 @@ def reference(
     x_compact: bool,
     relu: bool,
 ) -> jax.Array:
-    """Dense form: zero the inactive input channels, dense matmul, pick the output columns."""
+    """Pure-jnp channel_gather_matmul: zero the inactive input channels, dense matmul,
+    pick the output columns."""
     batch, _, _ = x.shape
     k, _ = w.shape
     dtype = x.dtype
@@ -219,7 +220,7 @@ def channel_gather_matmul(
     c.check_addressable(NAME, "out", jax.ShapeDtypeStruct(out_shape, x.dtype))
 
     if implementation == "reference":
-        return reference(
+        return channel_gather_matmul_reference(
             x, w, b, in_groups=in_groups, in_count=in_count, out_groups=out_groups,
             out_count=out_count, group_size=group_size, x_compact=x_compact, relu=relu,
         )

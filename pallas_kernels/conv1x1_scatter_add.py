@@ -1,6 +1,6 @@
-"""Kernel 3: fused 1x1 conv (+ folded BN bias) + residual add + scatter + relu.
+"""conv1x1_scatter_add: fused 1x1 conv (+ folded BN bias) + residual add + scatter + relu.
 
-Takes kernel 2's compact patches (capacity, S, S, Cin), computes conv3, adds the
+Takes patch_conv's compact patches (capacity, S, S, Cin), computes conv3, adds the
 identity at each patch's place in the full-resolution output and applies relu. The
 output aliases a base buffer (`input_output_aliases`): only the pixels of active
 patches are written; every other pixel keeps the base. The base defaults to the identity
@@ -28,7 +28,7 @@ def default_tiles(cin: int, cout: int) -> TileConfig:
     return c.tuned_tiles(cin, cout)
 
 
-def reference(
+def conv1x1_scatter_add_reference(
     h: jax.Array,
     patch_indices: jax.Array,
     patch_count: jax.Array | int,
@@ -38,7 +38,8 @@ def reference(
     *,
     base: jax.Array | None = None,
 ) -> jax.Array:
-    """Dense form: paste the patches on a canvas, dense 1x1 conv, masked residual + relu."""
+    """Pure-jnp conv1x1_scatter_add: paste the patches on a canvas, dense 1x1 conv,
+    masked residual + relu."""
     capacity, size, _, cin = h.shape
     batch, height, width, cout = identity.shape
     hm, wm = -(-height // size), -(-width // size)
@@ -108,7 +109,7 @@ def conv1x1_scatter_add(
     listed patch.
 
     Args:
-      h: (capacity, S, S, Cin) compact patches (kernel 2's output).
+      h: (capacity, S, S, Cin) compact patches (patch_conv's output).
       patch_indices: (capacity,) int32 patch ids b * Hm * Wm + i * Wm + j with
         Hm = ceil(H / S), Wm = ceil(W / S); entries >= patch_count are padding.
       patch_count: number of valid entries.
@@ -148,7 +149,7 @@ def conv1x1_scatter_add(
     c.check_addressable(NAME, "identity", identity)
 
     if implementation == "reference":
-        return reference(h, patch_indices, count, w, b, identity, base=base)
+        return conv1x1_scatter_add_reference(h, patch_indices, count, w, b, identity, base=base)
     if capacity == 0:
         return identity if base is None else base
     tiles = tiles or default_tiles(cin, cout)

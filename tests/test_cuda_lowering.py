@@ -13,28 +13,13 @@ import pytest
 from laud_jax.gpu_check import cuda_build
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
-from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul
-from pallas_kernels.gather_conv3x3 import gather_conv3x3, patch_conv
+from pallas_kernels.gather_matmul import gather_matmul
+from pallas_kernels.patch_conv import patch_conv
 
 S = jax.ShapeDtypeStruct
 I32 = jnp.int32
 F32 = jnp.float32
 BF16 = jnp.bfloat16
-
-
-def _conv1(batch, hw, cin, cout, capacity, dtype):
-    return gather_conv1x1, (
-        S((batch, hw, hw, cin), dtype), S((capacity,), I32), S((), I32),
-        S((cin, cout), dtype), S((cout,), F32),
-    )
-
-
-def _conv3x3(batch, hw, cin, cout, size, stride, capacity, dtype):
-    fn = functools.partial(gather_conv3x3, patch_size=size, stride=stride)
-    return fn, (
-        S((batch, hw, hw, cin), dtype), S((capacity,), I32), S((), I32),
-        S((3, 3, cin, cout), dtype), S((cout,), F32),
-    )
 
 
 def _scatter(batch, hw, cin, cout, size, capacity, dtype, base=False):
@@ -52,8 +37,9 @@ def _gather_matmul(rows, taps, cin, cout, n, dtype):
 
 
 def _patch_conv(batch, hw, cin, cout, size, stride, patches, dtype, whole_map=False):
-    pixels = batch * hw * hw
-    fn = functools.partial(patch_conv, grid=(batch, hw, hw), size=size, stride=stride)
+    height, width = (hw, hw) if isinstance(hw, int) else hw
+    pixels = batch * height * width
+    fn = functools.partial(patch_conv, grid=(batch, height, width), size=size, stride=stride)
     if whole_map:  # conv1 ran everywhere: no coords
         return (lambda rows, starts, w, b: fn(rows, None, starts, w, b)), (
             S((pixels, cin), dtype), S((patches, 3), I32), S((3, 3, cin, cout), dtype), S((cout,), F32))
@@ -77,22 +63,22 @@ def _channels(batch, m, k, n, group, mode, dtype):
 
 
 CASES = {
-    # ResNet-50-like shapes and odd ones (channels not powers of two, S = 7, partial patches)
-    "conv1-r50-s1-f32": _conv1(8, 56, 256, 64, 4096, F32),
-    "conv1-odd-bf16": _conv1(1, 28, 24, 40, 100, BF16),
-    "conv3x3-S1-s1-bf16": _conv3x3(1, 56, 64, 64, 1, 1, 2048, BF16),
-    "conv3x3-S2-s2-f32": _conv3x3(8, 56, 128, 128, 2, 2, 512, F32),
-    "conv3x3-S4-s1-bf16": _conv3x3(1, 28, 128, 128, 4, 1, 32, BF16),
-    "conv3x3-S7-s1-f32": _conv3x3(2, 14, 256, 256, 7, 1, 8, F32),
-    "conv3x3-S8-s2-bf16": _conv3x3(1, 28, 40, 104, 8, 2, 4, BF16),
+    # ResNet-50-like shapes and odd ones (channels not powers of two, S = 7, partial
+    # patches, a non-square map)
     "scatter-S1-f32": _scatter(8, 56, 64, 256, 1, 8192, F32),
     "scatter-S7-bf16": _scatter(1, 7, 512, 2048, 7, 1, BF16),
     "scatter-S4-odd-f32": _scatter(2, 13, 24, 40, 4, 16, F32),
     "scatter-base-S2-bf16": _scatter(8, 28, 128, 512, 2, 1568, BF16, base=True),
     "gather-matmul-1tap-bf16": _gather_matmul(25088, 1, 256, 64, 25088, BF16),
+    "gather-matmul-r50-f32": _gather_matmul(25088, 1, 256, 64, 4096, F32),
+    "gather-matmul-odd-bf16": _gather_matmul(784, 1, 24, 40, 100, BF16),
     "gather-matmul-9tap-f32": _gather_matmul(3136, 9, 64, 64, 4096, F32),
+    "patch-conv-S1-s1-bf16": _patch_conv(1, 56, 64, 64, 1, 1, 2048, BF16),
     "patch-conv-S2-s2-f32": _patch_conv(4, 56, 128, 128, 2, 2, 784, F32),
+    "patch-conv-S4-s1-bf16": _patch_conv(1, 28, 128, 128, 4, 1, 32, BF16),
+    "patch-conv-S7-s1-f32": _patch_conv(2, 14, 256, 256, 7, 1, 8, F32),
     "patch-conv-S7-s1-bf16": _patch_conv(1, 14, 256, 256, 7, 1, 4, BF16),
+    "patch-conv-S8-s2-odd-bf16": _patch_conv(1, (27, 17), 40, 104, 8, 2, 4, BF16),
     "patch-conv-whole-map-f32": _patch_conv(2, 28, 128, 128, 4, 1, 98, F32, whole_map=True),
     "channels-dense-bf16": _channels(1, 3136, 256, 64, 2, "dense", BF16),
     "channels-in-f32": _channels(8, 784, 128, 512, 2, "in", F32),
@@ -111,7 +97,7 @@ def test_lowers_for_h100_and_verifies(name):
 
 @pytest.mark.parametrize(
     "name, arch",
-    [("conv1-odd-bf16", 80), ("conv3x3-S7-s1-f32", 90), ("conv3x3-S8-s2-bf16", 80),
+    [("gather-matmul-odd-bf16", 80), ("patch-conv-S7-s1-f32", 90), ("patch-conv-S8-s2-odd-bf16", 80),
      ("scatter-S4-odd-f32", 90), ("channels-out-bf16", 90), ("patch-conv-S7-s1-bf16", 80),
      ("gather-matmul-9tap-f32", 90)],
 )

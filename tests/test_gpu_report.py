@@ -171,7 +171,7 @@ def test_cli_writes_json_records(tmp_path):
     out = tmp_path / "report.json"
     md = tmp_path / "report.md"
     report.main([
-        "--quick", "--kernels", "gather_conv1x1", "--stages", "4", "--dtype", "bfloat16",
+        "--quick", "--kernels", "gather_matmul", "--stages", "4", "--dtype", "bfloat16",
         "--jobs", "1", "--no-progress", "--json", str(out), "--markdown", str(md),
     ])
     records = json.loads(out.read_text())
@@ -180,19 +180,19 @@ def test_cli_writes_json_records(tmp_path):
         for key in ("kernel", "target", "dtype", "registers", "spill_bytes", "shared_bytes",
                     "occupancy_warps", "tensor_core", "predicted_us"):
             assert key in record
-        assert record["kernel"] == "gather_conv1x1" and record["target"] == "sm_90"
+        assert record["kernel"] == "gather_matmul" and record["target"] == "sm_90"
         assert record["tensor_core"] is True
         assert record["predicted_on"] == "h100" and record["predicted_us"] > 0
-    assert "| gather_conv1x1 | bfloat16 | sm_90 | 2 |" in md.read_text()
+    assert "| gather_matmul | bfloat16 | sm_90 | 2 |" in md.read_text()
 
 
 def test_bar_failures_name_kernel_shape_and_figure():
-    record = dict(kernel="gather_conv3x3", shape="8x14x14x256", dtype="bfloat16", target="sm_90",
+    record = dict(kernel="patch_conv", shape="8x14x14x256", dtype="bfloat16", target="sm_90",
                   spill_bytes=16, stack_bytes=0, tensor_core=False, ffma=512,
                   occupancy_warps=2, occupancy_limiter="registers")
     failures = report.check_bar(record)
     assert len(failures) == 3
-    assert all("gather_conv3x3 8x14x14x256 bfloat16 sm_90" in f for f in failures)
+    assert all("patch_conv 8x14x14x256 bfloat16 sm_90" in f for f in failures)
     assert any("16 spill bytes" in f for f in failures)
     assert any("512 FFMA" in f for f in failures)
     assert any("occupancy 2 warps/SM" in f for f in failures)

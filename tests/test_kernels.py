@@ -1,14 +1,19 @@
 """Pallas kernels in interpret mode on CPU against independent references.
 
 One parameterized base class drives every kernel: random inputs (never zeros), index
-lists whose padding slots hold real-looking ids, outputs poisoned with NaN before the
-run, and several densities per compiled shape (the count is a traced value, so one
-compile serves densities 0, small, 0.5 and 1).
+lists whose padding slots hold real-looking ids or the engine's out-of-range sentinel,
+outputs poisoned with NaN before the run where a kernel writes into a buffer, and
+several densities per compiled shape (the count is a traced value, so one compile serves
+densities 0, small, 0.5 and 1). Maps and mask grids are non-square where geometry
+matters, so a height/width swap fails.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib
+import pathlib
 import warnings
 
 import jax
@@ -16,14 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import TileConfig, indices
+from laud_jax.sparse.routing import active_first
+from pallas_kernels import TileConfig
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
-from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul
-from pallas_kernels.gather_conv3x3 import gather_conv3x3, mask_grid, patch_conv
+from pallas_kernels.gather_matmul import gather_matmul
+from pallas_kernels.patch_conv import output_size, patch_conv
 
 DENSITIES = (0.0, 0.1, 0.5, 1.0)
 TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+KERNEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels"
+KERNEL_MODULES = ("gather_matmul", "patch_conv", "conv1x1_scatter_add", "channel_gather_matmul")
 
 
 def pytest_generate_tests(metafunc):
@@ -115,100 +123,9 @@ class KernelTestBase:
         _assert_close(actual, self.expected(inputs), case["dtype"], "reference implementation")
 
 
-class TestGatherConv1x1(KernelTestBase):
-    CASES = [
-        dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, dtype=jnp.float32),
-        dict(batch=2, hw=9, cin=24, cout=40, S=2, s=2, dtype=jnp.bfloat16),
-        dict(batch=2, hw=7, cin=3, cout=20, S=7, s=1, dtype=jnp.float32),
-        dict(batch=2, hw=(6, 11), cin=16, cout=24, S=2, s=2, dtype=jnp.float32),
-    ]
-
-    def make(self, case, density, rng):
-        b, dtype = case["batch"], case["dtype"]
-        height, width = _hw(case)
-        grid = (mask_grid(height, case["s"], case["S"]), mask_grid(width, case["s"], case["S"]))
-        patches = jnp.asarray(_random_mask(rng, (b, *grid), density))
-        pixels = np.flatnonzero(
-            np.asarray(indices.dilated_pixel_mask(patches, case["S"], case["s"], (height, width)))
-        )
-        total = b * height * width
-        return dict(
-            x=_normal(rng, (b, height, width, case["cin"]), dtype),
-            pixel_indices=_index_list(rng, pixels, total, total),
-            pixel_count=jnp.int32(pixels.size),
-            w=_normal(rng, (case["cin"], case["cout"]), dtype, case["cin"] ** -0.5),
-            b=_normal(rng, (case["cout"],), jnp.float32),
-            out=jnp.full((b, height, width, case["cout"]), jnp.nan, dtype),
-        )
-
-    def run(self, inputs, implementation):
-        return gather_conv1x1(**inputs, implementation=implementation)
-
-    def expected(self, inputs):
-        x, out = inputs["x"], np.array(inputs["out"], np.float32)
-        rows = np.asarray(inputs["pixel_indices"])[: int(inputs["pixel_count"])]
-        flat_x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-        y = flat_x[rows] @ np.asarray(inputs["w"], np.float32) + np.asarray(inputs["b"])
-        flat = out.reshape(-1, out.shape[-1])
-        flat[rows] = np.maximum(y, 0.0)
-        return flat.reshape(out.shape)
-
-
-class TestGatherConv3x3(KernelTestBase):
-    CASES = [
-        dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, dtype=jnp.float32),
-        dict(batch=2, hw=8, cin=16, cout=24, S=2, s=2, dtype=jnp.bfloat16),
-        dict(batch=2, hw=9, cin=20, cout=16, S=4, s=1, dtype=jnp.float32),
-        dict(batch=1, hw=14, cin=16, cout=16, S=7, s=1, dtype=jnp.bfloat16),
-        dict(batch=2, hw=15, cin=8, cout=16, S=8, s=2, dtype=jnp.float32),
-        dict(batch=1, hw=13, cin=16, cout=32, S=7, s=2, dtype=jnp.float32),
-        # non-square maps and mask grids, partial border patches
-        dict(batch=2, hw=(9, 14), cin=16, cout=16, S=4, s=1, dtype=jnp.float32),
-        dict(batch=1, hw=(13, 6), cin=16, cout=24, S=2, s=2, dtype=jnp.float32),
-    ]
-
-    def make(self, case, density, rng):
-        b, size, stride, dtype = case["batch"], case["S"], case["s"], case["dtype"]
-        height, width = _hw(case)
-        grid = (mask_grid(height, stride, size), mask_grid(width, stride, size))
-        patches = _random_mask(rng, (b, *grid), density)
-        readable = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (height, width))
-        h = _normal(rng, (b, height, width, case["cin"]), dtype)
-        capacity = b * grid[0] * grid[1]
-        return dict(
-            # Pixels outside conv2's receptive field are NaN: kernel 1 never writes them.
-            h=jnp.where(readable[..., None], h, jnp.nan),
-            patch_indices=_index_list(rng, np.flatnonzero(patches), capacity, capacity),
-            patch_count=jnp.int32(patches.sum()),
-            w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
-            b=_normal(rng, (case["cout"],), jnp.float32),
-            out=jnp.full((capacity, size, size, case["cout"]), jnp.nan, dtype),
-            patch_size=size,
-            stride=stride,
-        )
-
-    def run(self, inputs, implementation):
-        return gather_conv3x3(**inputs, implementation=implementation)
-
-    def expected(self, inputs):
-        size, stride = inputs["patch_size"], inputs["stride"]
-        h = jnp.nan_to_num(inputs["h"].astype(jnp.float32))
-        dense = jax.lax.conv_general_dilated(
-            h, inputs["w"].astype(jnp.float32), (stride, stride), ((1, 1), (1, 1)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
-        )
-        dense = np.asarray(jnp.maximum(dense + inputs["b"], 0.0))
-        b, out_h, out_w, _ = dense.shape
-        grid_h, grid_w = -(-out_h // size), -(-out_w // size)
-        out = np.array(inputs["out"], np.float32)
-        for slot, patch in enumerate(np.asarray(inputs["patch_indices"])[: int(inputs["patch_count"])]):
-            image, cell = divmod(int(patch), grid_h * grid_w)
-            i, j = divmod(cell, grid_w)
-            tile = np.zeros((size, size, dense.shape[-1]), np.float32)  # outside the image: 0
-            crop = dense[image, i * size : (i + 1) * size, j * size : (j + 1) * size]
-            tile[: crop.shape[0], : crop.shape[1]] = crop
-            out[slot] = tile
-        return out
+def _mask_grid(size: int, stride: int, patch_size: int) -> int:
+    """Patches along one axis of a 3x3/stride conv's output grid (the last may be partial)."""
+    return -(-output_size(size, stride) // patch_size)
 
 
 class TestConv1x1ScatterAdd(KernelTestBase):
@@ -288,13 +205,25 @@ class TestGatherMatmul(KernelTestBase):
         dict(rows=40, taps=9, cin=16, cout=16, n=33, relu=False, dtype=jnp.float32),
         dict(rows=70, taps=1, cin=64, cout=32, n=100, relu=True, dtype=jnp.bfloat16),
         dict(rows=30, taps=9, cin=8, cout=24, n=16, relu=True, dtype=jnp.bfloat16),
+        dict(rows=45, taps=1, cin=3, cout=20, n=45, relu=True, dtype=jnp.float32),  # Cin < 16
+        # The engine's conv1 list: active pixels of a non-square (B, H, W) map in order,
+        # then the sentinel B * H * W, cut to a capacity (`n`) below the total.
+        dict(map=(2, 7, 11), taps=1, cin=24, cout=40, n=120, relu=True, dtype=jnp.float32),
+        dict(map=(1, 9, 5), taps=1, cin=16, cout=16, n=40, relu=True, dtype=jnp.bfloat16),
     ]
 
     def make(self, case, density, rng):
         dtype = case["dtype"]
+        if "map" in case:
+            total = int(np.prod(case["map"]))
+            flags = jnp.asarray(_random_mask(rng, case["map"], density).reshape(-1))
+            taps = active_first(flags)[0][: case["n"], None]
+        else:
+            total = case["rows"]
+            taps = _random_ids(rng, (case["n"], case["taps"]), total, density)
         return dict(
-            src=_normal(rng, (case["rows"], case["cin"]), dtype),
-            taps=_random_ids(rng, (case["n"], case["taps"]), case["rows"], density),
+            src=_normal(rng, (total, case["cin"]), dtype),
+            taps=taps,
             w=_normal(rng, (case["taps"] * case["cin"], case["cout"]), dtype, (case["taps"] * case["cin"]) ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
             relu=case["relu"],
@@ -323,9 +252,14 @@ class TestPatchConv(KernelTestBase):
         dict(batch=2, hw=14, cin=16, cout=32, S=7, s=1, patches=4, dtype=jnp.bfloat16),
         # conv1 ran on the whole map: rows are the map itself (coords=None)
         dict(batch=2, hw=8, cin=16, cout=24, S=2, s=2, patches=5, dtype=jnp.float32, whole_map=True),
+        dict(batch=2, hw=15, cin=8, cout=16, S=8, s=2, patches=3, dtype=jnp.float32),
+        dict(batch=1, hw=13, cin=3, cout=32, S=7, s=2, patches=2, dtype=jnp.float32),
         # non-square maps and mask grids, partial border patches
         dict(batch=2, hw=(8, 13), cin=16, cout=16, S=2, s=2, patches=8, dtype=jnp.float32),
         dict(batch=1, hw=(10, 6), cin=16, cout=16, S=4, s=1, patches=5, dtype=jnp.float32, whole_map=True),
+        dict(batch=2, hw=(9, 14), cin=16, cout=16, S=4, s=1, patches=6, dtype=jnp.float32),
+        dict(batch=1, hw=(13, 6), cin=16, cout=24, S=2, s=2, patches=7, dtype=jnp.bfloat16),
+        dict(batch=2, hw=(11, 15), cin=24, cout=40, S=2, s=2, patches=9, dtype=jnp.float32),
     ]
 
     def make(self, case, density, rng):
@@ -337,12 +271,15 @@ class TestPatchConv(KernelTestBase):
             listed = np.argwhere(_random_mask(rng, (b, height, width), density))
             padding = np.tile([[b, 0, 0]], (4, 1))  # padding rows: sample >= B
             coords = rng.permutation(np.concatenate([listed, padding]))
-        grid = (mask_grid(height, stride, size), mask_grid(width, stride, size))
+        grid = (_mask_grid(height, stride, size), _mask_grid(width, stride, size))
         cells = np.argwhere(np.ones((b, *grid), bool))[rng.permutation(b * grid[0] * grid[1])]
         starts = cells[: case["patches"] - 1] * [1, size, size]
         starts = np.concatenate([starts, [[b, 0, 0]]])  # one padding patch
+        rows = _normal(rng, (coords.shape[0], case["cin"]), dtype)
+        if not case.get("whole_map"):  # padding rows are never read: poison them
+            rows = jnp.where(jnp.asarray(coords[:, :1] >= b), jnp.nan, rows)
         return dict(
-            rows=_normal(rng, (coords.shape[0], case["cin"]), dtype),
+            rows=rows,
             coords=None if case.get("whole_map") else jnp.asarray(coords.astype(np.int32)),
             starts=jnp.asarray(starts.astype(np.int32)),
             w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
@@ -379,7 +316,6 @@ class TestPatchConv(KernelTestBase):
                     window = canvas[sample, oy * stride : oy * stride + 3, ox * stride : ox * stride + 3]
                     out[p, y, x] = np.maximum(np.einsum("hwc,hwcd->d", window, w) + np.asarray(inputs["b"]), 0.0)
         return out
-
 class TestChannelGatherMatmul(KernelTestBase):
     CASES = [
         dict(batch=1, m=40, k=32, n=48, g=4, mode="out", dtype=jnp.float32),
@@ -443,54 +379,25 @@ class TestChannelGatherMatmul(KernelTestBase):
         return out
 
 
-@pytest.mark.parametrize("height, width", [(10, 10), (10, 17)])
-def test_spatial_block_pipeline_matches_dense_masked_block(height, width):
-    """Kernels 1 -> 2 -> 3 chained as the engine does equal a dense masked bottleneck."""
-    rng = np.random.default_rng(3)
-    batch, cin, channels, size, stride = 2, 16, 16, 2, 2
-    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-    grid = (-(-out_h // size), -(-out_w // size))
-    mask = jnp.asarray(_random_mask(rng, (batch, *grid), 0.4))
-    x = jnp.abs(_normal(rng, (batch, height, width, cin), jnp.float32))
-    w1, b1 = _normal(rng, (cin, channels), jnp.float32, 0.25), _normal(rng, (channels,), jnp.float32)
-    w2, b2 = _normal(rng, (3, 3, channels, channels), jnp.float32, 0.1), _normal(rng, (channels,), jnp.float32)
-    w3, b3 = _normal(rng, (channels, cin), jnp.float32, 0.25), _normal(rng, (cin,), jnp.float32)
-    identity = jnp.abs(_normal(rng, (batch, out_h, out_w, cin), jnp.float32))
-
-    dilated = indices.dilated_pixel_mask(mask, size, stride, (height, width))
-    pixel_ids, pixel_count = indices.active_indices(dilated, batch * height * width)
-    patch_ids, patch_count = indices.active_indices(mask, batch * grid[0] * grid[1])
-    run = dict(implementation="interpret")
-    h1 = gather_conv1x1(x, pixel_ids, pixel_count, w1, b1, **run)
-    h2 = gather_conv3x3(h1, patch_ids, patch_count, w2, b2, patch_size=size, stride=stride, **run)
-    sparse = conv1x1_scatter_add(h2, patch_ids, patch_count, w3, b3, identity, **run)
-
-    hi = jax.lax.Precision.HIGHEST
-    dense = jnp.maximum(jnp.einsum("bhwc,cd->bhwd", x, w1, precision=hi) + b1, 0)
-    dense = jax.lax.conv_general_dilated(
-        dense, w2, (stride, stride), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi,
-    )
-    dense = jnp.einsum("bhwc,cd->bhwd", jnp.maximum(dense + b2, 0), w3, precision=hi) + b3
-    up = jnp.repeat(jnp.repeat(mask, size, 1), size, 2)[:, :out_h, :out_w, None]
-    expected = jnp.maximum(identity + up * dense, 0)
-    np.testing.assert_allclose(sparse, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_zero_capacity_launches_nothing():
-    x = jnp.ones((1, 4, 4, 16))
-    identity = jnp.arange(16 * 16, dtype=jnp.float32).reshape(1, 4, 4, 16)
-    empty = jnp.zeros((0,), jnp.int32)
+    src = jnp.ones((16, 16))
+    identity = jnp.arange(2 * 4 * 6 * 16, dtype=jnp.float32).reshape(2, 4, 6, 16)
+    no_taps = jnp.zeros((0, 1), jnp.int32)
+    no_starts = jnp.zeros((0, 3), jnp.int32)
+    no_patches = jnp.zeros((0,), jnp.int32)
+    run = dict(implementation="interpret")
 
-    def sparse_block(x, identity):
-        h1 = gather_conv1x1(x, empty, 0, jnp.ones((16, 16)), jnp.ones(16), implementation="interpret")
-        h2 = gather_conv3x3(h1, empty, 0, jnp.ones((3, 3, 16, 16)), jnp.ones(16), patch_size=2,
-                            stride=1, implementation="interpret")
-        return conv1x1_scatter_add(h2, empty, 0, jnp.ones((16, 16)), jnp.ones(16), identity,
-                                   implementation="interpret")
+    def sparse_block(src, identity):
+        rows = gather_matmul(src, no_taps, jnp.ones((16, 16)), jnp.ones(16), **run)
+        h = patch_conv(rows, jnp.zeros((0, 3), jnp.int32), no_starts, jnp.ones((3, 3, 16, 16)),
+                       jnp.ones(16), grid=(2, 4, 6), size=2, stride=1, **run)
+        out = conv1x1_scatter_add(h, no_patches, 0, jnp.ones((16, 16)), jnp.ones(16), identity, **run)
+        return rows, h, out
 
-    assert "pallas_call" not in str(jax.make_jaxpr(sparse_block)(x, identity))
-    np.testing.assert_array_equal(sparse_block(x, identity), identity)
+    assert "pallas_call" not in str(jax.make_jaxpr(sparse_block)(src, identity))
+    rows, h, out = sparse_block(src, identity)
+    assert rows.shape == (0, 16) and h.shape == (0, 2, 2, 16)
+    np.testing.assert_array_equal(out, identity)
 
 
 def test_jit_and_shard_map():
@@ -525,25 +432,45 @@ def test_jit_and_shard_map():
     np.testing.assert_allclose(sharded(*placed), expected, rtol=1e-5, atol=1e-5)
 
 
+
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: gather_conv1x1(jnp.ones((4, 4, 8)), jnp.zeros(4, jnp.int32), 1, jnp.ones((8, 8)),
-                                jnp.ones(8), implementation="interpret"), r"x must be 4-D NHWC.*\(4, 4, 8\)"),
-        (lambda: gather_conv1x1(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int32), 1, jnp.ones((6, 8)),
-                                jnp.ones(8), implementation="interpret"), r"Cin=6, but x has Cin=8"),
-        (lambda: gather_conv1x1(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int16),
-                                1, jnp.ones((8, 8)), jnp.ones(8), implementation="interpret"),
-         r"pixel_indices.dtype=int16, expected int32"),
-        (lambda: gather_conv3x3(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int32), 1,
-                                jnp.ones((3, 3, 8, 8)), jnp.ones(8), patch_size=2, stride=3,
-                                implementation="interpret"), r"stride=3"),
-        (lambda: gather_conv3x3(jnp.ones((1, 4, 4, 8)), jnp.zeros(4, jnp.int32), 1,
-                                jnp.ones((1, 1, 8, 8)), jnp.ones(8), patch_size=2, stride=1,
-                                implementation="interpret"), r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)"),
+        (lambda: gather_matmul(jnp.ones((4, 4, 8)), jnp.zeros((4, 1), jnp.int32), jnp.ones((8, 8)),
+                               jnp.ones(8), implementation="interpret"), r"src must be 2-D \(R, C\) rows.*\(4, 4, 8\)"),
+        (lambda: gather_matmul(jnp.ones((16, 8)), jnp.zeros((4, 9), jnp.int32), jnp.ones((8, 8)),
+                               jnp.ones(8), implementation="interpret"),
+         r"w.shape=\(8, 8\) has 8 rows, expected K \* C = 9 \* 8"),
+        (lambda: gather_matmul(jnp.ones((16, 8)), jnp.zeros((4, 1), jnp.int16), jnp.ones((8, 8)),
+                               jnp.ones(8), implementation="interpret"), r"taps.dtype=int16, expected int32"),
+        (lambda: gather_matmul(jnp.ones((16, 8), jnp.float16), jnp.zeros((4, 1), jnp.int32),
+                               jnp.ones((8, 8), jnp.float16), jnp.ones(8), implementation="interpret"),
+         r"src.dtype=float16; supported: float32, bfloat16"),
+        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((3, 3, 8, 8)),
+                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=3, implementation="interpret"),
+         r"stride=3"),
+        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((1, 1, 8, 8)),
+                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=1, implementation="interpret"),
+         r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)"),
+        (lambda: patch_conv(jnp.ones((30, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((3, 3, 8, 8)),
+                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=1, implementation="interpret"),
+         r"coords=None needs rows for all 1x4x8 pixels, got 30"),
+        (lambda: patch_conv(jnp.ones((5, 8)), jnp.zeros((5, 2), jnp.int32), jnp.zeros((4, 3), jnp.int32),
+                            jnp.ones((3, 3, 8, 8)), jnp.ones(8), grid=(1, 4, 8), size=2, stride=1,
+                            implementation="interpret"), r"coords.shape=\(5, 2\), expected \(5, 3\)"),
+        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int16), jnp.ones((3, 3, 8, 8)),
+                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=1, implementation="interpret"),
+         r"starts.dtype=int16, expected int32"),
+        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((3, 3, 8, 8)),
+                            jnp.ones(8), grid=(1, 4, 8), size=0, stride=1, implementation="interpret"),
+         r"size=0; must be an int >= 1"),
         (lambda: conv1x1_scatter_add(jnp.ones((4, 2, 2, 8)), jnp.zeros(4, jnp.int32), 1,
                                      jnp.ones((8, 16)), jnp.ones(16), jnp.ones((1, 4, 4, 8)),
-                                     implementation="interpret"), r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)"),
+                                     implementation="interpret"),
+         r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)"),
+        (lambda: conv1x1_scatter_add(jnp.ones((4, 2, 3, 8)), jnp.zeros(4, jnp.int32), 1,
+                                     jnp.ones((8, 8)), jnp.ones(8), jnp.ones((1, 4, 4, 8)),
+                                     implementation="interpret"), r"patches must be square S x S"),
         (lambda: channel_gather_matmul(jnp.ones((1, 4, 10)), jnp.ones((10, 8)), jnp.ones(8),
                                        group_size=4, in_groups=jnp.zeros((1, 2), jnp.int32),
                                        in_count=jnp.ones(1, jnp.int32), implementation="interpret"),
@@ -551,8 +478,8 @@ def test_jit_and_shard_map():
         (lambda: channel_gather_matmul(jnp.ones((1, 4, 8)), jnp.ones((8, 8)), jnp.ones(8),
                                        group_size=2, implementation="pallas"),
          r"implementation='pallas' compiles a Triton GPU kernel"),
-        (lambda: channel_gather_matmul(jnp.ones((1, 4, 8)), jnp.ones((8, 8)), jnp.ones(8),
-                                       group_size=2, implementation="cuda"), r"choose one of"),
+        (lambda: gather_matmul(jnp.ones((16, 8)), jnp.zeros((4, 1), jnp.int32), jnp.ones((8, 8)),
+                               jnp.ones(8), implementation="cuda"), r"choose one of"),
         (lambda: TileConfig(block_m=48), r"block_m=48: must be a power of two >= 16"),
         (lambda: TileConfig(block_k=8), r"block_k=8"),
         (lambda: TileConfig(num_warps=3), r"num_warps=3"),
@@ -565,45 +492,27 @@ def test_bad_arguments_fail_before_compute(call, message):
             call()
 
 
-def test_selfcheck_on_a_small_block():
-    """The GPU self-check's correctness path, run here in interpret mode on a tiny block."""
-    from pallas_kernels import selfcheck
-
-    records = selfcheck.check("interpret", "float32", 2, [0.5], [("tiny", 8, 32, 16, 32, 4)], repeats=1)
-    assert [r["path"] for r in records] == ["spatial block", "channel conv1"]
-    for record in records:
-        assert record["relative_error"] <= 1e-5, record
-        assert record["dense_ms"] > 0 and record["sparse_ms"] > 0
-
-
-@pytest.mark.parametrize(
-    "size, stride, height, width",
-    [(1, 1, 6, 6), (2, 2, 9, 9), (4, 1, 8, 8), (7, 2, 13, 13), (2, 1, 6, 11), (4, 2, 15, 7)],
-)
-def test_dilated_pixel_mask_is_conv2_receptive_field(size, stride, height, width):
-    """Brute force: every input pixel a 3x3/stride conv reads for an active output pixel."""
-    rng = np.random.default_rng(5)
-    grid = (mask_grid(height, stride, size), mask_grid(width, stride, size))
-    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-    patches = _random_mask(rng, (2, *grid), 0.3)
-    expected = np.zeros((2, height, width), bool)
-    for b, oy, ox in np.argwhere(np.kron(patches, np.ones((1, size, size), bool))[:, :out_h, :out_w]):
-        for dy in range(3):
-            for dx in range(3):
-                y, x = oy * stride + dy - 1, ox * stride + dx - 1
-                if 0 <= y < height and 0 <= x < width:
-                    expected[b, y, x] = True
-    actual = indices.dilated_pixel_mask(jnp.asarray(patches), size, stride, (height, width))
-    np.testing.assert_array_equal(actual, expected)
+def test_kernel_package_does_not_import_laud_jax():
+    """pallas_kernels/ holds generic array ops: no module of it may import laud_jax."""
+    files = sorted(KERNEL_DIR.glob("*.py"))
+    assert {f.stem for f in files} >= set(KERNEL_MODULES)
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                          if n == "laud_jax" or n.startswith("laud_jax.")]
+    assert not offenders, offenders
 
 
-def test_active_indices_and_capacity_buckets():
-    mask = jnp.asarray([[True, False, True], [False, True, True]])
-    ids, count = indices.active_indices(mask, 8)
-    assert int(count) == 4 and ids.dtype == jnp.int32
-    np.testing.assert_array_equal(ids[:4], [0, 2, 4, 5])
-    _, overflow = indices.active_indices(mask, 2)
-    assert int(overflow) == 4  # the caller sees that capacity 2 was too small
-    assert [indices.capacity_bucket(n, 100) for n in (0, 1, 3, 64, 65, 100)] == [1, 1, 4, 64, 100, 100]
-    with pytest.raises(ValueError, match="count=5 must lie in"):
-        indices.capacity_bucket(5, 4)
+@pytest.mark.parametrize("name", KERNEL_MODULES)
+def test_every_kernel_module_has_its_reference(name):
+    """One op per module: the kernel `<name>` and its pure-jnp `<name>_reference`."""
+    module = importlib.import_module(f"pallas_kernels.{name}")
+    assert callable(getattr(module, name)) and callable(getattr(module, f"{name}_reference"))
+    assert module.NAME == name

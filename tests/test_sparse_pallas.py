@@ -1,5 +1,7 @@
 """The engine's ``pallas`` backend (kernels in interpret mode on CPU) equals the ``xla``
-backend and the dense masked model, on a small ResNet in every spatial/channel mode."""
+backend and the dense masked model, on a small ResNet in every spatial/channel mode; its
+three primitives on routing's index lists equal a dense masked bottleneck; routing's
+conv1 pixels are exactly conv2's receptive field."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import pytest
 
 from laud_jax.models import build_model
 from laud_jax.models.registry import init_variables
-
-from laud_jax.sparse import SparseEngine, gate_shapes
-from laud_jax.sparse import pallas_ops
+from laud_jax.models.specs import network_spec
+from laud_jax.sparse import SparseEngine, capacity, gate_shapes, pallas_ops
 from laud_jax.sparse.pallas_ops import PallasOps
+from laud_jax.sparse.routing import block_routing, conv1_mask
 
 IMAGE = (32, 32, 3)
 
@@ -107,3 +109,89 @@ def test_pallas_backend_on_non_square_images_matches_model(image, granularity):
     assert [plan.run for plan in info.plans] == ["sparse"] * len(spec.blocks)
     expected, _ = jax.jit(lambda v, x, m: model.apply(v, x, masks=m))(variables, images, masks)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the engine's launches
+
+
+def _block(image, granularity, name):
+    cfg = dict(arch="resnet_tiny", num_classes=10, mode="spatial", granularity=granularity)
+    return next(b for b in network_spec(cfg, image).blocks if b.name == name)
+
+
+@pytest.mark.parametrize(
+    "image, granularity, name, in_place",
+    [
+        ((22, 30, 3), (1, 2, 1, 1), "layer2_0", False),  # 11x15 -> 6x8, stride 2, S = 2
+        ((22, 30, 3), (1, 2, 1, 1), "layer2_1", True),  # 6x8, stride 1, S = 2, in place
+        ((22, 30, 3), (1, 2, 1, 1), "layer1_0", False),  # 11x15, stride 1, S = 1
+    ],
+)
+def test_pallas_primitives_on_routing_lists_equal_a_dense_masked_bottleneck(image, granularity, name, in_place):
+    """conv1 -> conv2 -> conv3 + scatter as the engine launches them (routing's index lists
+    cut to a padded capacity, PallasOps in interpret mode) equal a dense bottleneck whose
+    branch is masked to the active patches, on odd non-square maps."""
+    spec = _block(image, granularity, name)
+    rng = np.random.default_rng(7)
+    batch, size, stride = 2, spec.granularity, spec.stride
+    (gh, gw), (height, width), (out_h, out_w) = spec.mask_grid, spec.conv1_hw, (spec.h_out, spec.w_out)
+    assert gh != gw and height != width
+    cells = (rng.random((batch, gh, gw, 1)) < 0.4).astype(np.float32)
+    cells[0, 0, -1] = 1.0  # at least one active patch
+    routing, counts = block_routing(spec, {"spatial": jnp.asarray(cells)}, batch)
+    n_cells, n_pixels = int(counts[0]), int(counts[1])
+    cell_cap = capacity(n_cells, batch * gh * gw, 4)
+    pixel_cap = capacity(n_pixels, batch * height * width, 4)
+    assert cell_cap > n_cells or pixel_cap > n_pixels  # padding slots are exercised
+
+    def normal(*shape, scale=1.0):
+        return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+    cin, mid, cout = spec.in_channels, spec.width, spec.out_channels
+    x = jnp.abs(normal(batch, height, width, cin))
+    w1, b1 = normal(cin, mid, scale=cin**-0.5), normal(mid, scale=0.1)
+    w2, b2 = normal(3, 3, mid, mid, scale=(9 * mid) ** -0.5), normal(mid, scale=0.1)
+    w3, b3 = normal(mid, cout, scale=mid**-0.5), normal(cout, scale=0.1)
+    identity = jnp.abs(normal(batch, out_h, out_w, cout)) if in_place else normal(batch, out_h, out_w, cout)
+    base = identity if in_place else jax.nn.relu(identity)
+
+    ops = PallasOps(implementation="interpret")
+    starts = routing["starts"][:cell_cap]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # interpret mode
+        rows = ops.gather_matmul(x.reshape(-1, cin), routing["pixels"][:pixel_cap, None], w1, b1, relu=True)
+        h = ops.patch_conv(rows, routing["pixel_coords"][:pixel_cap], starts, w2, b2, grid=(batch, height, width),
+                           size=size, stride=stride, groups=1, relu=True)
+        out = ops.conv3_scatter(h, w3, b3, identity, base, starts, counts[0], in_place=in_place)
+
+    hi = jax.lax.Precision.HIGHEST
+    dense = jax.nn.relu(jnp.einsum("bhwc,cd->bhwd", x, w1, precision=hi) + b1)
+    dense = jax.lax.conv_general_dilated(dense, w2, (stride, stride), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi)
+    dense = jnp.einsum("bhwc,cd->bhwd", jax.nn.relu(dense + b2), w3, precision=hi) + b3
+    active = np.kron(cells[..., 0], np.ones((1, size, size)))[:, :out_h, :out_w, None] > 0
+    expected = np.where(active, jax.nn.relu(identity + dense), base)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("image, granularity", [((22, 30, 3), (1, 2, 1, 1)), ((26, 18, 3), (1, 1, 1, 1))])
+def test_conv1_pixels_are_exactly_conv2s_receptive_field(image, granularity):
+    """Brute force over odd non-square maps, strides 1 and 2: routing's conv1 pixels (what
+    gather_matmul computes and patch_conv reads) are every input pixel a 3x3 conv reads
+    for an active output pixel, and nothing else."""
+    cfg = dict(arch="resnet_tiny", num_classes=10, mode="spatial", granularity=granularity)
+    rng = np.random.default_rng(5)
+    for spec in network_spec(cfg, image).blocks:
+        size, stride = spec.granularity, spec.stride
+        height, width = spec.conv1_hw
+        cells = rng.random((2, *spec.mask_grid, 1)) < 0.3
+        expected = np.zeros((2, height, width), bool)
+        active = np.kron(cells[..., 0], np.ones((1, size, size), bool))[:, : spec.h_out, : spec.w_out]
+        for b, oy, ox in np.argwhere(active):
+            for dy in range(3):
+                for dx in range(3):
+                    y, x = oy * stride + dy - 1, ox * stride + dx - 1
+                    if 0 <= y < height and 0 <= x < width:
+                        expected[b, y, x] = True
+        actual = conv1_mask(spec, jnp.asarray(cells, jnp.float32))
+        np.testing.assert_array_equal(np.asarray(actual), expected, err_msg=spec.name)

@@ -49,10 +49,10 @@ from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
 from pallas_kernels.conv1x1_scatter_add import default_tiles as scatter_tiles
-from pallas_kernels.gather_conv1x1 import default_tiles as conv1_tiles
-from pallas_kernels.gather_conv1x1 import gather_conv1x1, gather_matmul
-from pallas_kernels.gather_conv3x3 import default_tiles as conv3x3_tiles
-from pallas_kernels.gather_conv3x3 import gather_conv3x3, mask_grid, patch_conv
+from pallas_kernels.gather_matmul import default_tiles as gather_matmul_tiles
+from pallas_kernels.gather_matmul import gather_matmul
+from pallas_kernels.patch_conv import default_tiles as patch_conv_tiles
+from pallas_kernels.patch_conv import patch_conv
 
 # ---- hardware limits (CUDA occupancy calculator, per SM) -------------------------------
 
@@ -288,14 +288,6 @@ def engine_launches(
                 dt = DTYPES[dtype_name]
                 common = dict(blocks=_counts(counts), batch=batch, dtype=dtype_name)
                 stage_common = {**common, "blocks": _counts(conv3_counts[stage])}
-                t = tiles_for("gather_conv1x1", cin, width)
-                launches.append(Launch(
-                    kernel="gather_conv1x1", where=f"{label} conv1", mode="spatial", block=block,
-                    patch_size=None, shape=f"{batch}x{in_hw}x{in_hw}x{cin}->{width}", tiles=t,
-                    fn=functools.partial(gather_conv1x1, tiles=t),
-                    args=(S((batch, in_hw, in_hw, cin), dt), S((batch * in_hw * in_hw,), I32),
-                          S((), I32), S((cin, width), dt), S((width,), F32)),
-                    **common))
                 pixels = batch * in_hw * in_hw
                 t = tiles_for("gather_matmul", cin, width)
                 launches.append(Launch(
@@ -305,17 +297,8 @@ def engine_launches(
                     args=(S((pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
                     **common))
                 for size in sizes:
-                    grid = mask_grid(in_hw, stride, size)
+                    grid = out_hw // size  # the mask grid (S divides the output side)
                     capacity = batch * grid * grid
-                    t = tiles_for("gather_conv3x3", width, width)
-                    launches.append(Launch(
-                        kernel="gather_conv3x3", where=f"{label} conv2", mode="spatial", block=block,
-                        patch_size=size, tiles=t,
-                        shape=f"{capacity}x{size}x{size}x{width}<-{batch}x{in_hw}x{in_hw}/s{stride}",
-                        fn=functools.partial(gather_conv3x3, patch_size=size, stride=stride, tiles=t),
-                        args=(S((batch, in_hw, in_hw, width), dt), S((capacity,), I32), S((), I32),
-                              S((3, 3, width, width), dt), S((width,), F32)),
-                        **common))
                     t = tiles_for("patch_conv", width, width)
                     launches.append(Launch(
                         kernel="patch_conv", where=f"{label} conv2", mode="spatial", block=block,
@@ -371,10 +354,8 @@ def _channel_fn(group_size: int, mode: str, tiles: TileConfig) -> Callable[..., 
 
 
 DEFAULT_TILES = {
-    "gather_conv1x1": conv1_tiles,
-    "gather_matmul": conv1_tiles,
-    "gather_conv3x3": conv3x3_tiles,
-    "patch_conv": conv3x3_tiles,
+    "gather_matmul": gather_matmul_tiles,
+    "patch_conv": patch_conv_tiles,
     "conv1x1_scatter_add": scatter_tiles,
     "channel_gather_matmul": channel_tiles,
 }

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from laud_jax.sparse.xla_ops import XlaOps
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
-from pallas_kernels.gather_conv1x1 import gather_matmul
-from pallas_kernels.gather_conv3x3 import patch_conv
+from pallas_kernels.gather_matmul import gather_matmul
+from pallas_kernels.patch_conv import patch_conv
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 

@@ -1,0 +1,243 @@
+"""patch_conv: 3x3 conv (stride 1 or 2, zero padding 1) + bias (+ relu) on listed patches.
+
+The input is a sparse map: compact rows (N, Cin), row i at pixel coords[i] of a
+(B, H, W) map that is zero elsewhere (or, with coords=None, the whole map in row-major
+order). For every listed S x S output patch (its first output pixel in `starts`) the
+kernel reads the patch's ((S-1)*s+3)^2 input window with halo through a per-pixel row
+map (int32, one entry per pixel of the map, built by the wrapper) and writes the
+patch's S x S x Cout result into a compact (P, S, S, Cout) buffer. Pixels without a
+row, and pixels outside the image (the conv's zero padding), read as zeros. No
+zero-filled copy of the map is materialized.
+
+Tiling: the M dimension of the implicit GEMM runs over the flat compact rows
+slot * S * S + y * S + x, so a tile of 64 rows holds 64 patches at S=1, 16 at S=2, 4 at
+S=4, one at S=8 and 1.3 at S=7: M stays a power of two >= 16 for tl.dot and S=7 wastes
+nothing (no padding to 8). The reduction runs over 9 taps x Cin in one pipelined loop.
+Output pixels of a partial border patch, and patches whose sample is >= B (padding),
+are written as zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common as c
+from pallas_kernels._common import Implementation, TileConfig
+
+NAME = "patch_conv"
+
+
+def output_size(size: int, stride: int) -> int:
+    """Output extent of a 3x3 conv with padding 1 and the given stride."""
+    return (size - 1) // stride + 1
+
+
+def default_tiles(cin: int, cout: int) -> TileConfig:
+    """Default tiles for Cin=cin input and Cout=cout output channels."""
+    return c.tuned_tiles(cin, cout)
+
+
+def patch_conv_reference(
+    rows: jax.Array,
+    coords: jax.Array | None,
+    starts: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    *,
+    grid: tuple[int, int, int],
+    size: int,
+    stride: int,
+    relu: bool,
+) -> jax.Array:
+    """Pure-jnp patch_conv: paste the rows on a zero map, dense conv, cut the patches out."""
+    batch, height, width = grid
+    if coords is None:
+        canvas = rows.astype(jnp.float32).reshape(batch, height, width, -1)
+    else:
+        canvas = jnp.zeros((batch, height, width, rows.shape[-1]), jnp.float32)
+        canvas = canvas.at[coords[:, 0], coords[:, 1], coords[:, 2]].set(
+            rows.astype(jnp.float32), mode="drop"
+        )
+    y = jax.lax.conv_general_dilated(
+        canvas, w.astype(jnp.float32), (stride, stride), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+    ) + b.astype(jnp.float32)
+    y = jnp.maximum(y, 0.0) if relu else y
+    offsets = jnp.arange(size)
+    index = (
+        starts[:, 0, None, None],
+        starts[:, 1, None, None] + offsets[:, None],
+        starts[:, 2, None, None] + offsets[None, :],
+    )
+    return y.at[index].get(mode="fill", fill_value=0).astype(rows.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Static shape of one launch: the input map, the patch side and stride, the number
+    of patches, and whether rows are found through a row map (rows >= n_src read zeros)."""
+
+    batch: int
+    height: int
+    width: int
+    size: int  # S
+    stride: int
+    patches: int
+    row_map: bool
+    n_src: int
+
+    @property
+    def out_h(self) -> int:
+        return output_size(self.height, self.stride)
+
+    @property
+    def out_w(self) -> int:
+        return output_size(self.width, self.stride)
+
+
+def _kernel(starts_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, relu, tiles, mem):
+    """Rows slot * S * S + y * S + x of the compact (P, S, S, Cout) output."""
+    o_ref = refs[-1]
+    g = geometry
+    bm, bn = tiles.block_m, tiles.block_n
+    pid_m, pid_n = pl.program_id(0), pl.program_id(1)
+    rows = c.tile_range(pid_m, bm)
+    slot = c.div(rows, g.size * g.size)
+    within = c.rem(rows, g.size * g.size)
+    slot_ok = slot < g.patches
+    image = mem.load(starts_ref, slot * 3, slot_ok)
+    oy = mem.load(starts_ref, slot * 3 + 1, slot_ok) + c.div(within, g.size)
+    ox = mem.load(starts_ref, slot * 3 + 2, slot_ok) + c.rem(within, g.size)
+    out_ok = slot_ok & (image < g.batch) & (oy < g.out_h) & (ox < g.out_w)
+
+    def source(tap):
+        iy = oy * g.stride - 1 + c.div(tap, 3)
+        ix = ox * g.stride - 1 + c.rem(tap, 3)
+        inside = out_ok & (iy >= 0) & (iy < g.height) & (ix >= 0) & (ix < g.width)
+        pixel = (image * g.height + iy) * g.width + ix
+        if not g.row_map:
+            return pixel, inside
+        src_rows = mem.load(refs[0], pixel, inside)
+        return src_rows, inside & (src_rows >= 0) & (src_rows < g.n_src)
+
+    cols = c.tile_range(pid_n, bn)
+    col_ok = cols < cout
+    acc = c.tap_matmul(
+        mem, src_ref, w_ref, source=source, n_taps=9, cin=cin, cout=cout, cols=cols,
+        col_ok=col_ok, tiles=tiles,
+    )
+    y = acc + mem.load(b_ref, cols, col_ok).astype(jnp.float32)[None, :]
+    if relu:
+        y = jnp.maximum(y, 0.0)
+    y = jnp.where(out_ok[:, None], y, 0.0)
+    mem.store(o_ref, rows[:, None] * cout + cols[None, :], y, slot_ok[:, None] & col_ok[None, :])
+
+
+def _check_index_table(name: str, arg: str, array: jax.Array, rows: int | None) -> None:
+    """(rows, 3) int32 (sample, row, col) table; rows=None accepts any number of rows."""
+    c.check_ndim(name, arg, array, 2, "(rows, 3) (sample, row, col)")
+    if array.shape[1] != 3 or (rows is not None and array.shape[0] != rows):
+        raise ValueError(f"{name}: {arg}.shape={array.shape}, expected ({'P' if rows is None else rows}, 3).")
+    if array.dtype != jnp.int32:
+        raise TypeError(f"{name}: {arg}.dtype={array.dtype}, expected int32.")
+
+
+def patch_conv(
+    rows: jax.Array,
+    coords: jax.Array | None,
+    starts: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    *,
+    grid: tuple[int, int, int],
+    size: int,
+    stride: int,
+    relu: bool = True,
+    tiles: TileConfig | None = None,
+    implementation: Implementation = "pallas",
+) -> jax.Array:
+    """act(conv3x3_stride(map) + b) on every listed S x S output patch, compact.
+
+    Args:
+      rows: (N, Cin) rows of the input map (conv1's compact output), float32 or bfloat16.
+      coords: (N, 3) int32 (sample, row, col) of each row; rows with sample >= B are
+        padding. None: rows is the whole map in row-major order (N = B * H * W).
+      starts: (P, 3) int32 (sample, row, col) of each patch's first output pixel;
+        patches with sample >= B are padding (written as zeros).
+      w: (3, 3, Cin, Cout) HWIO weight (BN folded in), same dtype as rows.
+      b: (Cout,) bias (float32 or rows' dtype).
+      grid: (B, H, W) of the input map.
+      size: S, the patch side on the output grid (any S >= 1).
+      stride: 1 or 2.
+      relu: apply relu after the bias.
+      tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
+      implementation: 'pallas', 'interpret' or 'reference'.
+
+    Returns:
+      (P, S, S, Cout): slot p holds the patch whose first output pixel is starts[p].
+    """
+    c.check_implementation(NAME, implementation)
+    c.check_ndim(NAME, "rows", rows, 2, "(N, Cin) rows")
+    c.check_dtype(NAME, "rows", rows)
+    n_src, cin = rows.shape
+    batch, height, width = grid
+    if coords is None and n_src != batch * height * width:
+        raise ValueError(
+            f"{NAME}: coords=None needs rows for all {batch}x{height}x{width} pixels, got {n_src}."
+        )
+    if coords is not None:
+        _check_index_table(NAME, "coords", coords, n_src)
+    _check_index_table(NAME, "starts", starts, None)
+    if stride not in (1, 2):
+        raise ValueError(f"{NAME}: stride={stride!r}; supported strides are 1 and 2.")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{NAME}: size={size!r}; must be an int >= 1.")
+    c.check_ndim(NAME, "w", w, 4, "HWIO (3, 3, Cin, Cout)")
+    if w.shape[:3] != (3, 3, cin):
+        raise ValueError(
+            f"{NAME}: w.shape={w.shape}, expected (3, 3, {cin}, Cout) for rows with Cin={cin}."
+        )
+    c.check_dtype(NAME, "w", w, rows.dtype)
+    cout = w.shape[3]
+    c.check_shape(NAME, "b", b, (cout,))
+    c.check_dtype(NAME, "b", b)
+    patches = starts.shape[0]
+    c.check_addressable(NAME, "rows", rows)
+    c.check_addressable(NAME, "map", jax.ShapeDtypeStruct((batch * height * width,), jnp.int32))
+    c.check_addressable(NAME, "out", jax.ShapeDtypeStruct((patches, size, size, cout), rows.dtype))
+    if implementation == "reference":
+        return patch_conv_reference(
+            rows, coords, starts, w, b, grid=grid, size=size, stride=stride, relu=relu
+        )
+    if patches == 0:
+        return jnp.zeros((0, size, size, cout), rows.dtype)
+    operands = [starts.reshape(-1), rows.reshape(-1), w.reshape(-1), b]
+    if coords is not None:
+        pixels = (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
+        pixels = jnp.where(coords[:, 0] < batch, pixels, batch * height * width)  # padding: dropped
+        row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
+        operands.append(row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop"))
+    tiles = tiles or default_tiles(cin, cout)
+    geometry = _Geometry(
+        batch, height, width, size, stride, patches, row_map=coords is not None, n_src=n_src
+    )
+    kernel = functools.partial(
+        _kernel, geometry=geometry, cin=cin, cout=cout, relu=relu, tiles=tiles,
+        mem=c.Memory(implementation == "interpret"),
+    )
+    out_rows = patches * size * size
+    result = c.pallas_call(
+        kernel,
+        operands,
+        name=NAME,
+        grid=(pl.cdiv(out_rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
+        out_shape=((out_rows * cout,), rows.dtype),
+        tiles=tiles,
+        implementation=implementation,
+    )
+    return result.reshape(patches, size, size, cout)
