@@ -49,7 +49,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
 
@@ -293,10 +292,16 @@ LAUNCH_NAMES = (
 OVERHEAD_SLOTS = ("host_sync", "masker_pool", "masker_conv", "gate_fc", "index_lists")
 
 
-def _record(weight=0.0, kind=KIND_MEMORY, m=0.0, n=0.0, k=0.0, batches=1.0, a_bytes=0.0, a_seg=0.0,
-            w_bytes=0.0, w_seg=0.0, o_bytes=0.0, o_seg=0.0, tile_m=0.0, tile_n=0.0) -> dict[str, Any]:
-    return dict(weight=weight, kind=kind, m=m, n=n, k=k, batches=batches, a_bytes=a_bytes, a_seg=a_seg,
-                w_bytes=w_bytes, w_seg=w_seg, o_bytes=o_bytes, o_seg=o_seg, tile_m=tile_m, tile_n=tile_n)
+def _launch(weight, kind=KIND_MEMORY, **work) -> dict[str, Any]:
+    """One launch record: ``weight`` expected executions of a ``kind`` launch doing ``work``
+    (fields of :class:`Launches`; those not given are 0, ``batches`` 1)."""
+    unknown = set(work) - set(LAUNCH_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown launch fields {sorted(unknown)}")
+    record = dict.fromkeys(LAUNCH_FIELDS, 0.0)
+    record["batches"] = 1.0
+    record.update(work, weight=weight, kind=kind)
+    return record
 
 
 def _stack(records: Sequence[dict[str, Any]]) -> Launches:
@@ -360,55 +365,101 @@ def _is(code, *modes: str):
     return jnp.isin(code, jnp.asarray([MODE_CODE[m] for m in modes], jnp.float32))
 
 
-def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel) -> Launches:
-    """Launch records of one block (scalar fields in, (slots,) fields out)."""
-    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    e = engine
-    b = jnp.where(setting.half > 0.5, 2.0, 4.0)  # bytes per element
+def _when(condition, value):
+    """``value`` where ``condition`` holds, else 0."""
+    return jnp.where(condition, value, 0.0)
+
+
+def _count(condition):
+    """1.0 where ``condition`` holds, else 0.0 (for counting launches)."""
+    return jnp.asarray(condition, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockExecution:
+    """What one block call executes: gates, capacities and row counts shared by the launch
+    groups (the predictor's counterpart of ``routing.plan_block`` and the executor's shapes).
+
+    Booleans are traced arrays. ``branch_batch``: samples the branch runs on; ``loop``:
+    launches per conv (one per sample in a per-sample loop); ``gemms``: independent GEMMs
+    per launch; ``width_c``: kept channels of conv1 / conv2; ``rows1`` / ``rows2``: conv1 and
+    conv2 / conv3 output rows; ``residual_fused``: the residual joins the last conv.
+    """
+
+    bytes_per_element: Any
+    spatial: Any
+    channel: Any
+    layer: Any
+    lc: Any
+    multi_sample: Any
+    bottleneck: Any
+    rho_spatial: Any
+    rho_layer: Any
+    executing: Any
+    branch_batch: Any
+    compacting: Any
+    branch_weight: Any
+    per_sample: Any
+    n_groups: Any
+    width_c: Any
+    weight_copies: Any
+    weight_seg: Any
+    loop: Any
+    gemms: Any
+    grid_h: Any
+    grid_w: Any
+    active_patches: Any
+    patches: Any
+    rows1: Any
+    rows2: Any
+    conv1_pixels: Any
+    taps1: Any
+    size: Any
+    window: Any
+    gathered: Any
+    residual_fused: Any
+    identity_rows: Any
+    channels_last: Any
+
+    def run_bytes(self, n_pixels, channels):
+        """Contiguous bytes of a run of consecutive pixels of one row (all channels in NHWC)."""
+        return n_pixels * jnp.where(self.channels_last, channels, 1.0) * self.bytes_per_element
+
+
+def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineModel) -> _BlockExecution:
+    """Gates, capacities and row counts of one block call (see :class:`_BlockExecution`)."""
+    bytes_per_element = jnp.where(setting.half > 0.5, 2.0, 4.0)
     code = setting.mode
     spatial, channel, layer = _is(code, "spatial", "both"), _is(code, "channel", "both", "lc"), _is(code, "layer", "lc")
-    sp, ch, ly, lc = (f(x) for x in (spatial, channel, layer, code == MODE_CODE["lc"]))
-    gated = f(code != MODE_CODE["static"])
     rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
     rho_c = jnp.where(channel, setting.rho_channel, 1.0)
     rho_l = jnp.where(layer, setting.rho_layer, 1.0)
-    steps, halo, fuse_gather = e.capacity_steps, e.conv1_on_halo, e.fuse_gather
-    unfused_epi = 1.0 - e.fused_epilogue
-
-    bottleneck = shape.bottleneck
-    cin, width, cout = shape.in_channels, shape.width, shape.out_channels
-    stride, groups = shape.stride, shape.groups
-    p_in, p_out = shape.h_in * shape.w_in, shape.h_out * shape.w_out
+    steps = engine.capacity_steps
+    bottleneck = shape.bottleneck > 0.5
     batch = setting.batch
-    multi = batch > 1.5
-    # contiguous bytes of a run of consecutive pixels of one row (all channels in NHWC)
-    run = lambda n_pixels, channels: n_pixels * jnp.where(e.channels_last > 0.5, channels, 1.0) * b  # noqa: E731
+    multi_sample = batch > 1.5
 
     # Channel gates at batch > 1 give every sample its own channels (and weights); engines
     # with a per-sample loop run only the executing samples, one after the other.
-    per_sample = channel & multi
-    sample_loop = per_sample & (e.per_sample_loop > 0.5)
+    per_sample = channel & multi_sample
+    sample_loop = per_sample & (engine.per_sample_loop > 0.5)
     # Layer gates: at batch 1 the branch runs with probability rho; at batch > 1 the
     # executing samples are compacted (padded to a capacity) and the branch runs on them.
     executing = rho_l * batch
-    branch_batch = jnp.where(layer & multi, jnp.maximum(ladder_capacity(executing, batch, steps), 1.0), batch)
-    branch_batch = jnp.where(layer & multi & (e.capacity_steps == 0), jnp.maximum(bucket(executing), 1.0), branch_batch)
+    compacted = layer & multi_sample
+    branch_batch = jnp.where(compacted, jnp.maximum(ladder_capacity(executing, batch, steps), 1.0), batch)
+    branch_batch = jnp.where(compacted & (steps == 0), jnp.maximum(bucket(executing), 1.0), branch_batch)
     branch_batch = jnp.where(sample_loop, executing, jnp.minimum(branch_batch, batch))
-    compacting = f(layer & multi & ~sample_loop) * f(branch_batch < batch)
-    branch_weight = jnp.where(layer & ~multi, rho_l, 1.0)
+    compacting = compacted & ~sample_loop & (branch_batch < batch)
     # nothing active: the engine skips the branch altogether
-    branch_weight = branch_weight * f((rho_s > 0.0) & (rho_l > 0.0))
+    branch_weight = _when((rho_s > 0.0) & (rho_l > 0.0), jnp.where(layer & ~multi_sample, rho_l, 1.0))
 
     # Channel gates: active groups per sample (padded to the engine's capacity).
     group = setting.channel_granularity
-    n_groups = width / group
+    n_groups = shape.width / group
     active_groups = jnp.where(channel, ladder_capacity(rho_c * n_groups, n_groups, steps), n_groups)
-    width_c = jnp.maximum(active_groups, 1.0) * group
-    weight_copies = jnp.where(per_sample, branch_batch, 1.0)
-    weight_seg = jnp.where(channel, group * b, 0.0)
     # one launch per sample when the engine loops over samples, else one launch for all
     loop = jnp.where(sample_loop, jnp.maximum(branch_batch, 1e-6), 1.0)
-    gemms = jnp.where(channel, branch_batch, 1.0) / loop  # independent GEMMs per launch
 
     # Spatial gates: active patches on the output grid, conv1 pixels on conv1's grid.
     size = setting.granularity
@@ -416,167 +467,302 @@ def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     n_patches = branch_batch * grid_h * grid_w
     active_patches = rho_s * n_patches
     patches = jnp.where(spatial, ladder_capacity(active_patches, n_patches, steps), n_patches)
-    rows2 = jnp.where(spatial, patches * size * size, branch_batch * p_out)  # conv2 / conv3 rows
-    h1 = jnp.where(bottleneck > 0.5, shape.h_in, shape.h_out)
-    w1 = jnp.where(bottleneck > 0.5, shape.w_in, shape.w_out)
-    p1 = h1 * w1
-    stride1 = jnp.where(bottleneck > 0.5, stride, 1.0)
+    h1 = jnp.where(bottleneck, shape.h_in, shape.h_out)
+    w1 = jnp.where(bottleneck, shape.w_in, shape.w_out)
+    conv1_pixels = h1 * w1
+    stride1 = jnp.where(bottleneck, shape.stride, 1.0)
     window = (size - 1.0) * stride1 + 3.0  # conv2's input window side per patch
     rho_in = jnp.where(setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1))
-    pixels = ladder_capacity(rho_in * branch_batch * p1, branch_batch * p1, steps)
-    rows1 = jnp.where(spatial, jnp.where(halo > 0.5, patches * window * window, pixels), branch_batch * p1)
-    taps1 = jnp.where(bottleneck > 0.5, 1.0, 9.0)
+    pixels = ladder_capacity(rho_in * branch_batch * conv1_pixels, branch_batch * conv1_pixels, steps)
+    conv1_rows = jnp.where(engine.conv1_on_halo > 0.5, patches * window * window, pixels)
+    rows2 = jnp.where(spatial, patches * size * size, branch_batch * (shape.h_out * shape.w_out))
+    fuse_gather = engine.fuse_gather > 0.5
+    return _BlockExecution(
+        bytes_per_element=bytes_per_element,
+        spatial=spatial,
+        channel=channel,
+        layer=layer,
+        lc=code == MODE_CODE["lc"],
+        multi_sample=multi_sample,
+        bottleneck=bottleneck,
+        rho_spatial=rho_s,
+        rho_layer=rho_l,
+        executing=executing,
+        branch_batch=branch_batch,
+        compacting=compacting,
+        branch_weight=branch_weight,
+        per_sample=per_sample,
+        n_groups=n_groups,
+        width_c=jnp.maximum(active_groups, 1.0) * group,
+        weight_copies=jnp.where(per_sample, branch_batch, 1.0),
+        weight_seg=_when(channel, group * bytes_per_element),
+        loop=loop,
+        gemms=jnp.where(channel, branch_batch, 1.0) / loop,
+        grid_h=grid_h,
+        grid_w=grid_w,
+        active_patches=active_patches,
+        patches=patches,
+        rows1=jnp.where(spatial, conv1_rows, branch_batch * conv1_pixels),
+        rows2=rows2,
+        conv1_pixels=conv1_pixels,
+        taps1=jnp.where(bottleneck, 1.0, 9.0),
+        size=size,
+        window=window,
+        # conv1 / conv3 are gathered-tile kernels where the engine fuses the gathers (spatial
+        # patches, or per-sample channel groups); otherwise dense library calls.
+        gathered=(spatial | channel) & fuse_gather,
+        residual_fused=jnp.where(
+            spatial, engine.fuse_scatter > 0.5,
+            ~(channel | compacting) & (engine.fused_epilogue > 0.5),
+        ),
+        identity_rows=rows2 * shape.out_channels * bytes_per_element,
+        channels_last=engine.channels_last > 0.5,
+    )
 
-    sparse_tile_n = lambda n: jnp.clip(_next_pow2(n), 16.0, e.sparse_tile_n)  # noqa: E731
-    # conv1 / conv3 are gathered-tile kernels where the engine fuses the gathers (spatial
-    # patches, or per-sample channel groups); otherwise dense library calls.
-    gathered = jnp.where(spatial, fuse_gather, ch * fuse_gather)
-    kind13 = jnp.where(gathered > 0.5, KIND_GATHERED, KIND_DENSE)
-    # the kernel tile: the gathered kernels' own, a candidate for dense library calls
-    tile = lambda n: dict(tile_m=e.sparse_tile_m, tile_n=sparse_tile_n(n))  # noqa: E731
 
-    # Host round trip of the block-by-block driver; maskers / gates; index lists.
-    host_sync = _record(weight=gated * e.block_calls, kind=KIND_HOST)
+def _tile(engine: EngineModel, n) -> dict[str, Any]:
+    """The gathered kernels' tile (n capped at the next power of two of ``n``); a candidate
+    for dense library calls."""
+    return dict(tile_m=engine.sparse_tile_m, tile_n=jnp.clip(_next_pow2(n), 16.0, engine.sparse_tile_n))
+
+
+def _gate_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel, block: _BlockExecution):
+    """The driver's host round trip, the maskers and gates, and the index lists
+    (``engine.compute_gates``, ``routing.block_routing``)."""
+    b = block.bytes_per_element
+    cin = shape.in_channels
+    p_in = shape.h_in * shape.w_in
+    batch = setting.batch
+    on_halo = engine.conv1_on_halo > 0.5
     # the spatial masker pools x to its grid, the channel masker averages it, the layer gate
     # pools it to 1 x 1: separate reads of the block input
-    pools = sp + ch + ly
-    masker_pool = _record(weight=gated * pools * (1.0 - e.fuse_masker), o_bytes=batch * p_in * cin * b)
-    masker_conv = _record(weight=sp, kind=KIND_DENSE, m=batch * grid_h * grid_w, n=2.0 * setting.mask_groups,
-                          k=cin, w_bytes=cin * 2.0 * setting.mask_groups * b)
-    hidden = jnp.maximum(jnp.floor(n_groups / 16.0), 16.0)
-    fc_macs = ch * (cin * hidden + hidden * 2.0 * n_groups) + ly * 2.0 * cin + lc * cin * (n_groups + 1.0)
-    fc_launches = 2.0 * ch + ly + lc
-    gate_fc = _record(weight=fc_launches, kind=KIND_DENSE, m=batch, k=cin,
-                      n=fc_macs / cin / jnp.maximum(fc_launches, 1.0),
-                      w_bytes=fc_macs * b / jnp.maximum(fc_launches, 1.0))
-    lists = sp * (2.0 - halo) + ch + f(layer & multi)
-    index_bytes = (sp * (batch * grid_h * grid_w * 5.0 + (1.0 - halo) * batch * p1 * 13.0)
-                   + ch * batch * n_groups * 5.0 + f(layer & multi) * batch * 5.0)
-    index_lists = _record(weight=e.index_ops * lists,
-                          o_bytes=index_bytes / jnp.maximum(e.index_ops * lists, 1.0))
-    layer_compact = _record(weight=compacting, a_bytes=branch_batch * p_in * cin * b, a_seg=p_in * cin * b,
-                            o_bytes=branch_batch * p_in * cin * b)
+    pools = _count(block.spatial) + _count(block.channel) + _count(block.layer)
+    hidden = jnp.maximum(jnp.floor(block.n_groups / 16.0), 16.0)
+    fc_macs = (_when(block.channel, cin * hidden + hidden * 2.0 * block.n_groups)
+               + _when(block.layer, 2.0 * cin) + _when(block.lc, cin * (block.n_groups + 1.0)))
+    fc_launches = 2.0 * _count(block.channel) + _count(block.layer) + _count(block.lc)
+    sample_lists = block.layer & block.multi_sample
+    # spatial: the patch list, and the dilated-pixel list unless conv1 runs on halo windows
+    lists = _when(block.spatial, jnp.where(on_halo, 1.0, 2.0)) + _count(block.channel) + _count(sample_lists)
+    pixel_list_bytes = _when(~on_halo, batch * block.conv1_pixels * 13.0)
+    index_bytes = (_when(block.spatial, batch * block.grid_h * block.grid_w * 5.0 + pixel_list_bytes)
+                   + _when(block.channel, batch * block.n_groups * 5.0) + _when(sample_lists, batch * 5.0))
+    gated = setting.mode != MODE_CODE["static"]
+    return dict(
+        host_sync=_launch(_when(gated, engine.block_calls), KIND_HOST),
+        masker_pool=_launch(_when(engine.fuse_masker < 0.5, pools), o_bytes=batch * p_in * cin * b),
+        masker_conv=_launch(
+            _count(block.spatial), KIND_DENSE, m=batch * block.grid_h * block.grid_w, n=2.0 * setting.mask_groups,
+            k=cin, w_bytes=cin * 2.0 * setting.mask_groups * b,
+        ),
+        gate_fc=_launch(
+            fc_launches, KIND_DENSE, m=batch, k=cin, n=fc_macs / cin / jnp.maximum(fc_launches, 1.0),
+            w_bytes=fc_macs * b / jnp.maximum(fc_launches, 1.0),
+        ),
+        index_lists=_launch(engine.index_ops * lists, o_bytes=index_bytes / jnp.maximum(engine.index_ops * lists, 1.0)),
+    )
 
-    # conv1 (1x1 for bottlenecks, 3x3 stride s for basic blocks) and its input gather.
-    gather_seg1 = run(jnp.where(halo > 0.5, window, 1.0), cin)
-    gather_x = _record(weight=branch_weight * sp * (1.0 - fuse_gather), a_bytes=rows1 * taps1 * cin * b,
-                       a_seg=gather_seg1, o_bytes=rows1 * taps1 * cin * b)
-    a1 = jnp.where(spatial, rows1 * taps1 * cin * b, branch_batch * p_in * cin * b)
+
+def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecution):
+    """The executing samples' compaction, conv1's input gather, conv1 and its epilogue
+    (``executor.run_block``'s sample gather; ``ops.gather_matmul`` in ``spatial_branch``;
+    ``ops.conv`` in ``dense_branch``)."""
+    b = block.bytes_per_element
+    cin = shape.in_channels
+    p_in = shape.h_in * shape.w_in
+    rows1, taps1, loop = block.rows1, block.taps1, block.loop
+    fuse_gather = engine.fuse_gather > 0.5
+    gather_seg = block.run_bytes(jnp.where(engine.conv1_on_halo > 0.5, block.window, 1.0), cin)
+    input_bytes = jnp.where(block.spatial, rows1 * taps1 * cin * b, block.branch_batch * p_in * cin * b)
     # basic blocks' dense 3x3 conv1: im2col + GEMM on small maps, a direct conv otherwise
-    direct1 = (1.0 - gathered) * (1.0 - sp) * (1.0 - bottleneck) * f(p_out > e.dense_im2col_pixels)
-    conv1 = _record(
-        weight=branch_weight * loop, kind=jnp.where(direct1 > 0.5, KIND_CONV, kind13), m=rows1 / loop, n=width_c, k=taps1 * cin, batches=gemms,
-        a_bytes=a1 / loop, a_seg=sp * fuse_gather * gather_seg1,
-        w_bytes=weight_copies / loop * taps1 * cin * width_c * b, w_seg=fuse_gather * weight_seg,
-        o_bytes=rows1 * width_c * b / loop, **tile(width_c),
+    direct = (~block.gathered & ~block.spatial & ~block.bottleneck
+              & (shape.h_out * shape.w_out > engine.dense_im2col_pixels))
+    return dict(
+        layer_compact=_launch(
+            _count(block.compacting), a_bytes=block.branch_batch * p_in * cin * b, a_seg=p_in * cin * b,
+            o_bytes=block.branch_batch * p_in * cin * b,
+        ),
+        gather_x=_launch(
+            _when(block.spatial & ~fuse_gather, block.branch_weight), a_bytes=rows1 * taps1 * cin * b,
+            a_seg=gather_seg, o_bytes=rows1 * taps1 * cin * b,
+        ),
+        conv1=_launch(
+            block.branch_weight * loop,
+            jnp.where(direct, KIND_CONV, jnp.where(block.gathered, KIND_GATHERED, KIND_DENSE)),
+            m=rows1 / loop, n=block.width_c, k=taps1 * cin, batches=block.gemms, a_bytes=input_bytes / loop,
+            a_seg=_when(block.spatial & fuse_gather, gather_seg),
+            w_bytes=block.weight_copies / loop * taps1 * cin * block.width_c * b,
+            w_seg=_when(fuse_gather, block.weight_seg), o_bytes=rows1 * block.width_c * b / loop,
+            **_tile(engine, block.width_c),
+        ),
+        conv1_epilogue=_launch(
+            _when((engine.fused_epilogue < 0.5) & ~block.gathered, block.branch_weight * loop),
+            o_bytes=2.0 * rows1 * block.width_c * b / loop,
+        ),
     )
-    conv1_epilogue = _record(weight=branch_weight * loop * unfused_epi * (1.0 - gathered),
-                             o_bytes=2.0 * rows1 * width_c * b / loop)
 
-    # The residual joins the last conv where the engine can fuse it.
-    residual_fused = jnp.where(
-        spatial, e.fuse_scatter, jnp.where(channel | (compacting > 0.5), 0.0, e.fused_epilogue)
+
+def _channel_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecution):
+    """Active-channel weights gathered outside the kernels, and a grouped conv2's channels
+    scattered to full width and back (``executor.select_branch``, ``executor._expand``).
+
+    conv2's weights are always gathered (no Pallas kernel for it), conv1's and conv3's too
+    where the engine does not gather in-kernel. Gathers along a weight's last (output) axis
+    pick runs of one group; along an input axis, whole rows.
+    """
+    b = block.bytes_per_element
+    cin, width, cout, groups = shape.in_channels, shape.width, shape.out_channels, shape.groups
+    width_c, loop = block.width_c, block.loop
+    unfused = engine.fuse_gather < 0.5
+    expanded = (groups > 1.5) & block.channel
+    conv2_input_width = jnp.where(block.bottleneck, width, cout)
+    column_elems = (_when(unfused, block.taps1 * cin * width_c)  # conv1: output channels
+                    + _when(~expanded & block.bottleneck, 9.0 * width_c * width_c / groups))  # conv2 (bottleneck)
+    row_elems = (_when(~expanded, 9.0 * width_c * conv2_input_width / groups)  # conv2 inputs
+                 + _when(unfused & block.bottleneck, width_c * cout))  # conv3: input channels
+    column_gathers = _count(unfused) + _count(~expanded & block.bottleneck)
+    row_gathers = _count(~expanded) + _count(unfused & block.bottleneck)
+    column_bytes = block.weight_copies * column_elems * b / jnp.maximum(column_gathers, 1.0) / loop
+    row_bytes = block.weight_copies * row_elems * b / jnp.maximum(row_gathers, 1.0) / loop
+    return dict(
+        channel_weight_cols=_launch(
+            _when(block.channel, block.branch_weight * column_gathers * loop), a_seg=block.weight_seg,
+            a_bytes=column_bytes, o_bytes=column_bytes,
+        ),
+        channel_weight_rows=_launch(
+            _when(block.channel, block.branch_weight * row_gathers * loop), a_seg=conv2_input_width * b,
+            a_bytes=row_bytes, o_bytes=row_bytes,
+        ),
+        channel_expand=_launch(
+            _when(expanded, block.branch_weight * loop * 2.0), o_bytes=block.rows2 * (width + width_c) * b / loop
+        ),
     )
 
-    # conv2 (3x3, stride s in bottlenecks): on patch windows with halo, or dense. A grouped
-    # conv2 under channel gates runs at full width on the kept channels scattered back.
+
+def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecution):
+    """conv2 (3x3, stride s in bottlenecks) on patch windows with halo or dense, its window
+    gather or im2col, its epilogue, SE and the LC scale (``ops.patch_conv`` in
+    ``spatial_branch``; ``_dense_conv12``). A grouped conv2 under channel gates runs at
+    full width on the kept channels scattered back."""
+    b = block.bytes_per_element
+    width, cout, groups = shape.width, shape.out_channels, shape.groups
+    width_c, rows2, loop = block.width_c, block.rows2, block.loop
+    fuse_gather = engine.fuse_gather > 0.5
+    on_halo = engine.conv1_on_halo > 0.5
     grouped = groups > 1.5
-    expanded = f(grouped & channel)
-    width2 = jnp.where(grouped & channel, width, width_c)
-    n2 = jnp.where(bottleneck > 0.5, width2, cout)
-    k2 = 9.0 * width2 / groups
-    p2 = jnp.where(bottleneck > 0.5, p_in, p_out)
-    window_bytes = patches * window * window * width_c * b
-    im2col_rows = rows2 * 9.0 * width_c * b
-    patch_im2col = sp * (1.0 - fuse_gather) * f(size <= e.im2col_max_size)
-    dense_im2col = (1.0 - sp) * f(p_out <= e.dense_im2col_pixels) * f(groups < 1.5)
-    im2col = jnp.maximum(patch_im2col, dense_im2col)
+    conv2_width = jnp.where(grouped & block.channel, width, width_c)
+    n2 = jnp.where(block.bottleneck, conv2_width, cout)
+    p_out = shape.h_out * shape.w_out
+    input_pixels = jnp.where(block.bottleneck, shape.h_in * shape.w_in, p_out)
+    window_bytes = block.patches * block.window * block.window * width_c * b
+    im2col_bytes = rows2 * 9.0 * width_c * b
+    patch_im2col = block.spatial & ~fuse_gather & (block.size <= engine.im2col_max_size)
+    dense_im2col = ~block.spatial & (p_out <= engine.dense_im2col_pixels) & ~grouped
+    im2col = patch_im2col | dense_im2col
     # Without fused gathers the windows (or im2col rows) are gathered first; halo engines
     # already hold compact windows; Pallas reads them in-kernel.
-    window_gather = sp * (1.0 - fuse_gather) * (1.0 - halo)
+    window_gather = block.spatial & ~fuse_gather & ~on_halo
+    in_kernel_gather = block.spatial & fuse_gather & ~on_halo
     # dense im2col: one strided slice per tap and a concatenation; on patches: one gather
-    gather_ops = jnp.where(dense_im2col > 0.5, 10.0, 1.0)
-    gather_conv2 = _record(
-        weight=branch_weight * loop * jnp.maximum(im2col, window_gather) * gather_ops,
-        a_bytes=jnp.where(spatial, window_bytes, branch_batch * p2 * width_c * b) / loop / gather_ops,
-        a_seg=sp * run(window, width_c),
-        o_bytes=jnp.where(im2col > 0.5, im2col_rows, window_bytes) / loop / gather_ops,
+    gather_ops = jnp.where(dense_im2col, 10.0, 1.0)
+    input_bytes = jnp.where(
+        im2col, im2col_bytes,
+        jnp.where(block.spatial, window_bytes, block.branch_batch * input_pixels * conv2_width * b),
     )
-    # Active-channel weights gathered outside the kernels: conv2's always (no Pallas kernel
-    # for it), conv1's and conv3's too where the engine does not gather in-kernel. Gathers
-    # along a weight's last (output) axis pick runs of one group; along an input axis, rows.
-    unfused = 1.0 - fuse_gather
-    column_elems = (unfused * taps1 * cin * width_c                             # conv1: output channels
-                    + (1.0 - expanded) * bottleneck * 9.0 * width_c * width_c / groups)  # conv2 (bottleneck)
-    row_elems = ((1.0 - expanded) * 9.0 * width_c * jnp.where(bottleneck > 0.5, width, cout) / groups  # conv2 inputs
-                 + unfused * bottleneck * width_c * cout)                        # conv3: input channels
-    row_seg = jnp.where(bottleneck > 0.5, width, cout) * b
-    gathers_cols = unfused + (1.0 - expanded) * bottleneck
-    gathers_rows = 1.0 - expanded + unfused * bottleneck
-    channel_weight_cols = _record(weight=branch_weight * ch * gathers_cols * loop, a_seg=weight_seg,
-                                  a_bytes=weight_copies * column_elems * b / jnp.maximum(gathers_cols, 1.0) / loop,
-                                  o_bytes=weight_copies * column_elems * b / jnp.maximum(gathers_cols, 1.0) / loop)
-    channel_weight_rows = _record(weight=branch_weight * ch * gathers_rows * loop, a_seg=row_seg,
-                                  a_bytes=weight_copies * row_elems * b / jnp.maximum(gathers_rows, 1.0) / loop,
-                                  o_bytes=weight_copies * row_elems * b / jnp.maximum(gathers_rows, 1.0) / loop)
-    channel_expand = _record(weight=branch_weight * loop * expanded * 2.0,
-                             o_bytes=rows2 * (width + width_c) * b / loop)
-    a2 = jnp.where(im2col > 0.5, im2col_rows, jnp.where(spatial, window_bytes, branch_batch * p2 * width2 * b))
-    conv2_gathered = sp * fuse_gather * (1.0 - halo)  # Pallas reads the windows in-kernel
-    conv2_kind = jnp.where(
-        conv2_gathered > 0.5, KIND_GATHERED,
-        jnp.where(im2col > 0.5, KIND_DENSE, jnp.where(grouped, KIND_GROUPED, KIND_CONV)),
+    kind = jnp.where(
+        in_kernel_gather, KIND_GATHERED,
+        jnp.where(im2col, KIND_DENSE, jnp.where(grouped, KIND_GROUPED, KIND_CONV)),
     )
-    conv2 = _record(
-        weight=branch_weight * loop, kind=conv2_kind,
-        m=rows2 / loop, n=n2, k=k2, batches=gemms, a_bytes=a2 / loop,
-        a_seg=conv2_gathered * run(window, width_c), w_bytes=weight_copies / loop * 9.0 * width2 * n2 / groups * b,
-        o_bytes=rows2 * n2 * b / loop, **tile(n2),
+    # Basic blocks: conv2 is the last conv, so the fused residual joins its output.
+    fused_residual_bytes = _when(~block.bottleneck & block.residual_fused, block.identity_rows / loop)
+    return dict(
+        gather_conv2=_launch(
+            _when(im2col | window_gather, block.branch_weight * loop * gather_ops),
+            a_bytes=jnp.where(
+                block.spatial, window_bytes, block.branch_batch * input_pixels * width_c * b
+            ) / loop / gather_ops,
+            a_seg=_when(block.spatial, block.run_bytes(block.window, width_c)),
+            o_bytes=jnp.where(im2col, im2col_bytes, window_bytes) / loop / gather_ops,
+        ),
+        conv2=_launch(
+            block.branch_weight * loop, kind, m=rows2 / loop, n=n2, k=9.0 * conv2_width / groups,
+            batches=block.gemms, a_bytes=input_bytes / loop,
+            a_seg=_when(in_kernel_gather, block.run_bytes(block.window, width_c)),
+            w_bytes=block.weight_copies / loop * 9.0 * conv2_width * n2 / groups * b,
+            o_bytes=rows2 * n2 * b / loop + fused_residual_bytes, **_tile(engine, n2),
+        ),
+        conv2_epilogue=_launch(
+            _when((engine.fused_epilogue < 0.5) & block.bottleneck & ~in_kernel_gather, block.branch_weight * loop),
+            o_bytes=2.0 * rows2 * n2 * b / loop,
+        ),
+        se=_launch(_when(shape.se_channels > 0, block.branch_weight * 3.0), o_bytes=rows2 * width_c * b),
+        lc_scale=_launch(_when(block.lc, block.branch_weight), o_bytes=2.0 * rows2 * width_c * b),
     )
-    conv2_epilogue = _record(weight=branch_weight * loop * unfused_epi * bottleneck * (1.0 - conv2_gathered),
-                             o_bytes=2.0 * rows2 * n2 * b / loop)
-    has_se = f(shape.se_channels > 0)
-    se = _record(weight=branch_weight * has_se * 3.0, o_bytes=rows2 * width_c * b)
-    lc_scale = _record(weight=branch_weight * lc, o_bytes=2.0 * rows2 * width_c * b)
 
-    # conv3 (bottleneck), then the residual (fused, one kernel, or a loop over patches).
-    identity_rows = rows2 * cout * b
-    scattered = run(size, cout)
-    conv3 = _record(
-        weight=branch_weight * bottleneck * loop, kind=kind13, m=rows2 / loop, n=cout, k=width_c, batches=gemms,
-        a_bytes=rows2 * width_c * b / loop, w_bytes=weight_copies / loop * width_c * cout * b,
-        o_bytes=identity_rows * (1.0 + residual_fused) / loop, o_seg=sp * scattered * residual_fused, **tile(cout),
-    )
-    # Basic blocks: conv2 is the last conv, so the fused residual joins its record.
-    conv2["o_bytes"] = conv2["o_bytes"] + (1.0 - bottleneck) * residual_fused * identity_rows / loop
-    # A loop steps over the active patches (or the compacted samples).
-    loop_units = jnp.where(spatial, active_patches, jnp.where(compacting > 0.5, executing, loop))
-    scatter_steps = jnp.where((e.scatter_loop > 0.5) & (spatial | (compacting > 0.5)), loop_units, loop)
-    looped = (e.scatter_loop > 0.5) & (spatial | (compacting > 0.5))
+
+def _conv3_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecution):
+    """A bottleneck's conv3, then the residual: fused into conv3, one kernel, or a loop over
+    the active patches or compacted samples (``ops.conv3_scatter``, ``ops.scatter_residual``,
+    ``run_block``'s write-back loop)."""
+    b = block.bytes_per_element
+    cout = shape.out_channels
+    rows2, loop, residual_fused = block.rows2, block.loop, block.residual_fused
+    scattered = block.run_bytes(block.size, cout)
     # a loop step moves one window with dynamic slices (contiguous rows, no indexed gather)
-    residual = _record(weight=branch_weight * (1.0 - residual_fused) * scatter_steps,
-                       kind=jnp.where(looped, KIND_LOOP, KIND_MEMORY),
-                       o_bytes=3.0 * identity_rows / jnp.maximum(scatter_steps, 1.0),
-                       o_seg=sp * scattered * (1.0 - f(looped)))
-    full_out = batch * p_out * cout * b
-    skipped = sp + ly * jnp.where(multi, 1.0, 1.0 - rho_l)  # blocks whose skipped positions read relu(identity)
-    identity_relu = _record(weight=shape.downsample * jnp.minimum(skipped, 1.0), o_bytes=2.0 * full_out)
-    downsample = _record(
-        weight=shape.downsample, kind=KIND_DENSE, m=batch * p_out, n=cout, k=cin,
-        a_bytes=batch * p_out * cin * b, w_bytes=cin * cout * b, o_bytes=full_out, **tile(cout),
+    looped = (engine.scatter_loop > 0.5) & (block.spatial | block.compacting)
+    loop_units = jnp.where(block.spatial, block.active_patches, jnp.where(block.compacting, block.executing, loop))
+    scatter_steps = jnp.where(looped, loop_units, loop)
+    return dict(
+        conv3=_launch(
+            _when(block.bottleneck, block.branch_weight * loop), jnp.where(block.gathered, KIND_GATHERED, KIND_DENSE),
+            m=rows2 / loop, n=cout, k=block.width_c, batches=block.gemms, a_bytes=rows2 * block.width_c * b / loop,
+            w_bytes=block.weight_copies / loop * block.width_c * cout * b,
+            o_bytes=block.identity_rows * jnp.where(residual_fused, 2.0, 1.0) / loop,
+            o_seg=_when(block.spatial & residual_fused, scattered), **_tile(engine, cout),
+        ),
+        residual=_launch(
+            _when(~residual_fused, block.branch_weight * scatter_steps), jnp.where(looped, KIND_LOOP, KIND_MEMORY),
+            o_bytes=3.0 * block.identity_rows / jnp.maximum(scatter_steps, 1.0),
+            o_seg=_when(block.spatial & ~looped, scattered),
+        ),
     )
-    # unfused: the bias pass, and the strided input slice a 1x1 stride-s conv reads
-    strided_input = f(stride > 1.5) * batch * p_out * cin * b
-    downsample_epilogue = _record(weight=shape.downsample * unfused_epi, o_bytes=2.0 * (full_out + strided_input))
 
-    records = dict(
-        host_sync=host_sync, masker_pool=masker_pool, masker_conv=masker_conv, gate_fc=gate_fc,
-        index_lists=index_lists, layer_compact=layer_compact, gather_x=gather_x, conv1=conv1,
-        conv1_epilogue=conv1_epilogue, gather_conv2=gather_conv2, channel_weight_cols=channel_weight_cols,
-        channel_weight_rows=channel_weight_rows, channel_expand=channel_expand, conv2=conv2,
-        conv2_epilogue=conv2_epilogue, se=se, lc_scale=lc_scale, conv3=conv3, residual=residual,
-        identity_relu=identity_relu, downsample=downsample, downsample_epilogue=downsample_epilogue,
+
+def _shortcut_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel, block: _BlockExecution):
+    """The downsampling shortcut (1x1 stride-s conv), its epilogue, and relu over it where the
+    branch adds nothing (``executor._identity``)."""
+    b = block.bytes_per_element
+    batch, cin, cout = setting.batch, shape.in_channels, shape.out_channels
+    p_out = shape.h_out * shape.w_out
+    downsample = shape.downsample > 0.5
+    full_out = batch * p_out * cout * b
+    # blocks whose skipped positions read relu(identity)
+    skipped = _count(block.spatial) + _when(block.layer, jnp.where(block.multi_sample, 1.0, 1.0 - block.rho_layer))
+    # unfused: the bias pass, and the strided input slice a 1x1 stride-s conv reads
+    strided_input = _when(shape.stride > 1.5, batch * p_out * cin * b)
+    return dict(
+        identity_relu=_launch(_when(downsample, jnp.minimum(skipped, 1.0)), o_bytes=2.0 * full_out),
+        downsample=_launch(
+            _count(downsample), KIND_DENSE, m=batch * p_out, n=cout, k=cin, a_bytes=batch * p_out * cin * b,
+            w_bytes=cin * cout * b, o_bytes=full_out, **_tile(engine, cout),
+        ),
+        downsample_epilogue=_launch(
+            _count(downsample & (engine.fused_epilogue < 0.5)), o_bytes=2.0 * (full_out + strided_input)
+        ),
     )
+
+
+def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel) -> Launches:
+    """Launch records of one block (scalar fields in, (slots,) fields out)."""
+    block = _block_execution(shape, setting, engine)
+    records = {
+        **_gate_launches(shape, setting, engine, block),
+        **_conv1_launches(shape, engine, block),
+        **_channel_launches(shape, engine, block),
+        **_conv2_launches(shape, engine, block),
+        **_conv3_launches(shape, engine, block),
+        **_shortcut_launches(shape, setting, engine, block),
+    }
     return _stack([records[name] for name in LAUNCH_NAMES])
 
 
@@ -634,26 +820,23 @@ def layer_launches(
         if layer.kind == "conv":
             taps = layer.kernel * layer.kernel
             out = batch * p_out * layer.out_channels * b
-            records.append(_record(weight=1.0, kind=KIND_CONV if taps > 1 else KIND_DENSE, m=batch * p_out,
-                                   n=layer.out_channels, k=taps * layer.in_channels, a_bytes=batch * p_in * layer.in_channels * b,
-                                   w_bytes=taps * layer.in_channels * layer.out_channels * b, o_bytes=out))
-            records.append(_record(weight=unfused_epi, o_bytes=2.0 * out))
+            records.append(_launch(
+                1.0, KIND_CONV if taps > 1 else KIND_DENSE, m=batch * p_out, n=layer.out_channels,
+                k=taps * layer.in_channels, a_bytes=batch * p_in * layer.in_channels * b,
+                w_bytes=taps * layer.in_channels * layer.out_channels * b, o_bytes=out,
+            ))
+            records.append(_launch(unfused_epi, o_bytes=2.0 * out))
         elif layer.kind == "maxpool":
-            records.append(_record(weight=1.0, o_bytes=batch * (p_in + p_out) * layer.in_channels * b))
-            records.append(_record())
+            records.append(_launch(1.0, o_bytes=batch * (p_in + p_out) * layer.in_channels * b))
+            records.append(_launch(0.0))
         elif layer.kind == "dense":
             # global average pool of the last feature map, then the classifier
-            records.append(_record(weight=1.0, kind=KIND_DENSE, m=batch, n=layer.out_channels,
+            records.append(_launch(1.0, KIND_DENSE, m=batch, n=layer.out_channels,
                                    k=layer.in_channels, w_bytes=layer.in_channels * layer.out_channels * b,
                                    o_bytes=batch * layer.out_channels * b))
             pooled = head_input_hw[0] * head_input_hw[1] * layer.in_channels
-            records.append(_record(weight=1.0, o_bytes=batch * pooled * b))
+            records.append(_launch(1.0, o_bytes=batch * pooled * b))
         else:
             raise ValueError(f"unknown layer kind {layer.kind!r} of {layer.name}")
     return _stack(records)
 
-
-def describe(launches: Launches) -> list[dict[str, float]]:
-    """Records as a list of plain dicts (one per slot), for printing and tests."""
-    arrays = {k: np.asarray(getattr(launches, k)) for k in LAUNCH_FIELDS}
-    return [{k: float(v[i]) for k, v in arrays.items()} for i in range(arrays["weight"].shape[-1])]
