@@ -2,8 +2,8 @@
 independent references, monotonicity, jit/vmap grids, presets, search, calibration, CLI."""
 
 import dataclasses
+import inspect
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ from laud_jax.latency import (
     PRESETS,
     BlockShape,
     HardwareProfile,
+    block_launches,
     block_macs,
     block_setting,
     block_time,
@@ -50,6 +51,8 @@ from laud_jax.latency.search import default_rates
 from laud_jax.models import network_spec
 from laud_jax.models.gates import dilate_mask, upsample_nearest
 from laud_jax.models.specs import MODES
+from laud_jax.sparse import SparseEngine, capacity
+from laud_jax.sparse.routing import plan_block
 
 # A toy device: 4 cores, one 64 x 64 dense tile, no cache, round numbers.
 TOY = HardwareProfile(
@@ -131,21 +134,49 @@ def test_dilated_density_matches_monte_carlo_of_the_models_dilation(size, stride
         assert predicted == pytest.approx(empirical, abs=0.012)
 
 
-def _ladder_reference(count: int, total: int, steps: int) -> int:
-    quantum = total / steps
-    ladder = {2**i for i in range(64) if 2**i < quantum}
-    ladder |= {min(total, math.ceil(j * quantum)) for j in range(1, steps + 1)}
-    return 0 if count == 0 else min(c for c in ladder if c >= count)
+def test_predictor_pads_to_the_engines_capacity_ladder():
+    """Every count of several (total, steps) ladders, jitted and vmapped, against routing.capacity."""
+    cases = [(c, t, s) for t in (1, 7, 50, 97, 300, 2300) for s in (1, 3, 16, 32, 33) for c in range(t + 1)]
+    counts, totals, steps = (jnp.asarray(column, jnp.float32) for column in zip(*cases))
+    predicted = jax.jit(jax.vmap(ladder_capacity))(counts, totals, steps)
+    assert np.asarray(predicted).tolist() == [capacity(c, t, s) for c, t, s in cases]
+    # an expected count needs its whole units; without a ladder nothing is padded
+    assert float(ladder_capacity(3.2, 100.0, 32.0)) == capacity(4, 100, 32)
+    assert float(ladder_capacity(37.0, 100.0, 0.0)) == 37.0
 
 
-def test_capacity_ladder_matches_its_definition():
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        total = int(rng.integers(1, 5000))
-        steps = int(rng.integers(1, 20))
-        count = int(rng.integers(0, total + 1))
-        assert float(ladder_capacity(float(count), float(total), float(steps))) == _ladder_reference(count, total, steps)
-    assert float(ladder_capacity(37.0, 100.0, 0.0)) == 37.0  # no padding without a ladder
+def test_predictor_pads_with_the_engines_default_steps():
+    default = inspect.signature(SparseEngine).parameters["capacity_steps"].default
+    assert ENGINES["xla"].capacity_steps == default
+
+
+@pytest.mark.parametrize("mode, counts, batch", [
+    ("spatial", (37, 411, 0, 2), 2),
+    ("channel", (0, 0, 5, 1), 1),
+    ("layer", (0, 0, 0, 3), 8),
+])
+def test_block_records_hold_the_capacities_the_engine_plans(mode, counts, batch):
+    """Rows and channels of the predicted convs are plan_block's capacities for the same counts."""
+    spec = network_spec({"arch": "resnet_small", "num_classes": 10, "mode": mode, "granularity": 2}, (64, 64)).blocks[1]
+    steps = int(ENGINES["xla"].capacity_steps)
+    plan = plan_block(spec, np.asarray(counts), batch, steps)
+    cells, pixels, groups, samples = counts
+    h1, w1 = spec.conv1_hw
+    setting = block_setting(
+        mode, 2, rho_spatial=cells / (batch * spec.mask_grid[0] * spec.mask_grid[1]),
+        rho_channel=groups / max(spec.channel_groups, 1), rho_layer=samples / batch,
+        rho_conv1=pixels / (batch * h1 * w1), batch=batch,
+    )
+    shape = jax.tree.map(lambda x: x[0], BlockShape.from_specs([spec]))
+    launches = block_launches(shape, setting, ENGINES["xla"])
+    conv1, conv2 = LAUNCH_NAMES.index("conv1"), LAUNCH_NAMES.index("conv2")
+    if mode == "spatial":
+        assert float(launches.m[conv1]) == plan.pixels
+        assert float(launches.m[conv2]) == plan.cells * spec.granularity**2
+    elif mode == "channel":
+        assert float(launches.n[conv1]) == plan.groups * spec.channel_granularity
+    else:
+        assert float(launches.m[conv1]) == plan.samples * h1 * w1
 
 
 def test_block_macs_follow_the_model_spec():

@@ -1,11 +1,15 @@
 """Calibration timing harness against the sparse engine (runs once laud_jax.sparse is present)."""
 
+import dataclasses
+import inspect
+
 import numpy as np
 import pytest
 
-
 from laud_jax.latency import timing
 from laud_jax.models.gates import dilate_mask, upsample_nearest
+from laud_jax.sparse import SparseEngine
+from laud_jax.sparse.routing import plan_block
 
 
 def test_timed_block_reports_the_densities_the_engine_executes(tmp_path):
@@ -20,6 +24,11 @@ def test_timed_block_reports_the_densities_the_engine_executes(tmp_path):
     conv1 = dilate_mask(upsample_nearest(cells, 2), spec.stride, spec.conv1_hw)
     assert record["rho_conv1"] == pytest.approx(float(np.mean(np.asarray(conv1))))
     assert record["plan"]["run"] == "sparse" and 0 < record["seconds"] <= record["median_s"]
+    # the plan the engine makes for these counts with its default capacity ladder
+    steps = inspect.signature(SparseEngine).parameters["capacity_steps"].default
+    counts = np.asarray([cells.sum(), np.sum(np.asarray(conv1)), 0, 2])
+    assert record["plan"] == dataclasses.asdict(plan_block(spec, counts, 2, steps))
+    assert len(record["repeats"]) == 2
     path = str(tmp_path / "t.json")
     timing.save_measurements(path, [record])
     data = timing.to_measurements(timing.load_measurements(path))

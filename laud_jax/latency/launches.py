@@ -49,8 +49,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
+from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
 
 # Launch kinds: dense GEMM, direct convolution, grouped convolution, gathered-tile kernel,
 # memory-bound op, host round trip, step of an on-device loop.
@@ -82,8 +84,9 @@ class EngineModel:
     im2col_max_size: without fused gathers, conv2 on patches materializes im2col rows
       (9 taps per output pixel) for S up to this; larger S gathers windows for a conv.
     dense_im2col_pixels: dense 3x3 convs use im2col on maps of at most this many pixels.
-    capacity_steps: index lists are padded to the capacity ladder with this many steps
-      (``laud_jax.sparse.routing.capacity_ladder``); 0: kernels stop at the active count.
+    capacity_steps: index lists are padded to the engine's capacity ladder with this many
+      steps (``laud_jax.sparse.routing.capacity``, called by :func:`ladder_capacity`);
+      0: kernels stop at the active count.
     scatter_loop: the spatial / layer scatter is a loop with one step per active patch or
       sample (each step pays the per-op overhead); 0: one kernel.
     per_sample_loop: channel-gated blocks at batch > 1 run one sample after another.
@@ -120,9 +123,9 @@ class EngineModel:
 ENGINES: dict[str, EngineModel] = {
     "xla": EngineModel(
         conv1_on_halo=0.0, fuse_gather=0.0, fuse_scatter=0.0, fuse_masker=0.0, fused_epilogue=0.0,
-        im2col_max_size=2.0, dense_im2col_pixels=256.0, capacity_steps=16.0, scatter_loop=1.0,
-        per_sample_loop=1.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=16.0, sparse_tile_n=16.0,
-        channels_last=1.0,
+        im2col_max_size=2.0, dense_im2col_pixels=256.0, capacity_steps=float(DEFAULT_CAPACITY_STEPS),
+        scatter_loop=1.0, per_sample_loop=1.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=16.0,
+        sparse_tile_n=16.0, channels_last=1.0,
     ),
     "pallas": EngineModel(
         conv1_on_halo=0.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
@@ -316,17 +319,25 @@ def bucket(count):
     return 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(jnp.ceil(count - 1e-4), 1.0)))
 
 
+def _engine_capacities(counts: np.ndarray, totals: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """``routing.capacity`` of every (count, total, steps) entry; 0 where steps or count is 0."""
+    rows = np.stack([np.ravel(counts), np.ravel(totals), np.ravel(steps)], axis=-1).astype(np.int64)
+    distinct, where = np.unique(rows, axis=0, return_inverse=True)
+    values = [capacity(c, t, s) if c > 0 and s > 0 else 0 for c, t, s in distinct.tolist()]
+    return np.asarray(values, np.float32)[np.ravel(where)].reshape(np.shape(counts))
+
+
 def ladder_capacity(count, total, steps):
-    """Capacity the engine pads ``count`` of ``total`` units to: the smallest entry of the
-    ladder {powers of two below total/steps} + {multiples of total/steps}, capped at total
-    (``laud_jax.sparse.routing.capacity_ladder``); the (expected) count itself when
-    ``steps`` is 0."""
-    whole = jnp.maximum(jnp.ceil(count - 1e-4), 0.0)
-    quantum = total / jnp.maximum(steps, 1.0)
-    power = bucket(whole)
-    multiple = jnp.minimum(total, jnp.ceil(jnp.ceil(whole / quantum - 1e-6) * quantum - 1e-6))
-    padded = jnp.where(power < quantum, power, multiple)
-    return jnp.where(steps > 0, jnp.where(whole > 0, padded, 0.0), count)
+    """Capacity the engine pads an expected ``count`` of ``total`` units to: its own
+    ``laud_jax.sparse.routing.capacity`` of the whole count, called from the compiled
+    predictor on the host; the count itself when ``steps`` is 0 (no padding)."""
+    count, total, steps = jnp.broadcast_arrays(*(jnp.asarray(x, jnp.float32) for x in (count, total, steps)))
+    whole = jnp.clip(jnp.ceil(count - 1e-4), 0.0, jnp.floor(total))
+    padded = jax.pure_callback(
+        _engine_capacities, jax.ShapeDtypeStruct(count.shape, jnp.float32), whole, jnp.floor(total), steps,
+        vmap_method="broadcast_all",
+    )
+    return jnp.where(steps > 0, padded, count)
 
 
 def _next_pow2(x):
@@ -754,6 +765,8 @@ def _shortcut_launches(shape: BlockShape, setting: BlockSetting, engine: EngineM
 
 def block_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel) -> Launches:
     """Launch records of one block (scalar fields in, (slots,) fields out)."""
+    # arrays throughout, so that comparisons give array booleans (``~`` negates them)
+    shape, setting, engine = _as_arrays(shape), _as_arrays(setting), _as_arrays(engine)
     block = _block_execution(shape, setting, engine)
     records = {
         **_gate_launches(shape, setting, engine, block),

@@ -1,4 +1,4 @@
-"""Per-block and whole-network latency: kernel records (kernels.py) timed by the roofline.
+"""Per-block and whole-network latency: launch records (launches.py) timed by the roofline.
 
 Everything here is pure jnp on pytrees of numbers: :func:`block_time` is a scalar function
 of (profile, engine, block shape, block setting) that jit and vmap over any grid of
@@ -42,7 +42,7 @@ def default_engine(hardware: str) -> str:
 
 
 def block_launch_times(profile: HardwareProfile, engine: EngineModel, shape: BlockShape, setting: BlockSetting):
-    """Predicted seconds of each launch slot of one block (``kernels.LAUNCH_NAMES`` order).
+    """Predicted seconds of each launch slot of one block (``launches.LAUNCH_NAMES`` order).
 
     Layer gates at batch > 1: compacting the executing samples costs a gather and a scatter,
     so the block runs whichever is faster, the compacted branch or the branch on every

@@ -15,8 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,14 +30,14 @@ from laud_jax.models.specs import MODES, BlockSpec, network_spec
 from laud_jax.sparse import engine as sparse_engine
 from laud_jax.sparse import executor, get_ops
 from laud_jax.sparse.folding import fold_block
-from laud_jax.sparse.routing import COUNT_KEYS, plan_block
+from laud_jax.sparse.routing import COUNT_KEYS, DEFAULT_CAPACITY_STEPS, plan_block
+from laud_jax.timing import stats_ms, time_side_by_side
 
 # (arch, image side): block shapes the calibration draws from (CPU-sized).
 CALIBRATION_NETWORKS = (("resnet_small", 64), ("resnet50", 112), ("resnet18", 112), ("regnety_400mf", 112))
 MODE_WEIGHTS = {"static": 1.0, "spatial": 2.0, "channel": 1.0, "layer": 1.0, "both": 1.0, "lc": 1.0}
 BATCHES = (1, 2, 4, 8)
 MAX_INPUT_ELEMENTS = 2_000_000  # batch * H * W * C of a block input, to bound the run time
-CAPACITY_STEPS = 16  # the engine's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +136,8 @@ def realized(spec: BlockSpec, gates: dict[str, np.ndarray], counts: np.ndarray, 
 
 
 def time_config(config: TimingConfig, repeats: int, backend: str = "xla", warmup: int = 2) -> dict[str, Any]:
-    """Seconds of one block call and its realized densities.
+    """Seconds of one block call (under the engine's default capacity ladder) and its
+    realized densities, timed by ``laud_jax.timing.time_side_by_side``.
 
     ``seconds`` is the minimum over ``repeats`` calls after ``warmup``: on a shared machine
     other processes only ever add time, and the median can be several times the minimum
@@ -153,26 +152,27 @@ def time_config(config: TimingConfig, repeats: int, backend: str = "xla", warmup
     forced = {k: jnp.asarray(v) for k, v in gates.items()}
     if spec.mode == "static":
         counts = np.zeros(len(COUNT_KEYS))
-        plan = plan_block(spec, None, config.batch, CAPACITY_STEPS)
+        plan = plan_block(spec, None, config.batch, DEFAULT_CAPACITY_STEPS)
     else:
         counts = np.asarray(sparse_engine._routing(spec, forced, config.batch)[1])
-        plan = plan_block(spec, counts, config.batch, CAPACITY_STEPS)
+        plan = plan_block(spec, counts, config.batch, DEFAULT_CAPACITY_STEPS)
     ops = get_ops(backend)
     in_place = plan.run == "sparse" and spec.spatial and not spec.downsample and not plan.per_sample
     step = _STEP_IN_PLACE if in_place else _STEP
-    times = []
-    for i in range(warmup + repeats):
-        xi = jnp.array(x, copy=True).block_until_ready()
-        start = time.perf_counter()
-        jax.block_until_ready(step(ops, spec, plan, params, xi, forced))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    # every call gets its own copy of the input (an in-place step donates it), made before
+    # the clock starts
+    calls = max(1, warmup) + max(1, repeats)
+    inputs = iter([jnp.array(x, copy=True).block_until_ready() for _ in range(calls)])
+    times = time_side_by_side(
+        {"block": lambda: step(ops, spec, plan, params, next(inputs), forced)}, repeats, warmup
+    )["block"]
+    stats = stats_ms(times)
     return {
         **dataclasses.asdict(config),
         **realized(spec, gates, counts, config.batch),
         "plan": dataclasses.asdict(plan),
-        "seconds": min(times),
-        "median_s": statistics.median(times),
+        "seconds": stats["min_ms"] / 1e3,
+        "median_s": stats["median_ms"] / 1e3,
         "repeats": times,
         "load_average": os.getloadavg()[0],
     }

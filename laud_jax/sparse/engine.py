@@ -34,7 +34,7 @@ from laud_jax.models.specs import BlockSpec, ModelConfig, NetworkSpec, model_con
 from laud_jax.sparse import executor
 from laud_jax.sparse.backends import BACKENDS, get_ops
 from laud_jax.sparse.folding import cast_weights, fold_network
-from laud_jax.sparse.routing import COUNT_KEYS, BlockPlan, block_routing, plan_block
+from laud_jax.sparse.routing import COUNT_KEYS, DEFAULT_CAPACITY_STEPS, BlockPlan, block_routing, plan_block
 
 EXECUTIONS = ("auto", "planned", "speculative", "stepwise")
 GATE_KEYS = ("spatial", "channel", "layer")
@@ -231,7 +231,7 @@ class SparseEngine:
         variables: Mapping[str, Any],
         *,
         backend: str = "xla",
-        capacity_steps: int = 32,
+        capacity_steps: int = DEFAULT_CAPACITY_STEPS,
         image_shape: Sequence[int] | None = None,
     ):
         if backend not in BACKENDS:

@@ -22,6 +22,8 @@ from laud_jax.models.specs import BlockSpec
 
 # Order of the entries of a routing's ``counts`` vector.
 COUNT_KEYS = ("cells", "pixels", "groups", "samples")
+# Steps of the capacity ladder the engine pads index lists to unless told otherwise.
+DEFAULT_CAPACITY_STEPS = 32
 
 
 @functools.cache
