@@ -26,7 +26,7 @@ SETTINGS = {
     "spatial 2-2-1-1": ("spatial", "2,2,1,1"),
     "spatial 4-4-2-1": ("spatial", "4,4,2,1"),
     "spatial 8-7-2-1": ("spatial", "8,7,2,1"),
-    "both 4-4-2-1": ("both", "4,4,2,1"),
+    "spatial+channel 4-4-2-1": ("spatial+channel", "4,4,2,1"),
     "channel": ("channel", "4,4,2,1"),
     "layer": ("layer", "4,4,2,1"),
     "lc": ("lc", "4,4,2,1"),

@@ -30,6 +30,7 @@ from laud_jax.checkpointing import load_variables
 from laud_jax.models import MODES, build_model, network_spec
 from laud_jax.models.specs import ARCHS
 from laud_jax.sparse import BACKENDS, SparseEngine
+from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS
 from laud_jax.sparse.synthetic import random_masks, random_variables
 from laud_jax.timing import stats_ms, time_side_by_side
 
@@ -61,7 +62,7 @@ class BenchmarkSettings:
     repeats: int = 30
     block_repeats: int = 15
     warmup: int = 3
-    capacity_steps: int = 32
+    capacity_steps: int = DEFAULT_CAPACITY_STEPS
     seed: int = 0
     blocks: bool = True
     masked: bool = True

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from laud_jax import torch_pickle
-from laud_jax.models.specs import ARCHS, MODEL_CONFIG_KEYS, NetworkSpec, model_config, network_spec
+from laud_jax.models.specs import (
+    ARCHS,
+    CHANNEL_MODES,
+    MODEL_CONFIG_KEYS,
+    SPATIAL_MODES,
+    NetworkSpec,
+    model_config,
+    network_spec,
+)
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet: what the granularity of released checkpoints refers to
 IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -336,7 +344,7 @@ def _gate_prefix(layout: Layout, stage: int, index: int) -> str:
 
 
 def _block_mode(state: Mapping[str, np.ndarray], layout: Layout, stage: int, index: int) -> str:
-    """static | spatial | channel | both | 'spatial|layer' (LAUDNet's masker_spatial alone)."""
+    """static | spatial | channel | spatial+channel | 'spatial|layer' (LAUDNet's masker_spatial alone)."""
     prefix = _gate_prefix(layout, stage, index)
     if layout.source == "lasnet":
         if prefix + "masker.conv2.weight" not in state:
@@ -355,7 +363,7 @@ def _block_mode(state: Mapping[str, np.ndarray], layout: Layout, stage: int, ind
             "channel masker (channel_masker='MLP', channel_masker_layers=2) only"
         )
     if has_spatial and has_channel:
-        return "both"
+        return "spatial+channel"
     if has_channel:
         return "channel"
     return "spatial|layer" if has_spatial else "static"
@@ -405,7 +413,7 @@ def infer_dynamic_settings(
     masker = "masker.conv2.weight" if layout.source == "lasnet" else "masker_spatial.conv.weight"
     groups = {
         state[_gate_prefix(layout, s, i) + masker].shape[0] // 2
-        for s, m in enumerate(modes) if m in ("spatial", "both") for i in range(depths[s])
+        for s, m in enumerate(modes) if m in SPATIAL_MODES for i in range(depths[s])
     }
     if len(groups) > 1:
         raise ConversionError(f"spatial mask groups differ between blocks {sorted(groups)}; laud_jax uses one mask_groups")
@@ -413,7 +421,7 @@ def infer_dynamic_settings(
         settings["mask_groups"] = groups.pop()
     granularities = set()
     for s, m in enumerate(modes):
-        if m in ("channel", "both"):
+        if m in CHANNEL_MODES:
             key = _gate_prefix(layout, s, 0) + "masker_channel.conv.2.weight"
             channel_groups = state[key].shape[0] // 2
             if channel_groups < 1 or widths[s] % channel_groups:
@@ -428,7 +436,7 @@ def infer_dynamic_settings(
         )
     if granularities:
         settings["channel_granularity"] = granularities.pop()
-    if any(m in ("spatial", "both") for m in modes) and user.get("granularity") is None:
+    if any(m in SPATIAL_MODES for m in modes) and user.get("granularity") is None:
         recorded_s = _per_stage_record(recorded.get("mask_spatial_granularity"), depths, "mask_spatial_granularity")
         if recorded_s is None:
             raise ConversionError(
@@ -436,7 +444,7 @@ def infer_dynamic_settings(
                 "(S per stage, e.g. --granularity 4,4,2,1 for LASNet's ResNet-50 4-4-2-1)"
             )
         settings["granularity"] = tuple(
-            int(recorded_s[s]) if m in ("spatial", "both") else 1 for s, m in enumerate(modes)
+            int(recorded_s[s]) if m in SPATIAL_MODES else 1 for s, m in enumerate(modes)
         )
     return settings
 
@@ -654,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="directory to write (config.json + orbax checkpoint)")
     parser.add_argument("--arch", help="architecture (default: inferred)", choices=sorted(ARCHS))
     parser.add_argument("--num-classes", type=int, help="classifier width (default: from fc.weight)")
-    parser.add_argument("--mode", help="dynamic mode, one or per stage: static|spatial|channel|layer|both, e.g. channel,channel,both,layer")
+    parser.add_argument("--mode", help="dynamic mode, one or per stage: static|spatial|channel|layer|spatial+channel (alias both), e.g. channel,channel,spatial+channel,layer")
     parser.add_argument("--granularity", type=_int_list, help="spatial patch size S per stage, e.g. 4,4,2,1")
     parser.add_argument("--mask-groups", type=int, help="spatial mask groups G (default: from the masker)")
     parser.add_argument("--channel-granularity", type=int, help="channels per channel-mask group (default: from the masker)")

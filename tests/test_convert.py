@@ -203,9 +203,9 @@ def test_settings_the_weights_do_not_reveal_must_be_given():
     with pytest.raises(convert.ConversionError, match="spatial and its layer mode"):
         convert.infer_model_config(checkpoint)
     with pytest.raises(convert.ConversionError, match="records no mask granularity"):
-        convert.infer_model_config(checkpoint, mode=("channel", "spatial", "both", "layer"))
-    cfg = convert.infer_model_config(checkpoint, mode="channel,spatial,both,layer", granularity=(1, 2, 2, 1))
-    assert cfg["mode"] == ("channel", "spatial", "both", "layer") and cfg["channel_mask_position"] == "pre_bn"
+        convert.infer_model_config(checkpoint, mode=("channel", "spatial", "spatial+channel", "layer"))
+    cfg = convert.infer_model_config(checkpoint, mode="channel,spatial,spatial+channel,layer", granularity=(1, 2, 2, 1))
+    assert cfg["mode"] == ("channel", "spatial", "spatial+channel", "layer") and cfg["channel_mask_position"] == "pre_bn"
     lasnet = convert.read_torch_checkpoint(fixture_path("lasnet_regnety400"))
     with pytest.raises(convert.ConversionError, match="--granularity"):
         convert.infer_model_config(lasnet)

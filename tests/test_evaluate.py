@@ -32,7 +32,7 @@ def _batches(images, labels, size):
 
 
 def test_accuracy_and_density_match_a_direct_computation():
-    cfg = tiny_model_config(("spatial", "channel", "layer", "both"))
+    cfg = tiny_model_config(("spatial", "channel", "layer", "spatial+channel"))
     variables = mixed_gate_variables(cfg, seed=3)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(23, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)

@@ -10,9 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from laud_jax.models import build_model, init_variables, network_spec
+from laud_jax.models import build_model, init_variables, model_config, network_spec
 
-DYNAMIC_MODES = ("spatial", "channel", "layer", "both", "lc")
+DYNAMIC_MODES = ("spatial", "channel", "layer", "spatial+channel", "lc")
 # Small variants: bottleneck (resnet_tiny), basic (ResNet-18 layout, narrow), RegNetY (SE, groups).
 TINY = {"arch": "resnet_tiny", "num_classes": 7}
 TINY_BASIC = {"arch": "resnet18", "num_classes": 7, "stage_widths": (4, 8, 8, 16), "stem_width": 8}
@@ -181,7 +181,7 @@ def test_dynamic_mac_ratio_follows_forced_densities(groups):
     With G mask groups, conv1 and conv2 run where any group executes (conv1 on the dilated
     union), conv3's output group g where group g executes.
     """
-    cfg = {**TINY, "mode": "both", "granularity": (4, 2, 2, 1), "mask_groups": groups}
+    cfg = {**TINY, "mode": "spatial+channel", "granularity": (4, 2, 2, 1), "mask_groups": groups}
     model, variables, image = model_and_vars(tuple(cfg.items()))
     spec = network_spec(cfg, image)
     rng = np.random.default_rng(0)
@@ -236,11 +236,11 @@ def test_layer_gate_macs_and_per_sample_accounting():
 
 def equivalence_cases():
     cases = [(TINY, mode, "post_act") for mode in DYNAMIC_MODES]
-    cases += [(TINY, "both", "pre_bn"), (TINY, "lc", "pre_bn")]
+    cases += [(TINY, "spatial+channel", "pre_bn"), (TINY, "lc", "pre_bn")]
     # Basic blocks and RegNetY (SE, group conv): one model mixing the modes per stage.
-    cases += [(TINY_BASIC, ("spatial", "both", "lc", "layer"), "post_act")]
-    cases += [(TINY_REGNET, ("both", "lc", "spatial", "channel"), "post_act")]
-    cases += [({**TINY_REGNET, "se_pool": "dense", "mask_groups": 2}, "both", "post_act")]
+    cases += [(TINY_BASIC, ("spatial", "spatial+channel", "lc", "layer"), "post_act")]
+    cases += [(TINY_REGNET, ("spatial+channel", "lc", "spatial", "channel"), "post_act")]
+    cases += [({**TINY_REGNET, "se_pool": "dense", "mask_groups": 2}, "spatial+channel", "post_act")]
     return cases
 
 
@@ -282,7 +282,7 @@ def test_skipped_non_downsampling_block_outputs_relu_identity(mode, gate):
 
 
 def test_eval_masks_are_deterministic_and_follow_threshold():
-    cfg = {**TINY, "mode": "both", "granularity": (2, 2, 1, 1)}
+    cfg = {**TINY, "mode": "spatial+channel", "granularity": (2, 2, 1, 1)}
     model, variables, image = model_and_vars(tuple(cfg.items()))
     # Push the spatial masker biases near the threshold so masks are mixed.
     variables = jax.tree_util.tree_map_with_path(
@@ -328,7 +328,7 @@ def test_straight_through_gradient_reaches_maskers(mode):
 
     g = grads(variables["params"])
     names = {"spatial": ["masker_spatial"], "channel": ["masker_channel"], "layer": ["layer_gate"],
-             "both": ["masker_spatial", "masker_channel"], "lc": ["layer_gate", "masker_channel", "scale_head"]}[mode]
+             "spatial+channel": ["masker_spatial", "masker_channel"], "lc": ["layer_gate", "masker_channel", "scale_head"]}[mode]
     for name in names:
         leaves = [v for p, v in jax.tree_util.tree_leaves_with_path(g) if name in jax.tree_util.keystr(p)]
         assert leaves, name
@@ -337,7 +337,7 @@ def test_straight_through_gradient_reaches_maskers(mode):
 
 
 def test_new_temperature_does_not_recompile():
-    cfg = {**TINY, "mode": "both", "granularity": (2, 2, 1, 1)}
+    cfg = {**TINY, "mode": "spatial+channel", "granularity": (2, 2, 1, 1)}
     model, variables, image = model_and_vars(tuple(cfg.items()))
 
     @jax.jit
@@ -443,3 +443,12 @@ def test_adaptive_avg_pool_equals_torch_bins(size_in, size_out):
             expected[:, i, j] = x[:, h0:h1, w0:w1].mean(axis=(1, 2))
     got = adaptive_avg_pool(jnp.asarray(x, jnp.float32), size_out)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mode_alias_both_is_stored_as_spatial_plus_channel():
+    """'both' (the old name) is accepted and normalized; the two configs build the same spec."""
+    old = model_config({**TINY, "mode": ("both", "spatial", "both", "static")})
+    new = model_config({**TINY, "mode": ("spatial+channel", "spatial", "spatial+channel", "static")})
+    assert old == new and old.mode[0] == "spatial+channel"
+    blocks = network_spec(old, (32, 32, 3)).blocks
+    assert blocks[0].spatial and blocks[0].channel and not blocks[0].layer

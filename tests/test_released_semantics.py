@@ -32,7 +32,7 @@ CASES = {
     "spatial_groups": {"mode": "spatial", "granularity": (2, 4, 1, 1), "mask_groups": 2},
     "layer": {"mode": "layer"},
     "channel_pre_bn": {"mode": "channel", "channel_mask_position": "pre_bn"},
-    "both_pre_bn": {"mode": "both", "granularity": (2, 2, 2, 1), "channel_mask_position": "pre_bn"},
+    "both_pre_bn": {"mode": "spatial+channel", "granularity": (2, 2, 2, 1), "channel_mask_position": "pre_bn"},
 }
 
 

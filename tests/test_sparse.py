@@ -57,14 +57,14 @@ def cfg_items(base, **kw):
 # mask positions, granularities S = 1, 2, 4, strides 1 and 2, basic blocks and RegNetY (SE,
 # group conv).
 EQUIVALENCE = [
-    (TINY, ("spatial", "both", "channel", "lc"), (2, 2, 1, 1), "post_act", 1),
-    (TINY, ("spatial", "both", "channel", "lc"), (2, 2, 1, 1), "post_act", 3),
-    (TINY, ("both", "layer", "spatial", "lc"), (4, 1, 2, 1), "pre_bn", 1),
-    (TINY, ("both", "layer", "spatial", "lc"), (4, 1, 2, 1), "pre_bn", 3),
-    (TINY_BASIC, ("spatial", "both", "lc", "layer"), (2, 2, 1, 1), "pre_bn", 2),
-    (TINY_REGNET, ("both", "lc", "spatial", "channel"), (2, 2, 1, 1), "post_act", 2),
+    (TINY, ("spatial", "spatial+channel", "channel", "lc"), (2, 2, 1, 1), "post_act", 1),
+    (TINY, ("spatial", "spatial+channel", "channel", "lc"), (2, 2, 1, 1), "post_act", 3),
+    (TINY, ("spatial+channel", "layer", "spatial", "lc"), (4, 1, 2, 1), "pre_bn", 1),
+    (TINY, ("spatial+channel", "layer", "spatial", "lc"), (4, 1, 2, 1), "pre_bn", 3),
+    (TINY_BASIC, ("spatial", "spatial+channel", "lc", "layer"), (2, 2, 1, 1), "pre_bn", 2),
+    (TINY_REGNET, ("spatial+channel", "lc", "spatial", "channel"), (2, 2, 1, 1), "post_act", 2),
     # SE pooling over every pixel (the released RegNets): conv1/conv2 dense, conv3 sparse.
-    ({**TINY_REGNET, "se_pool": "dense", "masker_input": "standardized"}, ("spatial", "both", "lc", "both"),
+    ({**TINY_REGNET, "se_pool": "dense", "masker_input": "standardized"}, ("spatial", "spatial+channel", "lc", "spatial+channel"),
      (2, 2, 1, 1), "pre_bn", 2),
 ]
 
@@ -87,11 +87,11 @@ def test_forced_masks_match_dense_masked_model(base, mode, granularity, position
 # stages, so a height/width mix-up in the index lists, the patch starts or either write-back
 # changes the logits. Each case runs backend="xla" with one write-back, and backend="dense".
 NON_SQUARE = [
-    (TINY, (32, 64, 3), ("spatial", "both", "spatial", "both"), (2, 4, 1, 1), "loop"),
-    (TINY, (96, 64, 3), ("both", "spatial", "both", "spatial"), (4, 2, 2, 1), "scatter"),
-    (TINY_BASIC, (32, 64, 3), ("spatial", "both", "spatial", "spatial"), (2, 2, 1, 1), "scatter"),
+    (TINY, (32, 64, 3), ("spatial", "spatial+channel", "spatial", "spatial+channel"), (2, 4, 1, 1), "loop"),
+    (TINY, (96, 64, 3), ("spatial+channel", "spatial", "spatial+channel", "spatial"), (4, 2, 2, 1), "scatter"),
+    (TINY_BASIC, (32, 64, 3), ("spatial", "spatial+channel", "spatial", "spatial"), (2, 2, 1, 1), "scatter"),
     # SE pooling over every pixel: conv3 runs on patches cut from the dense conv2 output.
-    ({**TINY_REGNET, "se_pool": "dense"}, (64, 96, 3), ("both", "spatial", "both", "spatial"), (2, 2, 1, 1),
+    ({**TINY_REGNET, "se_pool": "dense"}, (64, 96, 3), ("spatial+channel", "spatial", "spatial+channel", "spatial"), (2, 2, 1, 1),
      "loop"),
 ]
 
@@ -114,7 +114,7 @@ def test_non_square_images_match_model(base, image, mode, granularity, writeback
     assert_close(SparseEngine(dict(items), variables, backend="dense")(x, masks=masks), expected)
 
 
-@pytest.mark.parametrize("mode", [("spatial", "both", "layer", "lc"), "lc"])
+@pytest.mark.parametrize("mode", [("spatial", "spatial+channel", "layer", "lc"), "lc"])
 def test_model_gates_stepwise_and_speculative_match_model(mode):
     """Gates computed by the model's own maskers; zero gate biases make about half execute."""
     items = cfg_items(TINY, mode=mode, granularity=(2, 2, 1, 1))
@@ -140,7 +140,7 @@ def test_model_gates_stepwise_and_speculative_match_model(mode):
 
 @pytest.mark.parametrize("value", [0.0, 1.0])
 def test_all_skipped_and_all_active_masks(value):
-    items = cfg_items(TINY, mode=("spatial", "both", "channel", "lc"), granularity=(2, 2, 1, 1))
+    items = cfg_items(TINY, mode=("spatial", "spatial+channel", "channel", "lc"), granularity=(2, 2, 1, 1))
     model, variables, image = setup(items)
     spec = network_spec(dict(items), image)
     masks = [{k: np.full(s, value, np.float32) for k, s in gate_shapes(b, 2).items()} for b in spec.blocks]
@@ -155,7 +155,7 @@ def test_all_skipped_and_all_active_masks(value):
 
 
 def test_stepwise_at_batch_one_matches_and_skips_gated_off_blocks():
-    items = cfg_items(TINY, mode=("spatial", "both", "channel", "lc"), granularity=(2, 2, 1, 1))
+    items = cfg_items(TINY, mode=("spatial", "spatial+channel", "channel", "lc"), granularity=(2, 2, 1, 1))
     model, variables, image = setup(items)
     spec = network_spec(dict(items), image)
     masks = random_masks(spec, 1, 0.5, seed=4)
@@ -183,26 +183,14 @@ def test_dense_backend_and_static_baseline():
     assert_close(SparseEngine(dict(items), variables, backend="dense").apply_static(x), expected_static)
 
 
-def test_pallas_backend_falls_back_to_xla_with_a_warning_when_missing(monkeypatch):
-    import importlib
-
+def test_backends_map_names_to_their_ops():
     from laud_jax.sparse import backends
+    from laud_jax.sparse.pallas_ops import PallasOps
 
-    real = importlib.import_module
-
-    def without_pallas(name, *args, **kwargs):
-        if name == "laud_jax.sparse.pallas_ops":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *args, **kwargs)
-
-    backends.get_ops.cache_clear()
-    monkeypatch.setattr(backends.importlib, "import_module", without_pallas)
-    try:
-        with pytest.warns(UserWarning, match="running backend='xla'"):
-            ops = backends.get_ops("pallas")
-        assert ops == XlaOps()
-    finally:
-        backends.get_ops.cache_clear()
+    assert type(backends.get_ops("pallas")) is PallasOps
+    assert type(backends.get_ops("xla")) is XlaOps and backends.get_ops("xla") is backends.get_ops("xla")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        backends.get_ops("cuda")
 
 
 # ----------------------------------------------------------------------------- index construction
@@ -271,7 +259,7 @@ def test_padding_slots_never_write(writeback, in_place):
 
 
 def test_zero_active_cells_plan_a_skip_not_a_zero_size_program():
-    spec = network_spec({**TINY, "mode": "both", "granularity": (2, 2, 1, 1)}, (32, 32, 3))
+    spec = network_spec({**TINY, "mode": "spatial+channel", "granularity": (2, 2, 1, 1)}, (32, 32, 3))
     block = spec.blocks[1]
     assert plan_block(block, np.array([0, 0, 3, 1]), 1, 32) == BlockPlan("skip", per_sample=False)
     plan = plan_block(block, np.array([3, 20, 0, 1]), 1, 32)  # every channel group off
@@ -301,7 +289,7 @@ def test_counts_in_one_capacity_bucket_reuse_the_compiled_steps():
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    items = cfg_items(TINY, mode="both", granularity=(2, 2, 1, 1))
+    items = cfg_items(TINY, mode="spatial+channel", granularity=(2, 2, 1, 1))
     model, variables, image = setup(items)
     return SparseEngine(dict(items), variables), network_spec(dict(items), image), image
 

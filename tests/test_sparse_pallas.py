@@ -49,9 +49,9 @@ def _forced_masks(spec, batch, rng, density):
     "config",
     [
         # one network: a stage per mode (spatial, both = spatial + channel, channel, lc)
-        dict(mode=("spatial", "both", "channel", "lc"), granularity=(4, 2, 2, 1)),
+        dict(mode=("spatial", "spatial+channel", "channel", "lc"), granularity=(4, 2, 2, 1)),
         # pre-BN channel masks (an extra indicator channel into conv2), S = 1 and stride 2
-        dict(mode=("both", "spatial", "spatial", "channel"), granularity=(2, 1, 4, 1),
+        dict(mode=("spatial+channel", "spatial", "spatial", "channel"), granularity=(2, 1, 4, 1),
              channel_mask_position="pre_bn"),
     ],
     ids=["modes", "pre_bn"],
@@ -90,7 +90,7 @@ def test_pallas_backend_on_non_square_images_matches_model(image, granularity):
     """Every map and mask grid has H != W: the kernels' patch ids and pixel offsets must
     keep height and width apart."""
     rng = np.random.default_rng(1)
-    cfg = dict(arch="resnet_tiny", num_classes=10, mode=("spatial", "both", "spatial", "both"),
+    cfg = dict(arch="resnet_tiny", num_classes=10, mode=("spatial", "spatial+channel", "spatial", "spatial+channel"),
                granularity=granularity)
     model = build_model(cfg)
     variables = _random_batch_stats(init_variables(model, 0, image), rng)

@@ -14,7 +14,7 @@ from laud_jax.latency.launches import ENGINES
 from laud_jax.latency.predictor import default_engine, predict
 from laud_jax.latency.profiles import HARDWARE_NAMES, get_profile, local_profile_path
 from laud_jax.latency.search import CHANNEL_GRANULARITIES, GRANULARITIES, NUM_RATES, SEARCH_MODES, default_rates, search
-from laud_jax.models.specs import ARCHS, MODES, network_spec
+from laud_jax.models.specs import ARCHS, MODE_ALIASES, MODES, SPATIAL_MODES, network_spec
 
 SMALL_ARCHS = ("resnet_small", "resnet_tiny")
 
@@ -139,7 +139,7 @@ def _check_batch(args) -> None:
 
 def run_predict(args) -> dict[str, Any]:
     _check_batch(args)
-    bad = [m for m in args.mode if m not in MODES]
+    bad = [m for m in args.mode if m not in MODES and m not in MODE_ALIASES]
     if bad:
         raise SystemExit(f"error: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     mode = args.mode[0] if len(args.mode) == 1 else args.mode
@@ -194,11 +194,11 @@ def run_search(args) -> dict[str, Any]:
     for stage, table in enumerate(result.candidates["latency_ratio"]):
         print(f"  stage {stage + 1}: " + "  ".join(
             f"{mode}:" + ",".join(
-                ("-" if math.isnan(table[si][mi]) else f"{table[si][mi]:.3f}") + ("" if mode not in ("spatial", "both") else f"@{size}")
-                for si, size in enumerate(sizes) if mode in ("spatial", "both") or si == 0
+                ("-" if math.isnan(table[si][mi]) else f"{table[si][mi]:.3f}") + ("" if mode not in SPATIAL_MODES else f"@{size}")
+                for si, size in enumerate(sizes) if mode in SPATIAL_MODES or si == 0
             ) for mi, mode in enumerate(modes)))
     for stage in result.stages:
-        detail = f" S={stage['granularity']}" if stage["mode"] in ("spatial", "both") else ""
+        detail = f" S={stage['granularity']}" if stage["mode"] in SPATIAL_MODES else ""
         print(f"stage {stage['stage']}: {stage['mode']}{detail}  {stage['static_ms']:.3f} -> "
               f"{stage['dynamic_ms']:.3f} ms (ratio {stage['latency_ratio']:.3f})")
     print(f"network: static {result.static_ms:.3f} ms, dynamic {result.dynamic_ms:.3f} ms, "

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from laud_jax.models.specs import MODES, BlockSpec, LayerSpec
+from laud_jax.models.specs import CHANNEL_MODES, LAYER_MODES, MODE_ALIASES, MODES, SPATIAL_MODES, BlockSpec, LayerSpec
 from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
 
 # Launch kinds: dense GEMM, direct convolution, grouped convolution, gathered-tile kernel,
@@ -60,6 +60,7 @@ KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST, KIND_CONV, KIND_LOOP, KIND_GR
     0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
 )
 MODE_CODE: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
+MODE_CODE |= {alias: MODE_CODE[mode] for alias, mode in MODE_ALIASES.items()}
 
 
 def _dataclass(cls):
@@ -441,7 +442,7 @@ def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineMod
     """Gates, capacities and row counts of one block call (see :class:`_BlockExecution`)."""
     bytes_per_element = jnp.where(setting.half > 0.5, 2.0, 4.0)
     code = setting.mode
-    spatial, channel, layer = _is(code, "spatial", "both"), _is(code, "channel", "both", "lc"), _is(code, "layer", "lc")
+    spatial, channel, layer = _is(code, *SPATIAL_MODES), _is(code, *CHANNEL_MODES), _is(code, *LAYER_MODES)
     rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
     rho_c = jnp.where(channel, setting.rho_channel, 1.0)
     rho_l = jnp.where(layer, setting.rho_layer, 1.0)
@@ -783,7 +784,7 @@ def block_macs(shape: BlockShape, setting: BlockSetting):
     """(expected dynamic MACs, static MACs) per sample, counted as the models' ``aux`` does."""
     f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     code = setting.mode
-    spatial, channel, layer = _is(code, "spatial", "both"), _is(code, "channel", "both", "lc"), _is(code, "layer", "lc")
+    spatial, channel, layer = _is(code, *SPATIAL_MODES), _is(code, *CHANNEL_MODES), _is(code, *LAYER_MODES)
     rho_s = jnp.where(spatial, setting.rho_spatial, 1.0)
     rho_c = jnp.where(channel, setting.rho_channel, 1.0)
     rho_l = jnp.where(layer, setting.rho_layer, 1.0)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from laud_jax.latency.calibrate import Measurements
 from laud_jax.latency.launches import MODE_CODE, BlockSetting, BlockShape
 from laud_jax.models.blocks import DynamicBasicBlock, DynamicBottleneck
-from laud_jax.models.specs import MODES, BlockSpec, network_spec
+from laud_jax.models.specs import CHANNEL_MODES, MODES, BlockSpec, network_spec
 from laud_jax.sparse import engine as sparse_engine
 from laud_jax.sparse import executor, get_ops
 from laud_jax.sparse.folding import fold_block
@@ -35,7 +35,7 @@ from laud_jax.timing import stats_ms, time_side_by_side
 
 # (arch, image side): block shapes the calibration draws from (CPU-sized).
 CALIBRATION_NETWORKS = (("resnet_small", 64), ("resnet50", 112), ("resnet18", 112), ("regnety_400mf", 112))
-MODE_WEIGHTS = {"static": 1.0, "spatial": 2.0, "channel": 1.0, "layer": 1.0, "both": 1.0, "lc": 1.0}
+MODE_WEIGHTS = {"static": 1.0, "spatial": 2.0, "channel": 1.0, "layer": 1.0, "spatial+channel": 1.0, "lc": 1.0}
 BATCHES = (1, 2, 4, 8)
 MAX_INPUT_ELEMENTS = 2_000_000  # batch * H * W * C of a block input, to bound the run time
 
@@ -75,7 +75,7 @@ def sample_configs(n: int, seed: int) -> list[TimingConfig]:
         index = int(rng.integers(len(blocks)))
         block = blocks[index]
         mode = str(rng.choice(modes, p=weights))
-        if mode in ("channel", "both", "lc") and block.width % 2:
+        if mode in CHANNEL_MODES and block.width % 2:
             continue
         sizes = [s for s in (1, 2, 4, 7, 8) if block.h_out % s == 0 and block.w_out % s == 0]
         batches = [b for b in BATCHES if b * block.h_in * block.w_in * block.in_channels <= MAX_INPUT_ELEMENTS]

@@ -11,9 +11,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-MODES = ("static", "spatial", "channel", "layer", "both", "lc")
-SPATIAL_MODES = ("spatial", "both")
-CHANNEL_MODES = ("channel", "both", "lc")
+MODES = ("static", "spatial", "channel", "layer", "spatial+channel", "lc")
+MODE_ALIASES = {"both": "spatial+channel"}  # accepted on input, stored as the canonical name
+SPATIAL_MODES = ("spatial", "spatial+channel")
+CHANNEL_MODES = ("channel", "spatial+channel", "lc")
 LAYER_MODES = ("layer", "lc")
 CHANNEL_MASK_POSITIONS = ("post_act", "pre_bn")
 SE_POOLS = ("masked", "dense")
@@ -177,7 +178,7 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
                 raise ValueError(f"model.{key} must be positive, got {cfg[key]}")
     if (cfg.get("stage_widths") or cfg.get("stem_width")) and ARCHS[arch].stem == "regnet":
         raise ValueError("stage_widths/stem_width overrides are for ResNet archs only")
-    mode = _per_stage(cfg.get("mode", "static"), n, "mode", str)
+    mode = tuple(MODE_ALIASES.get(m, m) for m in _per_stage(cfg.get("mode", "static"), n, "mode", str))
     bad = [m for m in mode if m not in MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; choose from {MODES}")

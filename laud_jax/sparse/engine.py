@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from laud_jax.models.blocks import BlockGates
-from laud_jax.models.specs import BlockSpec, ModelConfig, NetworkSpec, model_config, network_spec
+from laud_jax.models.specs import SPATIAL_MODES, BlockSpec, ModelConfig, NetworkSpec, model_config, network_spec
 from laud_jax.sparse import executor
 from laud_jax.sparse.backends import BACKENDS, get_ops
 from laud_jax.sparse.folding import cast_weights, fold_network
@@ -239,7 +239,7 @@ class SparseEngine:
         if capacity_steps < 1:
             raise ValueError(f"capacity_steps must be >= 1, got {capacity_steps}")
         self.config = model_config(config)
-        spatial = any(m in ("spatial", "both") for m in self.config.mode)
+        spatial = any(m in SPATIAL_MODES for m in self.config.mode)
         if spatial and self.config.mask_groups != 1 and backend != "dense":
             raise ValueError(
                 f"mask_groups={self.config.mask_groups}: spatial masks with several groups are executed "
