@@ -8,4 +8,4 @@ from laud_jax.config_utils import imagenet_config
 
 
 def get_config():
-  return imagenet_config('regnety_800mf')
+    return imagenet_config("regnety_800mf")

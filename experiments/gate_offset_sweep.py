@@ -21,43 +21,71 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from laud_jax import evaluate  # noqa: E402
-from laud_jax.models import build_model  # noqa: E402
+from laud_jax import evaluate
+from laud_jax.models import build_model
 
 
-def sweep(checkpoint: str, offsets: list[float], *, exp_config=None, max_examples: int = 0,
-          backend: str = "auto", latency_batch: int = 1, repeats: int = 30) -> dict:
+def sweep(
+    checkpoint: str,
+    offsets: list[float],
+    *,
+    exp_config=None,
+    max_examples: int = 0,
+    backend: str = "auto",
+    latency_batch: int = 1,
+    repeats: int = 30,
+) -> dict:
     """Evaluation and measured latency at every offset (one compiled eval step for all)."""
     from laud_jax import data
 
     model_cfg, variables, recorded = evaluate.load_checkpoint(checkpoint)
     data_cfg = evaluate.data_config(exp_config, recorded)
-    batch_size = exp_config.eval_batch_size if exp_config is not None else int((recorded or {}).get("eval_batch_size", 256))
+    batch_size = (
+        exp_config.eval_batch_size if exp_config is not None else int((recorded or {}).get("eval_batch_size", 256))
+    )
     step = evaluate.make_eval_step(build_model(model_cfg))
     timing_images = next(iter(data.eval_batches(data_cfg, latency_batch)))["image"]
     rows = []
     for offset in offsets:
         result = evaluate.accuracy_and_density(
-            model_cfg, variables, data.eval_batches(data_cfg, batch_size), gate_offset=offset,
-            max_examples=max_examples, progress=False, eval_step=step,
+            model_cfg,
+            variables,
+            data.eval_batches(data_cfg, batch_size),
+            gate_offset=offset,
+            max_examples=max_examples,
+            progress=False,
+            eval_step=step,
         )
-        latency = evaluate.measure_latency(model_cfg, variables, timing_images, backend=backend,
-                                           gate_offset=offset, repeats=repeats)
-        rows.append({
-            "gate_offset": offset,
-            "top1": result["top1"],
-            "mac_ratio": result["mac_ratio"],
-            "density": result["density"],
-            "stage_density": [s["density"] for s in result["stages"]],
-            "static_ms": latency["dense_ms"],
-            "dynamic_ms": latency["sparse_ms"],
-            "speedup": latency["speedup"],
-            "examples": result["examples"],
-        })
-        print(f"offset {offset:+.2f}: top-1 {100 * result['top1']:.2f} %, MAC ratio {result['mac_ratio']:.3f}, "
-              f"dynamic {latency['sparse_ms']:.3f} ms vs static {latency['dense_ms']:.3f} ms", flush=True)
-    return {"checkpoint": checkpoint, "model": model_cfg, "backend": latency["backend"],
-            "device": latency["device"], "latency_batch": latency_batch, "repeats": repeats, "rows": rows}
+        latency = evaluate.measure_latency(
+            model_cfg, variables, timing_images, backend=backend, gate_offset=offset, repeats=repeats
+        )
+        rows.append(
+            {
+                "gate_offset": offset,
+                "top1": result["top1"],
+                "mac_ratio": result["mac_ratio"],
+                "density": result["density"],
+                "stage_density": [s["density"] for s in result["stages"]],
+                "static_ms": latency["dense_ms"],
+                "dynamic_ms": latency["sparse_ms"],
+                "speedup": latency["speedup"],
+                "examples": result["examples"],
+            }
+        )
+        print(
+            f"offset {offset:+.2f}: top-1 {100 * result['top1']:.2f} %, MAC ratio {result['mac_ratio']:.3f}, "
+            f"dynamic {latency['sparse_ms']:.3f} ms vs static {latency['dense_ms']:.3f} ms",
+            flush=True,
+        )
+    return {
+        "checkpoint": checkpoint,
+        "model": model_cfg,
+        "backend": latency["backend"],
+        "device": latency["device"],
+        "latency_batch": latency_batch,
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def plot(report: dict, path: str) -> None:
@@ -73,8 +101,9 @@ def plot(report: dict, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.8), dpi=120)
     left.plot([r["dynamic_ms"] for r in rows], top1, "o-", label="dynamic (sparse engine)")
     for r, acc in zip(rows, top1):
-        left.annotate(f"{r['gate_offset']:+g}", (r["dynamic_ms"], acc), textcoords="offset points",
-                      xytext=(4, 4), fontsize=7)
+        left.annotate(
+            f"{r['gate_offset']:+g}", (r["dynamic_ms"], acc), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
     static = float(np.median([r["static_ms"] for r in rows]))
     left.axvline(static, color="gray", linestyle="--", label=f"static network ({static:.2f} ms)")
     left.set_xlabel(f"measured latency, batch {report['latency_batch']} ({report['backend']}, {report['device']}) [ms]")
@@ -92,10 +121,15 @@ def plot(report: dict, path: str) -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| gate offset | top-1 | MAC ratio | dynamic ms | static ms | speed-up |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| gate offset | top-1 | MAC ratio | dynamic ms | static ms | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['gate_offset']:+g} | {100 * r['top1']:.2f} % | {r['mac_ratio']:.3f} | "
-                     f"{r['dynamic_ms']:.3f} | {r['static_ms']:.3f} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {r['gate_offset']:+g} | {100 * r['top1']:.2f} % | {r['mac_ratio']:.3f} | "
+            f"{r['dynamic_ms']:.3f} | {r['static_ms']:.3f} | {r['speedup']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -129,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
 
         exp_config = load_config_file(args.exp)
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    report = sweep(args.checkpoint, offsets, exp_config=exp_config, max_examples=args.max_examples,
-                   backend=args.backend, latency_batch=args.latency_batch, repeats=args.repeats)
+    report = sweep(
+        args.checkpoint,
+        offsets,
+        exp_config=exp_config,
+        max_examples=args.max_examples,
+        backend=args.backend,
+        latency_batch=args.latency_batch,
+        repeats=args.repeats,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from laud_jax.latency import ENGINES, PRESETS, BlockShape, block_setting, grid_block_times, predict, search  # noqa: E402
-from laud_jax.latency.launches import MODE_CODE  # noqa: E402
-from laud_jax.models import network_spec  # noqa: E402
+from laud_jax.latency import ENGINES, PRESETS, BlockShape, block_setting, grid_block_times, predict, search
+from laud_jax.latency.launches import MODE_CODE
+from laud_jax.models import network_spec
 
 ARCHS = ("resnet50", "resnet101", "regnety_800mf")
 SIZES = (1, 2, 4, 7, 8, 14, 28)
@@ -49,7 +49,9 @@ def stage_ratios(arch: str, hardware: str, engine: str) -> dict:
     batch, dtype = HARDWARE[hardware]
     spec = network_spec({"arch": arch, "num_classes": 1000}, (224, 224))
     shapes = BlockShape.from_specs(spec.blocks)
-    modes = jnp.asarray([MODE_CODE["static"], MODE_CODE["spatial"], MODE_CODE["layer"], MODE_CODE["channel"]], jnp.float32)
+    modes = jnp.asarray(
+        [MODE_CODE["static"], MODE_CODE["spatial"], MODE_CODE["layer"], MODE_CODE["channel"]], jnp.float32
+    )
     setting = block_setting("spatial", jnp.asarray(SIZES, jnp.float32)[:, None], RHO, batch=batch, dtype=dtype)
     setting = dataclasses.replace(setting, mode=jnp.broadcast_to(modes[None, :], (len(SIZES), 4)))
     times = np.asarray(grid_block_times(PRESETS[hardware], ENGINES[engine], shapes, setting)[0], np.float64)
@@ -72,10 +74,17 @@ def sanity() -> list[dict]:
     for hardware, (batch, dtype) in HARDWARE.items():
         for engine in ("pallas", "halo"):
             row = {"hardware": hardware, "engine": engine, "batch": batch, "dtype": dtype}
-            for label, mode, size in (("S=1", "spatial", 1), ("S=2", "spatial", (2, 2, 2, 1)),
-                                      ("S=4,4,2,1", "spatial", (4, 4, 2, 1)), ("S=7", "spatial", 7),
-                                      ("layer", "layer", 1), ("channel", "channel", 1)):
-                spec = network_spec({"arch": "resnet101", "num_classes": 1000, "mode": mode, "granularity": size}, (224, 224))
+            for label, mode, size in (
+                ("S=1", "spatial", 1),
+                ("S=2", "spatial", (2, 2, 2, 1)),
+                ("S=4,4,2,1", "spatial", (4, 4, 2, 1)),
+                ("S=7", "spatial", 7),
+                ("layer", "layer", 1),
+                ("channel", "channel", 1),
+            ):
+                spec = network_spec(
+                    {"arch": "resnet101", "num_classes": 1000, "mode": mode, "granularity": size}, (224, 224)
+                )
                 row[label] = predict(spec, PRESETS[hardware], engine, rho=RHO, batch=batch, dtype=dtype).latency_ratio
             rows.append(row)
     return rows
@@ -92,10 +101,15 @@ def search_seconds(repeats: int = 7) -> dict:
         result = search("resnet101", PRESETS["v100"], ENGINES["pallas"], **kwargs)
         walls.append(time.perf_counter() - start)
     sizes, modes = result.candidates["granularities"], result.candidates["modes"]
-    return {"first_call_s": first, "median_s": statistics.median(walls), "max_s": max(walls),
-            "grid": f"4 stages x {len(sizes)} S x {len(modes)} modes x 3 channel group sizes x 20 rates",
-            "choice": [(s["mode"], s["granularity"]) for s in result.stages], "latency_ratio": result.latency_ratio,
-            "load_average": os.getloadavg()[0]}
+    return {
+        "first_call_s": first,
+        "median_s": statistics.median(walls),
+        "max_s": max(walls),
+        "grid": f"4 stages x {len(sizes)} S x {len(modes)} modes x 3 channel group sizes x 20 rates",
+        "choice": [(s["mode"], s["granularity"]) for s in result.stages],
+        "latency_ratio": result.latency_ratio,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def _fmt(v: float) -> str:
@@ -113,13 +127,20 @@ def write_markdown(path: str, ablation: dict, sanity_rows: list[dict], timing: d
         "",
     ]
     for arch in ARCHS:
-        lines += [f"## {arch}", "", "| hardware | stage (grid) | " + " | ".join(f"S={s}" for s in SIZES) + " | layer | channel |",
-                  "|---|---|" + "---|" * (len(SIZES) + 2)]
+        lines += [
+            f"## {arch}",
+            "",
+            "| hardware | stage (grid) | " + " | ".join(f"S={s}" for s in SIZES) + " | layer | channel |",
+            "|---|---|" + "---|" * (len(SIZES) + 2),
+        ]
         for hardware in HARDWARE:
             for stage, row in ablation["pallas"][arch][hardware].items():
                 cells = [_fmt(row["spatial"][s]) if s in row["spatial"] else "" for s in SIZES]
-                lines.append(f"| {hardware} | {stage} ({row['grid']}x{row['grid']}) | " + " | ".join(cells)
-                             + f" | {_fmt(row['layer'])} | {_fmt(row['channel'])} |")
+                lines.append(
+                    f"| {hardware} | {stage} ({row['grid']}x{row['grid']}) | "
+                    + " | ".join(cells)
+                    + f" | {_fmt(row['layer'])} | {_fmt(row['channel'])} |"
+                )
         lines.append("")
     lines += [
         "## Sanity against the published analysis (ResNet-101, whole network, rho = 0.5)",
@@ -131,8 +152,11 @@ def write_markdown(path: str, ablation: dict, sanity_rows: list[dict], timing: d
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sanity_rows:
-        lines.append(f"| {row['hardware']} | {row['engine']} | {row['batch']} | {row['dtype']} | "
-                     + " | ".join(_fmt(row[k]) for k in ("S=1", "S=2", "S=4,4,2,1", "S=7", "layer", "channel")) + " |")
+        lines.append(
+            f"| {row['hardware']} | {row['engine']} | {row['batch']} | {row['dtype']} | "
+            + " | ".join(_fmt(row[k]) for k in ("S=1", "S=2", "S=4,4,2,1", "S=7", "layer", "channel"))
+            + " |"
+        )
     lines += [
         "",
         "## Search time",
@@ -149,8 +173,9 @@ def write_markdown(path: str, ablation: dict, sanity_rows: list[dict], timing: d
 
 
 def plot(path: str, ablation: dict) -> None:
-    fig, axes = plt.subplots(len(ARCHS), len(HARDWARE), figsize=(3.2 * len(HARDWARE), 2.8 * len(ARCHS)),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(ARCHS), len(HARDWARE), figsize=(3.2 * len(HARDWARE), 2.8 * len(ARCHS)), sharex=True, squeeze=False
+    )
     for r, arch in enumerate(ARCHS):
         for c, hardware in enumerate(HARDWARE):
             ax = axes[r, c]

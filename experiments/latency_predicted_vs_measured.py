@@ -19,13 +19,19 @@ from collections import defaultdict
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from laud_jax.latency.calibrate import FIT_FIELDS, error_summary  # noqa: E402
+from laud_jax.latency.calibrate import FIT_FIELDS, error_summary
 
-UNITS = {"flops_fp32": (1e-9, "GFLOP/s"), "dram_bw": (1e-9, "GB/s"), "l2_bw": (1e-9, "GB/s"),
-         "launch_overhead": (1e6, "us"), "loop_overhead": (1e6, "us"), "call_overhead": (1e6, "us")}
+UNITS = {
+    "flops_fp32": (1e-9, "GFLOP/s"),
+    "dram_bw": (1e-9, "GB/s"),
+    "l2_bw": (1e-9, "GB/s"),
+    "launch_overhead": (1e6, "us"),
+    "loop_overhead": (1e6, "us"),
+    "call_overhead": (1e6, "us"),
+}
 
 
 def _pct(v: float) -> str:
@@ -55,10 +61,17 @@ def write_markdown(path: str, report: dict) -> None:
     ]
     for name in ("train", "held_out"):
         s = report[name]
-        lines.append(f"| {name.replace('_', '-')} | {s['count']} | {_pct(s['median_abs_rel_error'])} | "
-                     f"{_pct(s['within_20pct'])} | {_pct(s['mean_abs_rel_error'])} | {_pct(s['max_abs_rel_error'])} |")
-    lines += ["", "Held-out errors by mode:", "", "| mode | configurations | median abs. rel. error | within +-20% |",
-              "|---|---|---|---|"]
+        lines.append(
+            f"| {name.replace('_', '-')} | {s['count']} | {_pct(s['median_abs_rel_error'])} | "
+            f"{_pct(s['within_20pct'])} | {_pct(s['mean_abs_rel_error'])} | {_pct(s['max_abs_rel_error'])} |"
+        )
+    lines += [
+        "",
+        "Held-out errors by mode:",
+        "",
+        "| mode | configurations | median abs. rel. error | within +-20% |",
+        "|---|---|---|---|",
+    ]
     by_mode = defaultdict(list)
     for c in held:
         by_mode[c["mode"]].append(c["rel_error"])
@@ -71,11 +84,18 @@ def write_markdown(path: str, report: dict) -> None:
         scale, unit = UNITS.get(field, (1.0, ""))
         lines.append(f"| {field} | {profile[field] * scale:.4g} {unit} |")
     worst = sorted(held, key=lambda c: -abs(c["rel_error"]))[:10]
-    lines += ["", "Largest held-out errors:", "",
-              "| arch | block | mode | S | rho | batch | measured ms | predicted ms | error |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Largest held-out errors:",
+        "",
+        "| arch | block | mode | S | rho | batch | measured ms | predicted ms | error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in worst:
-        lines.append(f"| {c['arch']} | {c['block']} | {c['mode']} | {c['granularity']} | {c['rho']:.2f} | {c['batch']} | "
-                     f"{1e3 * c['seconds']:.3f} | {1e3 * c['predicted_s']:.3f} | {100 * c['rel_error']:+.0f}% |")
+        lines.append(
+            f"| {c['arch']} | {c['block']} | {c['mode']} | {c['granularity']} | {c['rho']:.2f} | {c['batch']} | "
+            f"{1e3 * c['seconds']:.3f} | {1e3 * c['predicted_s']:.3f} | {100 * c['rel_error']:+.0f}% |"
+        )
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -86,8 +106,14 @@ def plot(path: str, report: dict) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     for held, color, label in ((False, "tab:blue", "fit"), (True, "tab:red", "held out")):
         points = [c for c in configs if c["held_out"] == held]
-        ax.scatter([1e3 * c["seconds"] for c in points], [1e3 * c["predicted_s"] for c in points], s=12,
-                   color=color, label=label, alpha=0.8)
+        ax.scatter(
+            [1e3 * c["seconds"] for c in points],
+            [1e3 * c["predicted_s"] for c in points],
+            s=12,
+            color=color,
+            label=label,
+            alpha=0.8,
+        )
     low = min(1e3 * min(c["seconds"], c["predicted_s"]) for c in configs) * 0.8
     high = max(1e3 * max(c["seconds"], c["predicted_s"]) for c in configs) * 1.25
     line = np.geomspace(low, high, 50)
@@ -105,8 +131,11 @@ def plot(path: str, report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--report", default=os.path.join("runs", "latency", "calibration_report.json"),
-                        help="calibration report JSON (run calibration when it does not exist)")
+    parser.add_argument(
+        "--report",
+        default=os.path.join("runs", "latency", "calibration_report.json"),
+        help="calibration report JSON (run calibration when it does not exist)",
+    )
     parser.add_argument("--configs", type=int, default=120, help="configurations to time when calibrating")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
     parser.add_argument("--out", default="docs", help="output directory (default docs)")
@@ -116,8 +145,12 @@ def main() -> None:
 
         directory = os.path.dirname(args.report)
         report = calibrate_local(
-            out=os.path.join(directory, "local_profile.json"), measurements=os.path.join(directory, "timings.json"),
-            configs=args.configs, repeats=args.repeats, holdout=0.3, seed=0,
+            out=os.path.join(directory, "local_profile.json"),
+            measurements=os.path.join(directory, "timings.json"),
+            configs=args.configs,
+            repeats=args.repeats,
+            holdout=0.3,
+            seed=0,
         )
         write_report(args.report, report)
     with open(args.report) as f:
@@ -126,8 +159,10 @@ def main() -> None:
     write_markdown(os.path.join(args.out, "latency_calibration.md"), report)
     plot(os.path.join(args.out, "latency_calibration.png"), report)
     held = report["held_out"]
-    print(f"held-out median |error| {_pct(held['median_abs_rel_error'])}, {_pct(held['within_20pct'])} within +-20%; "
-          f"wrote {args.out}/latency_calibration.md and .png")
+    print(
+        f"held-out median |error| {_pct(held['median_abs_rel_error'])}, {_pct(held['within_20pct'])} within +-20%; "
+        f"wrote {args.out}/latency_calibration.md and .png"
+    )
 
 
 if __name__ == "__main__":

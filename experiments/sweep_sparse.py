@@ -40,13 +40,32 @@ def point_key(arch: str, batch: int, rate: float, setting: str) -> str:
 def measure(arch: str, batch: int, rate: float, setting: str, repeats: int) -> dict[str, Any]:
     mode, granularity = SETTINGS[setting]
     result = benchmark.run_benchmark(
-        arch=arch, mode=mode, granularity=tuple(int(g) for g in granularity.split(",")), rate=rate, batch=batch,
-        repeats=repeats, warmup=2, blocks=False, masked=False, stepwise=False, progress=False,
+        arch=arch,
+        mode=mode,
+        granularity=tuple(int(g) for g in granularity.split(",")),
+        rate=rate,
+        batch=batch,
+        repeats=repeats,
+        warmup=2,
+        blocks=False,
+        masked=False,
+        stepwise=False,
+        progress=False,
     )
-    keep = ("dense_ms", "dynamic_ms", "latency_ratio", "paired_latency_ratio", "min_latency_ratio", "mac_ratio",
-            "efficiency")
+    keep = (
+        "dense_ms",
+        "dynamic_ms",
+        "latency_ratio",
+        "paired_latency_ratio",
+        "min_latency_ratio",
+        "mac_ratio",
+        "efficiency",
+    )
     return {
-        "arch": arch, "batch": batch, "rate": rate, "setting": setting,
+        "arch": arch,
+        "batch": batch,
+        "rate": rate,
+        "setting": setting,
         **{k: result[k] for k in keep},
         "load": result["machine"]["load_before"][0],
         "max_abs_diff": result["max_abs_diff_vs_model"]["dynamic"],
@@ -82,8 +101,13 @@ def write_plot(points: list[dict[str, Any]], path: str) -> None:
             for arch, color in (("resnet50", "tab:blue"), ("resnet101", "tab:orange")):
                 sel = [p for p in points if p["batch"] == batch and p["setting"] == setting and p["arch"] == arch]
                 if sel:
-                    ax.scatter([p["mac_ratio"] for p in sel], [p["latency_ratio"] for p in sel],
-                               marker=markers[setting], color=color, label=f"{arch} {setting}")
+                    ax.scatter(
+                        [p["mac_ratio"] for p in sel],
+                        [p["latency_ratio"] for p in sel],
+                        marker=markers[setting],
+                        color=color,
+                        label=f"{arch} {setting}",
+                    )
         ax.plot([0, 1.05], [0, 1.05], "k--", lw=0.8, label="latency = MACs")
         ax.plot([0, 1.05], [0, 1.05 * 1.15], "k:", lw=0.8, label="latency = 1.15 x MACs")
         ax.set(xlim=(0, 1.05), ylim=(0, 1.25), xlabel="MAC ratio (dynamic / dense)", title=f"batch {batch}")

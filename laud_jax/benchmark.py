@@ -34,7 +34,6 @@ from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS
 from laud_jax.sparse.synthetic import random_masks, random_variables
 from laud_jax.timing import stats_ms, time_side_by_side
 
-
 EXECUTIONS = ("auto", "planned", "speculative", "stepwise")
 
 
@@ -228,31 +227,38 @@ def _block_table(engine, spec, images, plan, aux, args) -> list[dict[str, Any]]:
     for trace, record in zip(iterator, aux["blocks"]):
         times = time_side_by_side(
             {"dense": engine.block_program(trace, dense=True), "dynamic": engine.block_program(trace)},
-            args.block_repeats, args.warmup,
+            args.block_repeats,
+            args.warmup,
         )
         dense_t, dyn_t = np.asarray(times["dense"]), np.asarray(times["dynamic"])
-        rows.append({
-            "name": trace.spec.name,
-            "mode": trace.spec.mode,
-            "plan": trace.plan.run,
-            "capacities": {k: getattr(trace.plan, k) for k in ("cells", "pixels", "groups", "samples")},
-            "counts": trace.counts,
-            "dense_ms": float(1e3 * np.median(dense_t)),
-            "dynamic_ms": float(1e3 * np.median(dyn_t)),
-            "dense": stats_ms(dense_t),
-            "dynamic": stats_ms(dyn_t),
-            "latency_ratio": float(np.median(dyn_t) / np.median(dense_t)),
-            "mac_ratio": float(jnp.mean(record["macs"]) / record["dense_macs"]),
-        })
+        rows.append(
+            {
+                "name": trace.spec.name,
+                "mode": trace.spec.mode,
+                "plan": trace.plan.run,
+                "capacities": {k: getattr(trace.plan, k) for k in ("cells", "pixels", "groups", "samples")},
+                "counts": trace.counts,
+                "dense_ms": float(1e3 * np.median(dense_t)),
+                "dynamic_ms": float(1e3 * np.median(dyn_t)),
+                "dense": stats_ms(dense_t),
+                "dynamic": stats_ms(dyn_t),
+                "latency_ratio": float(np.median(dyn_t) / np.median(dense_t)),
+                "mac_ratio": float(jnp.mean(record["macs"]) / record["dense_macs"]),
+            }
+        )
     return rows
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a text table: per block, then the whole network."""
+
     def span(stats):
         return f"{stats['median_ms']:8.2f} [{stats['min_ms']:.2f}-{stats['max_ms']:.2f}]"
 
-    header = f"{'':12s} {'dense ms (median [min-max])':>30s} {'dynamic ms (median [min-max])':>30s} {'latency':>8s} {'MACs':>6s}"
+    header = (
+        f"{'':12s} {'dense ms (median [min-max])':>30s} {'dynamic ms (median [min-max])':>30s} "
+        f"{'latency':>8s} {'MACs':>6s}"
+    )
     lines = [header, "-" * len(header)]
     for row in result.get("blocks", []):
         lines.append(
@@ -301,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--arch", choices=sorted(ARCHS))
     model.add_argument("--mode", help=f"one mode or one per stage, comma separated: {', '.join(MODES)}")
     model.add_argument("--granularity", type=_granularity, help="spatial patch size S per stage, e.g. 4,4,2,1")
-    model.add_argument("--rate", type=float, help="forced mask density (spatial cells, channel groups, executed blocks)")
+    model.add_argument(
+        "--rate", type=float, help="forced mask density (spatial cells, channel groups, executed blocks)"
+    )
     model.add_argument("--channel-rate", type=float, help="channel-group density when it should differ from --rate")
     model.add_argument("--mask-groups", type=int)
     model.add_argument("--channel-granularity", type=int)
@@ -311,20 +319,30 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--channels", type=int)
     trained = parser.add_argument_group("trained model")
     trained.add_argument("--checkpoint", help="laud_jax.train work directory: its gates decide the masks")
-    trained.add_argument("--inputs", help="'eval' (the run's eval data; random without --checkpoint), 'random', or an .npy file of NHWC images")
+    trained.add_argument(
+        "--inputs",
+        help="'eval' (the run's eval data; random without --checkpoint), 'random', or an .npy file of NHWC images",
+    )
     trained.add_argument("--gate-offset", type=float, help="eval gate threshold offset")
     run = parser.add_argument_group("measurement")
     run.add_argument("--batch", type=int)
     run.add_argument("--backend", choices=BACKENDS)
-    run.add_argument("--execution", choices=EXECUTIONS,
-                     help="dynamic figure: planned (masks known ahead: one program), speculative (gates decide; one program under the plans earlier inputs needed, checked) or stepwise (host reads each block's counts); auto: planned with --rate, speculative with --checkpoint")
+    run.add_argument(
+        "--execution",
+        choices=EXECUTIONS,
+        help="dynamic figure: planned (masks known ahead: one program), speculative (gates decide; one program "
+        "under the plans earlier inputs needed, checked) or stepwise (host reads each block's counts); auto: "
+        "planned with --rate, speculative with --checkpoint",
+    )
     run.add_argument("--repeats", type=int, help="timed runs of each network (medians reported)")
     run.add_argument("--block-repeats", type=int, help="timed runs of each block alone")
     run.add_argument("--warmup", type=int)
     run.add_argument("--capacity-steps", type=int, help="index-list padding at most 1/steps of the dense work")
     run.add_argument("--seed", type=int)
     run.add_argument("--no-blocks", dest="blocks", action="store_false", help="skip the per-block table")
-    run.add_argument("--skip-masked", dest="masked", action="store_false", help="skip timing the dense masked reference")
+    run.add_argument(
+        "--skip-masked", dest="masked", action="store_false", help="skip timing the dense masked reference"
+    )
     run.add_argument("--skip-stepwise", dest="stepwise", action="store_false", help="skip timing the stepwise driver")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     run.add_argument("--json", help="write the result record here")

@@ -83,8 +83,7 @@ def _find_state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
                 return _find_state_dict(obj[key], path)
     found = list(obj.keys()) if isinstance(obj, Mapping) else type(obj).__name__
     raise ConversionError(
-        f"{path} holds no state_dict (a dict of tensors, or one under 'state_dict'/'model'); "
-        f"found {found}"
+        f"{path} holds no state_dict (a dict of tensors, or one under 'state_dict'/'model'); found {found}"
     )
 
 
@@ -172,13 +171,26 @@ def block_prefix(layout: Layout, stage: int, index: int) -> str:
 def _block_names(layout: Layout) -> dict[str, str]:
     if layout.family == "resnet":
         return {
-            "conv1": "conv1", "bn1": "bn1", "conv2": "conv2", "bn2": "bn2", "conv3": "conv3",
-            "bn3": "bn3", "downsample_conv": "downsample.0", "downsample_bn": "downsample.1",
+            "conv1": "conv1",
+            "bn1": "bn1",
+            "conv2": "conv2",
+            "bn2": "bn2",
+            "conv3": "conv3",
+            "bn3": "bn3",
+            "downsample_conv": "downsample.0",
+            "downsample_bn": "downsample.1",
         }
     return {
-        "conv1": "f.a.0", "bn1": "f.a.1", "conv2": "f.b.0", "bn2": "f.b.1", "conv3": "f.c.0",
-        "bn3": "f.c.1", "downsample_conv": "proj.0", "downsample_bn": "proj.1",
-        "se/reduce": "f.se.fc1", "se/expand": "f.se.fc2",
+        "conv1": "f.a.0",
+        "bn1": "f.a.1",
+        "conv2": "f.b.0",
+        "bn2": "f.b.1",
+        "conv3": "f.c.0",
+        "bn3": "f.c.1",
+        "downsample_conv": "proj.0",
+        "downsample_bn": "proj.1",
+        "se/reduce": "f.se.fc1",
+        "se/expand": "f.se.fc2",
     }
 
 
@@ -279,16 +291,12 @@ def infer_architecture(state: Mapping[str, np.ndarray], layout: Layout) -> dict[
     depths = _stage_depths(state, layout)
     num_classes = _shape(state, "fc.weight")[0]
     names = _block_names(layout)
-    widths = tuple(
-        _shape(state, block_prefix(layout, s, 0) + names["conv1"] + ".weight")[0] for s in range(4)
-    )
+    widths = tuple(_shape(state, block_prefix(layout, s, 0) + names["conv1"] + ".weight")[0] for s in range(4))
     cfg: dict[str, Any] = {"num_classes": num_classes}
     if layout.family == "resnet":
         stem = _shape(state, "conv1.weight")
         if stem[2] != 7:
-            raise ConversionError(
-                f"ResNet stem conv is {stem[2]}x{stem[3]}; only torchvision's 7x7 stem is supported"
-            )
+            raise ConversionError(f"ResNet stem conv is {stem[2]}x{stem[3]}; only torchvision's 7x7 stem is supported")
         bottleneck = block_prefix(layout, 0, 0) + "conv3.weight" in state
         defaults = {
             (False, (2, 2, 2, 2)): "resnet18",
@@ -377,8 +385,12 @@ def _as_stage_list(value: Any) -> list[str] | None:
 
 
 def infer_dynamic_settings(
-    state: Mapping[str, np.ndarray], layout: Layout, depths: Sequence[int], widths: Sequence[int],
-    recorded: Mapping[str, Any], user: Mapping[str, Any],
+    state: Mapping[str, np.ndarray],
+    layout: Layout,
+    depths: Sequence[int],
+    widths: Sequence[int],
+    recorded: Mapping[str, Any],
+    user: Mapping[str, Any],
 ) -> dict[str, Any]:
     """mode, granularity, mask_groups, channel_granularity, channel_mask_position.
 
@@ -413,10 +425,14 @@ def infer_dynamic_settings(
     masker = "masker.conv2.weight" if layout.source == "lasnet" else "masker_spatial.conv.weight"
     groups = {
         state[_gate_prefix(layout, s, i) + masker].shape[0] // 2
-        for s, m in enumerate(modes) if m in SPATIAL_MODES for i in range(depths[s])
+        for s, m in enumerate(modes)
+        if m in SPATIAL_MODES
+        for i in range(depths[s])
     }
     if len(groups) > 1:
-        raise ConversionError(f"spatial mask groups differ between blocks {sorted(groups)}; laud_jax uses one mask_groups")
+        raise ConversionError(
+            f"spatial mask groups differ between blocks {sorted(groups)}; laud_jax uses one mask_groups"
+        )
     if groups:
         settings["mask_groups"] = groups.pop()
     granularities = set()
@@ -443,9 +459,7 @@ def infer_dynamic_settings(
                 "the checkpoint has spatial maskers but records no mask granularity: pass granularity "
                 "(S per stage, e.g. --granularity 4,4,2,1 for LASNet's ResNet-50 4-4-2-1)"
             )
-        settings["granularity"] = tuple(
-            int(recorded_s[s]) if m in SPATIAL_MODES else 1 for s, m in enumerate(modes)
-        )
+        settings["granularity"] = tuple(int(recorded_s[s]) if m in SPATIAL_MODES else 1 for s, m in enumerate(modes))
     return settings
 
 
@@ -479,9 +493,7 @@ def _abstract_variables(cfg: Mapping[str, Any], image_size: int) -> tuple[Any, N
     spec = network_spec(cfg, (image_size, image_size, 3))
     model = build_model(cfg)
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    shapes = jax.eval_shape(
-        lambda x: model.init({"params": jax.random.key(0)}, x, train=False), images
-    )
+    shapes = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), images)
     return shapes, spec
 
 
@@ -492,7 +504,10 @@ def _format_list(title: str, items: list[str], limit: int = 40) -> str:
 
 
 def convert_state_dict(
-    state: Mapping[str, np.ndarray], cfg: Mapping[str, Any], layout: Layout, image_size: int = 224,
+    state: Mapping[str, np.ndarray],
+    cfg: Mapping[str, Any],
+    layout: Layout,
+    image_size: int = 224,
     source: str = "checkpoint",
 ) -> dict[str, Any]:
     """Flax ``{'params', 'batch_stats'}`` (float32 numpy) for model config ``cfg``.
@@ -528,9 +543,7 @@ def convert_state_dict(
             misshaped.append(f"{torch_key}: checkpoint {tuple(np.shape(state[torch_key]))}, model needs {want}")
             continue
         out[key_path] = np.asarray(value, np.float32)
-    unexpected = sorted(
-        k for k in state if k not in used and not k.endswith(IGNORED_SUFFIXES)
-    )
+    unexpected = sorted(k for k in state if k not in used and not k.endswith(IGNORED_SUFFIXES))
     if no_source:
         modes = sorted(set(config.mode))
         raise ConversionError(
@@ -591,8 +604,11 @@ def _jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save_converted(
-    out_dir: str | os.PathLike, cfg: Mapping[str, Any], variables: Mapping[str, Any],
-    info: Mapping[str, Any] | None = None, overwrite: bool = False,
+    out_dir: str | os.PathLike,
+    cfg: Mapping[str, Any],
+    variables: Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write ``config.json`` + an orbax checkpoint (step 0) in the train work-dir layout."""
     from laud_jax import checkpointing
@@ -625,7 +641,8 @@ def load_pretrained(source: str | os.PathLike, image_size: int | None = None, **
         variables, recorded = checkpointing.load_variables(source)
         cfg = recorded["model"]
         conflicts = {
-            k: (cfg.get(k), v) for k, v in model_config_overrides.items()
+            k: (cfg.get(k), v)
+            for k, v in model_config_overrides.items()
             if k != "dtype" and _jsonable({k: v})[k] != cfg.get(k)
         }
         if conflicts:
@@ -662,13 +679,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="directory to write (config.json + orbax checkpoint)")
     parser.add_argument("--arch", help="architecture (default: inferred)", choices=sorted(ARCHS))
     parser.add_argument("--num-classes", type=int, help="classifier width (default: from fc.weight)")
-    parser.add_argument("--mode", help="dynamic mode, one or per stage: static|spatial|channel|layer|spatial+channel (alias both), e.g. channel,channel,spatial+channel,layer")
+    parser.add_argument(
+        "--mode",
+        help="dynamic mode, one or per stage: static|spatial|channel|layer|spatial+channel (alias both), "
+        "e.g. channel,channel,spatial+channel,layer",
+    )
     parser.add_argument("--granularity", type=_int_list, help="spatial patch size S per stage, e.g. 4,4,2,1")
     parser.add_argument("--mask-groups", type=int, help="spatial mask groups G (default: from the masker)")
-    parser.add_argument("--channel-granularity", type=int, help="channels per channel-mask group (default: from the masker)")
-    parser.add_argument("--channel-mask-position", choices=("post_act", "pre_bn"), help="default: pre_bn for LAUDNet ResNets, post_act otherwise")
+    parser.add_argument(
+        "--channel-granularity", type=int, help="channels per channel-mask group (default: from the masker)"
+    )
+    parser.add_argument(
+        "--channel-mask-position",
+        choices=("post_act", "pre_bn"),
+        help="default: pre_bn for LAUDNet ResNets, post_act otherwise",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype recorded in the config")
-    parser.add_argument("--image-size", type=int, help="input size the granularity is checked against (default: recorded, else 224)")
+    parser.add_argument(
+        "--image-size", type=int, help="input size the granularity is checked against (default: recorded, else 224)"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return parser
 
@@ -676,10 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     user = {
-        "arch": args.arch, "num_classes": args.num_classes, "mode": args.mode,
-        "granularity": args.granularity, "mask_groups": args.mask_groups,
+        "arch": args.arch,
+        "num_classes": args.num_classes,
+        "mode": args.mode,
+        "granularity": args.granularity,
+        "mask_groups": args.mask_groups,
         "channel_granularity": args.channel_granularity,
-        "channel_mask_position": args.channel_mask_position, "dtype": args.dtype,
+        "channel_mask_position": args.channel_mask_position,
+        "dtype": args.dtype,
     }
     if os.path.exists(args.output) and os.listdir(args.output) and not args.force:
         print(f"error: {args.output} exists and is not empty; pass --force to replace it", file=sys.stderr)
@@ -696,8 +729,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "recorded": {k: v for k, v in checkpoint.recorded.items()},
     }
     out = save_converted(args.output, cfg, variables, info, overwrite=args.force)
-    print(f"read     {checkpoint.path}: {checkpoint.layout.source} {checkpoint.layout.family}, "
-          f"{len(checkpoint.state_dict)} tensors")
+    print(
+        f"read     {checkpoint.path}: {checkpoint.layout.source} {checkpoint.layout.family}, "
+        f"{len(checkpoint.state_dict)} tensors"
+    )
     print(f"model    {json.dumps(cfg)}")
     print(f"wrote    {out} ({count:,} values)")
     return 0

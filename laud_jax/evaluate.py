@@ -128,8 +128,9 @@ def accuracy_and_density(
     return summarize(model_cfg, image_shape, totals, gate_offset)
 
 
-def summarize(model_cfg: Mapping[str, Any], image_shape: Sequence[int], totals: Mapping[str, Any],
-              gate_offset: float) -> dict[str, Any]:
+def summarize(
+    model_cfg: Mapping[str, Any], image_shape: Sequence[int], totals: Mapping[str, Any], gate_offset: float
+) -> dict[str, Any]:
     """Turn summed batch statistics into rates per stage and overall."""
     spec = network_spec(model_cfg, image_shape)
     count = float(totals["count"])
@@ -185,13 +186,18 @@ def mask_coverage(spec: Any, coverage: np.ndarray) -> list[dict[str, Any]]:
         if not idx:
             continue
         total = dict(zip(steps.COVERAGE_KEYS, coverage[idx].sum(axis=0)))
-        ratio = lambda hit, all_: float(total[hit] / total[all_]) if total[all_] else None  # noqa: E731
-        records.append({
-            "stage": stage + 1,
-            "digit": ratio("digit_hit", "digit_ink"),
-            "clutter": ratio("clutter_hit", "clutter_ink"),
-            "background": ratio("blank_hit", "blank_cells"),
-        })
+
+        def ratio(hit: str, all_: str, total: dict[str, float] = total) -> float | None:
+            return float(total[hit] / total[all_]) if total[all_] else None
+
+        records.append(
+            {
+                "stage": stage + 1,
+                "digit": ratio("digit_hit", "digit_ink"),
+                "clutter": ratio("clutter_hit", "clutter_ink"),
+                "background": ratio("blank_hit", "blank_cells"),
+            }
+        )
     return records
 
 
@@ -325,18 +331,26 @@ def evaluate_checkpoint(
             f"{info.num_classes}: evaluate it on its own dataset (--exp.data.name=...)"
         )
     network_spec(model_cfg, info.image_shape)  # a granularity that does not fit fails here, before compute
-    size = batch_size or (exp_config.eval_batch_size if exp_config is not None else
-                          int((recorded or {}).get("eval_batch_size", 256)))
+    size = batch_size or (
+        exp_config.eval_batch_size if exp_config is not None else int((recorded or {}).get("eval_batch_size", 256))
+    )
     total = min(info.num_eval, max_examples) if max_examples else info.num_eval
     result = {
         "checkpoint": os.path.abspath(checkpoint),
         "model": model_cfg,
         "data": {"name": info.name, "split": str(data_cfg.get("eval_split", "test")), "examples": info.num_eval},
     }
-    result.update(accuracy_and_density(
-        model_cfg, variables, data.eval_batches(data_cfg, size, ink=True), gate_offset=gate_offset,
-        max_examples=max_examples, total=total, progress=progress,
-    ))
+    result.update(
+        accuracy_and_density(
+            model_cfg,
+            variables,
+            data.eval_batches(data_cfg, size, ink=True),
+            gate_offset=gate_offset,
+            max_examples=max_examples,
+            total=total,
+            progress=progress,
+        )
+    )
     if latency:
         first = next(iter(data.eval_batches(data_cfg, latency_batch)))
         result["latency"] = measure_latency(
@@ -358,12 +372,13 @@ def format_table(result: Mapping[str, Any]) -> str:
     granularity = model.get("granularity")
     lines = [
         f"checkpoint   {result['checkpoint']}",
-        f"model        {model['arch']}, mode {modes}" + (
-            f", S {'-'.join(str(s) for s in granularity)}" if granularity else ""),
+        f"model        {model['arch']}, mode {modes}"
+        + (f", S {'-'.join(str(s) for s in granularity)}" if granularity else ""),
         f"data         {result['data']['name']} {result['data']['split']}: {result['examples']} examples"
         + (f", gate offset {result['gate_offset']:+g}" if result["gate_offset"] else ""),
         f"top-1        {100 * result['top1']:.2f} %      top-5 {100 * result['top5']:.2f} %",
-        f"MAC ratio    {result['mac_ratio']:.3f}  ({result['macs'] / 1e6:.2f} M of {result['dense_macs'] / 1e6:.2f} M MACs per image)",
+        f"MAC ratio    {result['mac_ratio']:.3f}  ({result['macs'] / 1e6:.2f} M of "
+        f"{result['dense_macs'] / 1e6:.2f} M MACs per image)",
         "",
         f"{'stage':<7}{'mode':<9}{'density':>9}{'spatial':>9}{'channel':>9}{'layer':>9}",
     ]
@@ -374,12 +389,17 @@ def format_table(result: Mapping[str, Any]) -> str:
         )
     lines.append(f"{'all':<7}{'':<9}{result['density']:>9.3f}")
     if result.get("mask_coverage"):
-        lines += ["", "mask coverage: the fraction of the digit's and the clutter's ink in executed cells, "
-                  "and of blank cells executed",
-                  f"{'stage':<7}{'digit':>9}{'clutter':>9}{'blank':>9}"]
+        lines += [
+            "",
+            "mask coverage: the fraction of the digit's and the clutter's ink in executed cells, "
+            "and of blank cells executed",
+            f"{'stage':<7}{'digit':>9}{'clutter':>9}{'blank':>9}",
+        ]
         for entry in result["mask_coverage"]:
-            lines.append(f"{entry['stage']:<7}" + "".join(
-                f"{_fmt_rate(entry[k]):>9}" for k in ("digit", "clutter", "background")))
+            lines.append(
+                f"{entry['stage']:<7}"
+                + "".join(f"{_fmt_rate(entry[k]):>9}" for k in ("digit", "clutter", "background"))
+            )
     if "latency" in result:
         lat = result["latency"]
         lines += [
@@ -400,31 +420,71 @@ def build_parser() -> config_utils.ArgumentParser:
     """The flags of `python -m laud_jax.evaluate`."""
     parser = config_utils.ArgumentParser("evaluate", __doc__)
     config_utils.add_config_argument(
-        parser, "Experiment config (configs/*.py) for the data; --exp.data.name=... picks the dataset. "
-        "Default: the config a training work directory recorded.")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="Training work dir, converted dir, or PyTorch .pth/.pth.tar file.")
-    parser.add_argument("--gate_offset", metavar="X", type=float, default=0.0,
-                        help="Gate threshold offset: execute iff l_exec - l_skip >= offset (> 0 skips more).")
-    parser.add_argument("--max_examples", metavar="N", type=int, default=0,
-                        help="Evaluate at most this many examples (0 = the whole split).")
-    parser.add_argument("--batch_size", metavar="N", type=int, default=0,
-                        help="Evaluation batch size (0 = the config's eval_batch_size).")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                        help="Sparse engine backend for the latency measurement (auto: pallas on GPU, else xla).")
-    parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
-                        help="Measure static vs dynamic latency on this device.")
-    parser.add_argument("--latency_batch", metavar="N", type=int, default=1,
-                        help="Batch size of the latency measurement and prediction.")
-    parser.add_argument("--repeats", metavar="N", type=int, default=20,
-                        help="Timed calls per network (median reported).")
-    parser.add_argument("--hardware", metavar="NAME", default="v100",
-                        help="Hardware profile for the predicted latency (preset, 'local', a .json; '' to skip).")
-    parser.add_argument("--image_size", metavar="N", type=int, default=0,
-                        help="For .pth files: input size the granularity is checked against.")
+        parser,
+        "Experiment config (configs/*.py) for the data; --exp.data.name=... picks the dataset. "
+        "Default: the config a training work directory recorded.",
+    )
+    parser.add_argument(
+        "--checkpoint", metavar="PATH", help="Training work dir, converted dir, or PyTorch .pth/.pth.tar file."
+    )
+    parser.add_argument(
+        "--gate_offset",
+        metavar="X",
+        type=float,
+        default=0.0,
+        help="Gate threshold offset: execute iff l_exec - l_skip >= offset (> 0 skips more).",
+    )
+    parser.add_argument(
+        "--max_examples",
+        metavar="N",
+        type=int,
+        default=0,
+        help="Evaluate at most this many examples (0 = the whole split).",
+    )
+    parser.add_argument(
+        "--batch_size",
+        metavar="N",
+        type=int,
+        default=0,
+        help="Evaluation batch size (0 = the config's eval_batch_size).",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="Sparse engine backend for the latency measurement (auto: pallas on GPU, else xla).",
+    )
+    parser.add_argument(
+        "--latency",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Measure static vs dynamic latency on this device.",
+    )
+    parser.add_argument(
+        "--latency_batch",
+        metavar="N",
+        type=int,
+        default=1,
+        help="Batch size of the latency measurement and prediction.",
+    )
+    parser.add_argument(
+        "--repeats", metavar="N", type=int, default=20, help="Timed calls per network (median reported)."
+    )
+    parser.add_argument(
+        "--hardware",
+        metavar="NAME",
+        default="v100",
+        help="Hardware profile for the predicted latency (preset, 'local', a .json; '' to skip).",
+    )
+    parser.add_argument(
+        "--image_size",
+        metavar="N",
+        type=int,
+        default=0,
+        help="For .pth files: input size the granularity is checked against.",
+    )
     parser.add_argument("--json", metavar="FILE", help="Also write the full report as JSON to this file.")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="Show a progress bar.")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show a progress bar.")
     return parser
 
 
@@ -441,10 +501,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = evaluate_checkpoint(
-            args.checkpoint, args.exp, gate_offset=args.gate_offset, max_examples=args.max_examples,
-            batch_size=args.batch_size or None, backend=args.backend, latency=args.latency,
-            latency_batch=args.latency_batch, repeats=args.repeats, hardware=args.hardware or None,
-            image_size=args.image_size or None, progress=args.progress,
+            args.checkpoint,
+            args.exp,
+            gate_offset=args.gate_offset,
+            max_examples=args.max_examples,
+            batch_size=args.batch_size or None,
+            backend=args.backend,
+            latency=args.latency,
+            latency_batch=args.latency_batch,
+            repeats=args.repeats,
+            hardware=args.hardware or None,
+            image_size=args.image_size or None,
+            progress=args.progress,
         )
     except (ValueError, FileNotFoundError, convert.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)

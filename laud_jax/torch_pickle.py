@@ -94,7 +94,7 @@ class _Storage:
     dtype: np.dtype
     numel: int
     data: np.ndarray | None = None
-    base: "_Storage | None" = None  # legacy views: (root storage, element offset)
+    base: _Storage | None = None  # legacy views: (root storage, element offset)
     offset: int = 0
 
     def array(self) -> np.ndarray:
@@ -358,9 +358,7 @@ def _load_legacy(path: str, raw: bytes) -> Any:
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
         if isinstance(e, CheckpointFormatError):
             raise
-        raise CheckpointFormatError(
-            f"{path} is neither a zip-format nor a legacy PyTorch checkpoint ({e})"
-        ) from e
+        raise CheckpointFormatError(f"{path} is neither a zip-format nor a legacy PyTorch checkpoint ({e})") from e
     if magic != LEGACY_MAGIC:
         raise CheckpointFormatError(f"{path} is not a PyTorch checkpoint (no zip archive, no legacy magic number)")
     protocol = header()

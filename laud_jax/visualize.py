@@ -146,8 +146,7 @@ def load_image_files(paths: Sequence[str], data_cfg: Any, image_shape: Sequence[
     """Image files -> model inputs (resize + centre crop as at evaluation, normalized as in training)."""
     from PIL import Image
 
-    from laud_jax.data import EMBEDDED
-    from laud_jax.data import tfds_source
+    from laud_jax.data import EMBEDDED, tfds_source
 
     size, channels = int(image_shape[0]), int(image_shape[2])
     out = []
@@ -186,18 +185,30 @@ def build_parser() -> config_utils.ArgumentParser:
     """The flags of `python -m laud_jax.visualize`."""
     parser = config_utils.ArgumentParser("visualize", __doc__)
     config_utils.add_config_argument(
-        parser, "Experiment config for the data (default: the config a training work dir recorded).")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="Training work dir, converted dir, or PyTorch .pth file.")
-    parser.add_argument("--images", nargs="+", action="extend", default=[], metavar="FILE",
-                        help="Image files, one row each (default: the first --num test images of the "
-                        "dataset).")
-    parser.add_argument("--num", metavar="N", type=int, default=6,
-                        help="Number of dataset images when --images is not given.")
-    parser.add_argument("--gate_offset", metavar="X", type=float, default=0.0,
-                        help="Gate threshold offset (as in laud_jax.evaluate).")
-    parser.add_argument("--image_size", metavar="N", type=int, default=0,
-                        help="For .pth files: input size the granularity is checked against.")
+        parser, "Experiment config for the data (default: the config a training work dir recorded)."
+    )
+    parser.add_argument("--checkpoint", metavar="PATH", help="Training work dir, converted dir, or PyTorch .pth file.")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FILE",
+        help="Image files, one row each (default: the first --num test images of the dataset).",
+    )
+    parser.add_argument(
+        "--num", metavar="N", type=int, default=6, help="Number of dataset images when --images is not given."
+    )
+    parser.add_argument(
+        "--gate_offset", metavar="X", type=float, default=0.0, help="Gate threshold offset (as in laud_jax.evaluate)."
+    )
+    parser.add_argument(
+        "--image_size",
+        metavar="N",
+        type=int,
+        default=0,
+        help="For .pth files: input size the granularity is checked against.",
+    )
     parser.add_argument("--out", metavar="FILE", default="masks.png", help="PNG file to write.")
     return parser
 
@@ -238,8 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     mean = result["densities"].mean(axis=0)
-    print(f"wrote {result['path']}: {len(images)} images; mean stage densities "
-          + ", ".join(f"{d:.2f}" for d in mean))
+    print(f"wrote {result['path']}: {len(images)} images; mean stage densities " + ", ".join(f"{d:.2f}" for d in mean))
     return 0
 
 

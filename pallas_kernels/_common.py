@@ -91,9 +91,7 @@ def gpu_is_target() -> bool:
 
 def check_implementation(kernel: str, implementation: str) -> None:
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"{kernel}: implementation={implementation!r}; choose one of {IMPLEMENTATIONS}."
-        )
+        raise ValueError(f"{kernel}: implementation={implementation!r}; choose one of {IMPLEMENTATIONS}.")
     if implementation == "pallas" and not gpu_is_target():
         raise ValueError(
             f"{kernel}: implementation='pallas' compiles a Triton GPU kernel, but the default "
@@ -105,9 +103,7 @@ def check_implementation(kernel: str, implementation: str) -> None:
 def check_dtype(kernel: str, name: str, array: jax.Array, dtype: Any | None = None) -> None:
     if dtype is None:
         if array.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{kernel}: {name}.dtype={array.dtype}; supported: float32, bfloat16."
-            )
+            raise TypeError(f"{kernel}: {name}.dtype={array.dtype}; supported: float32, bfloat16.")
     elif array.dtype != jnp.dtype(dtype):
         raise TypeError(f"{kernel}: {name}.dtype={array.dtype}, expected {jnp.dtype(dtype)}.")
 
@@ -167,22 +163,15 @@ def pallas_call(
     if implementation == "interpret":
         extra: dict[str, Any] = {"interpret": True}
     else:
-        extra = {
-            "compiler_params": plgpu.CompilerParams(
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages
-            )
-        }
+        extra = {"compiler_params": plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)}
     varying = frozenset().union(*(jax.typeof(op).manual_axis_type.varying for op in operands))
     # Replicated operands (weights) are marked varying like the rest (a no-op at run time).
     operands = [
-        jax.lax.pcast(op, tuple(sorted(varying - jax.typeof(op).manual_axis_type.varying)),
-                      to="varying")
+        jax.lax.pcast(op, tuple(sorted(varying - jax.typeof(op).manual_axis_type.varying)), to="varying")
         for op in operands
     ]
     shape, dtype = out_shape
-    result = jax.ShapeDtypeStruct(
-        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
-    )
+    result = jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
     call = pl.pallas_call(
         kernel,
         out_shape=result,

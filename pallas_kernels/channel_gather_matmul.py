@@ -73,9 +73,7 @@ def channel_gather_matmul_reference(
         rows = jnp.broadcast_to(jnp.arange(batch)[:, None], channels.shape)
         dense_x = jnp.zeros((batch, x.shape[1], k), jnp.float32)
         dense_x = dense_x.at[rows, :, channels].add(jnp.moveaxis(source, 2, 1))
-    y = jnp.einsum(
-        "bmk,kn->bmn", dense_x, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
+    y = jnp.einsum("bmk,kn->bmn", dense_x, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     y = y + b.astype(jnp.float32)
     if relu:
         y = jnp.maximum(y, 0.0)
@@ -221,15 +219,33 @@ def channel_gather_matmul(
 
     if implementation == "reference":
         return channel_gather_matmul_reference(
-            x, w, b, in_groups=in_groups, in_count=in_count, out_groups=out_groups,
-            out_count=out_count, group_size=group_size, x_compact=x_compact, relu=relu,
+            x,
+            w,
+            b,
+            in_groups=in_groups,
+            in_count=in_count,
+            out_groups=out_groups,
+            out_count=out_count,
+            group_size=group_size,
+            x_compact=x_compact,
+            relu=relu,
         )
     if batch * m * n_out == 0:
         return jnp.zeros(out_shape, x.dtype)
     tiles = tiles or default_tiles(k, n)
     kernel = functools.partial(
-        _kernel, m=m, k=k, kx=kx, n=n, n_out=n_out, gi=gi, go=go, group_size=group_size,
-        x_compact=x_compact, relu=relu, tiles=tiles,
+        _kernel,
+        m=m,
+        k=k,
+        kx=kx,
+        n=n,
+        n_out=n_out,
+        gi=gi,
+        go=go,
+        group_size=group_size,
+        x_compact=x_compact,
+        relu=relu,
+        tiles=tiles,
         mem=c.Memory(implementation == "interpret"),
     )
     operands = []

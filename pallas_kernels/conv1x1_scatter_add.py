@@ -56,16 +56,25 @@ def conv1x1_scatter_add_reference(
 
     canvas = to_image(canvas)
     active = to_image(jnp.broadcast_to(active[:, None, None, None], (batch * hm * wm, size, size, 1)))
-    branch = jnp.einsum(
-        "bhwc,cd->bhwd", canvas, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
+    branch = jnp.einsum("bhwc,cd->bhwd", canvas, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     y = jnp.maximum(identity.astype(jnp.float32) + branch + b.astype(jnp.float32), 0.0)
     return jnp.where(active, y.astype(identity.dtype), identity if base is None else base)
 
 
 def _kernel(
-    count_ref, idx_ref, h_ref, w_ref, b_ref, id_ref, *refs, geometry, cin, cout, capacity,
-    tiles, mem,
+    count_ref,
+    idx_ref,
+    h_ref,
+    w_ref,
+    b_ref,
+    id_ref,
+    *refs,
+    geometry,
+    cin,
+    cout,
+    capacity,
+    tiles,
+    mem,
 ):
     o_ref = refs[-1]  # the base buffer (the identity itself when no base is given)
     height, width, grid_h, grid_w, size = geometry
@@ -82,8 +91,16 @@ def _kernel(
         cols = c.tile_range(pid_n, bn)
         col_ok = cols < cout
         acc = c.tap_matmul(
-            mem, h_ref, w_ref, source=lambda _: (rows, slot_ok), n_taps=1, cin=cin, cout=cout,
-            cols=cols, col_ok=col_ok, tiles=tiles,
+            mem,
+            h_ref,
+            w_ref,
+            source=lambda _: (rows, slot_ok),
+            n_taps=1,
+            cin=cin,
+            cout=cout,
+            cols=cols,
+            col_ok=col_ok,
+            tiles=tiles,
         )
         bias = mem.load(b_ref, cols, col_ok).astype(jnp.float32)
         offsets = pixel[:, None] * cout + cols[None, :]
@@ -133,9 +150,7 @@ def conv1x1_scatter_add(
     batch, height, width, cout = identity.shape
     c.check_ndim(NAME, "w", w, 2, "(Cin, Cout)")
     if w.shape != (cin, cout):
-        raise ValueError(
-            f"{NAME}: w.shape={w.shape}, expected (Cin, Cout)=({cin}, {cout}) from h and identity."
-        )
+        raise ValueError(f"{NAME}: w.shape={w.shape}, expected (Cin, Cout)=({cin}, {cout}) from h and identity.")
     c.check_dtype(NAME, "w", w, h.dtype)
     c.check_shape(NAME, "b", b, (cout,))
     c.check_dtype(NAME, "b", b)
@@ -155,7 +170,12 @@ def conv1x1_scatter_add(
     tiles = tiles or default_tiles(cin, cout)
     geometry = (height, width, -(-height // size), -(-width // size), size)
     kernel = functools.partial(
-        _kernel, geometry=geometry, cin=cin, cout=cout, capacity=capacity, tiles=tiles,
+        _kernel,
+        geometry=geometry,
+        cin=cin,
+        cout=cout,
+        capacity=capacity,
+        tiles=tiles,
         mem=c.Memory(implementation == "interpret"),
     )
     rows = capacity * size * size

@@ -27,9 +27,7 @@ def default_tiles(cin: int, cout: int) -> TileConfig:
     return c.tuned_tiles(cin, cout)
 
 
-def gather_matmul_reference(
-    src: jax.Array, taps: jax.Array, w: jax.Array, b: jax.Array, *, relu: bool
-) -> jax.Array:
+def gather_matmul_reference(src: jax.Array, taps: jax.Array, w: jax.Array, b: jax.Array, *, relu: bool) -> jax.Array:
     """Pure-jnp gather_matmul (float32 accumulation at the highest precision)."""
     taps = jnp.where(taps >= 0, taps, src.shape[0])  # negative ids read zeros too
     gathered = jnp.take(src, taps, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
@@ -42,9 +40,7 @@ def gather_matmul_reference(
     return (jnp.maximum(y, 0.0) if relu else y).astype(src.dtype)
 
 
-def _kernel(
-    taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout, rows, relu, tiles, mem
-):
+def _kernel(taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout, rows, relu, tiles, mem):
     """One (block_m rows, block_n channels) tile of the compact output."""
     bm, bn = tiles.block_m, tiles.block_n
     pid_m, pid_n = pl.program_id(0), pl.program_id(1)
@@ -59,8 +55,16 @@ def _kernel(
     cols = c.tile_range(pid_n, bn)
     col_ok = cols < cout
     acc = c.tap_matmul(
-        mem, src_ref, w_ref, source=source if n_taps > 1 else (lambda _: first),
-        n_taps=n_taps, cin=cin, cout=cout, cols=cols, col_ok=col_ok, tiles=tiles,
+        mem,
+        src_ref,
+        w_ref,
+        source=source if n_taps > 1 else (lambda _: first),
+        n_taps=n_taps,
+        cin=cin,
+        cout=cout,
+        cols=cols,
+        col_ok=col_ok,
+        tiles=tiles,
     )
     y = acc + mem.load(b_ref, cols, col_ok).astype(jnp.float32)[None, :]
     if relu:
@@ -104,9 +108,7 @@ def gather_matmul(
     n_src, cin = src.shape
     c.check_ndim(NAME, "w", w, 2, "(K * C, Cout)")
     if w.shape[0] != n_taps * cin:
-        raise ValueError(
-            f"{NAME}: w.shape={w.shape} has {w.shape[0]} rows, expected K * C = {n_taps} * {cin}."
-        )
+        raise ValueError(f"{NAME}: w.shape={w.shape} has {w.shape[0]} rows, expected K * C = {n_taps} * {cin}.")
     c.check_dtype(NAME, "w", w, src.dtype)
     cout = w.shape[1]
     c.check_shape(NAME, "b", b, (cout,))
@@ -120,8 +122,15 @@ def gather_matmul(
         return jnp.zeros((0, cout), src.dtype)
     tiles = tiles or default_tiles(cin, cout)
     kernel = functools.partial(
-        _kernel, n_taps=n_taps, n_src=n_src, cin=cin, cout=cout, rows=rows, relu=relu,
-        tiles=tiles, mem=c.Memory(implementation == "interpret"),
+        _kernel,
+        n_taps=n_taps,
+        n_src=n_src,
+        cin=cin,
+        cout=cout,
+        rows=rows,
+        relu=relu,
+        tiles=tiles,
+        mem=c.Memory(implementation == "interpret"),
     )
     result = c.pallas_call(
         kernel,

@@ -60,12 +60,14 @@ def patch_conv_reference(
         canvas = rows.astype(jnp.float32).reshape(batch, height, width, -1)
     else:
         canvas = jnp.zeros((batch, height, width, rows.shape[-1]), jnp.float32)
-        canvas = canvas.at[coords[:, 0], coords[:, 1], coords[:, 2]].set(
-            rows.astype(jnp.float32), mode="drop"
-        )
+        canvas = canvas.at[coords[:, 0], coords[:, 1], coords[:, 2]].set(rows.astype(jnp.float32), mode="drop")
     y = jax.lax.conv_general_dilated(
-        canvas, w.astype(jnp.float32), (stride, stride), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+        canvas,
+        w.astype(jnp.float32),
+        (stride, stride),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
     ) + b.astype(jnp.float32)
     y = jnp.maximum(y, 0.0) if relu else y
     offsets = jnp.arange(size)
@@ -128,8 +130,16 @@ def _kernel(starts_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, relu,
     cols = c.tile_range(pid_n, bn)
     col_ok = cols < cout
     acc = c.tap_matmul(
-        mem, src_ref, w_ref, source=source, n_taps=9, cin=cin, cout=cout, cols=cols,
-        col_ok=col_ok, tiles=tiles,
+        mem,
+        src_ref,
+        w_ref,
+        source=source,
+        n_taps=9,
+        cin=cin,
+        cout=cout,
+        cols=cols,
+        col_ok=col_ok,
+        tiles=tiles,
     )
     y = acc + mem.load(b_ref, cols, col_ok).astype(jnp.float32)[None, :]
     if relu:
@@ -187,9 +197,7 @@ def patch_conv(
     n_src, cin = rows.shape
     batch, height, width = grid
     if coords is None and n_src != batch * height * width:
-        raise ValueError(
-            f"{NAME}: coords=None needs rows for all {batch}x{height}x{width} pixels, got {n_src}."
-        )
+        raise ValueError(f"{NAME}: coords=None needs rows for all {batch}x{height}x{width} pixels, got {n_src}.")
     if coords is not None:
         _check_index_table(NAME, "coords", coords, n_src)
     _check_index_table(NAME, "starts", starts, None)
@@ -199,9 +207,7 @@ def patch_conv(
         raise ValueError(f"{NAME}: size={size!r}; must be an int >= 1.")
     c.check_ndim(NAME, "w", w, 4, "HWIO (3, 3, Cin, Cout)")
     if w.shape[:3] != (3, 3, cin):
-        raise ValueError(
-            f"{NAME}: w.shape={w.shape}, expected (3, 3, {cin}, Cout) for rows with Cin={cin}."
-        )
+        raise ValueError(f"{NAME}: w.shape={w.shape}, expected (3, 3, {cin}, Cout) for rows with Cin={cin}.")
     c.check_dtype(NAME, "w", w, rows.dtype)
     cout = w.shape[3]
     c.check_shape(NAME, "b", b, (cout,))
@@ -211,9 +217,7 @@ def patch_conv(
     c.check_addressable(NAME, "map", jax.ShapeDtypeStruct((batch * height * width,), jnp.int32))
     c.check_addressable(NAME, "out", jax.ShapeDtypeStruct((patches, size, size, cout), rows.dtype))
     if implementation == "reference":
-        return patch_conv_reference(
-            rows, coords, starts, w, b, grid=grid, size=size, stride=stride, relu=relu
-        )
+        return patch_conv_reference(rows, coords, starts, w, b, grid=grid, size=size, stride=stride, relu=relu)
     if patches == 0:
         return jnp.zeros((0, size, size, cout), rows.dtype)
     operands = [starts.reshape(-1), rows.reshape(-1), w.reshape(-1), b]
@@ -223,11 +227,14 @@ def patch_conv(
         row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
         operands.append(row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop"))
     tiles = tiles or default_tiles(cin, cout)
-    geometry = _Geometry(
-        batch, height, width, size, stride, patches, row_map=coords is not None, n_src=n_src
-    )
+    geometry = _Geometry(batch, height, width, size, stride, patches, row_map=coords is not None, n_src=n_src)
     kernel = functools.partial(
-        _kernel, geometry=geometry, cin=cin, cout=cout, relu=relu, tiles=tiles,
+        _kernel,
+        geometry=geometry,
+        cin=cin,
+        cout=cout,
+        relu=relu,
+        tiles=tiles,
         mem=c.Memory(implementation == "interpret"),
     )
     out_rows = patches * size * size

@@ -11,8 +11,22 @@ from laud_jax import benchmark
 from laud_jax.models import network_spec
 from laud_jax.sparse.synthetic import random_masks
 
-TINY_ARGS = ["--arch", "resnet_tiny", "--image-size", "32", "--num-classes", "7", "--repeats", "3",
-             "--block-repeats", "2", "--warmup", "1", "--no-progress", "--skip-masked"]
+TINY_ARGS = [
+    "--arch",
+    "resnet_tiny",
+    "--image-size",
+    "32",
+    "--num-classes",
+    "7",
+    "--repeats",
+    "3",
+    "--block-repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--no-progress",
+    "--skip-masked",
+]
 
 
 def independent_mac_ratio(cfg, image, batch, rate, seed) -> float:
@@ -27,16 +41,28 @@ def independent_mac_ratio(cfg, image, batch, rate, seed) -> float:
         for b, i, j in zip(*np.nonzero(out)):
             read[b, max(s * i - 1, 0) : s * i + 2, max(s * j - 1, 0) : s * j + 2] = True
         dynamic += (
-            block.conv1_macs * read.mean() + (block.conv2_macs + block.conv3_macs) * out.mean()
-            + block.downsample_macs + block.masker_macs
+            block.conv1_macs * read.mean()
+            + (block.conv2_macs + block.conv3_macs) * out.mean()
+            + block.downsample_macs
+            + block.masker_macs
         )
     return (spec.fixed_macs + dynamic) / spec.dense_macs
 
 
 def test_json_record_holds_side_by_side_figures(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    args = TINY_ARGS + ["--mode", "spatial", "--granularity", "2,2,1,1", "--rate", "0.5", "--batch", "2",
-                        "--json", str(path)]
+    args = TINY_ARGS + [
+        "--mode",
+        "spatial",
+        "--granularity",
+        "2,2,1,1",
+        "--rate",
+        "0.5",
+        "--batch",
+        "2",
+        "--json",
+        str(path),
+    ]
     result = benchmark.main(args)
     record = json.loads(path.read_text())
     for key in ("dense_ms", "dynamic_ms", "latency_ratio", "mac_ratio", "blocks"):
@@ -62,18 +88,23 @@ def test_layer_mode_counts_executed_blocks():
     assert executed == 2
     # Which blocks run is random; the MAC ratio must be one of the possible exact values.
     possible = {
-        (spec.dense_macs - sum(branch) + branch[i] + branch[j] + sum(b.masker_macs for b in spec.blocks)) / spec.dense_macs
-        for i in range(len(branch)) for j in range(i + 1, len(branch))
+        (spec.dense_macs - sum(branch) + branch[i] + branch[j] + sum(b.masker_macs for b in spec.blocks))
+        / spec.dense_macs
+        for i in range(len(branch))
+        for j in range(i + 1, len(branch))
     }
     assert min(abs(result["mac_ratio"] - p) for p in possible) < 1e-6
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--rate", "1.5"], "--rate must be in"),
-    (["--granularity", "4,x,2,1"], "granularity must be integers"),
-    (["--batch", "0"], "--batch must be >= 1"),
-    (["--backend", "cuda"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--rate", "1.5"], "--rate must be in"),
+        (["--granularity", "4,x,2,1"], "granularity must be integers"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--backend", "cuda"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(argv)
@@ -94,10 +125,23 @@ def test_help_describes_the_measurement(capsys):
 
 def test_run_benchmark_takes_keyword_arguments_like_the_cli():
     """The Python API and the CLI build the same settings; the record is the same kind."""
-    kwargs = dict(arch="resnet_tiny", image_size=32, num_classes=7, repeats=3, warmup=1, mode="channel",
-                  rate=0.25, batch=2, blocks=False, masked=False, stepwise=False, progress=False)
-    settings, json_path = benchmark.parse_args(TINY_ARGS + ["--mode", "channel", "--rate", "0.25", "--batch", "2",
-                                                            "--no-blocks", "--skip-stepwise"])
+    kwargs = dict(
+        arch="resnet_tiny",
+        image_size=32,
+        num_classes=7,
+        repeats=3,
+        warmup=1,
+        mode="channel",
+        rate=0.25,
+        batch=2,
+        blocks=False,
+        masked=False,
+        stepwise=False,
+        progress=False,
+    )
+    settings, json_path = benchmark.parse_args(
+        TINY_ARGS + ["--mode", "channel", "--rate", "0.25", "--batch", "2", "--no-blocks", "--skip-stepwise"]
+    )
     assert json_path is None
     assert settings == benchmark.BenchmarkSettings(**{**kwargs, "block_repeats": 2})
     result = benchmark.run_benchmark(**kwargs)
@@ -106,11 +150,14 @@ def test_run_benchmark_takes_keyword_arguments_like_the_cli():
     assert 0 < result["mac_ratio"] < 1
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"rate": -0.1}, "--rate must be in"),
-    ({"repeats": 0}, "--repeats must be >= 1"),
-    ({"backend": "cuda"}, "--backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rate": -0.1}, "--rate must be in"),
+        ({"repeats": 0}, "--repeats must be >= 1"),
+        ({"backend": "cuda"}, "--backend must be one of"),
+    ],
+)
 def test_run_benchmark_rejects_bad_keywords_before_building(kwargs, message):
     with pytest.raises(ValueError, match=message):
         benchmark.run_benchmark(arch="resnet_tiny", image_size=32, **kwargs)

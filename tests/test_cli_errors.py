@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, run_python
 from fixtures.damage import truncate, truncate_array_file
 from fixtures.tiny_checkpoint import make_tiny_checkpoint
@@ -68,8 +67,7 @@ def assert_one_line(message, victim):
 @pytest.mark.parametrize("kind", ["converted", "trained"])
 def test_evaluate_reports_a_damaged_checkpoint_in_one_line(pristine, tmp_path, capsys, kind, damage):
     directory, victim = damaged_copy(pristine, kind, damage, tmp_path)
-    assert evaluate.main([f"--checkpoint={directory}", "--no-latency", "--hardware=",
-                          "--no-progress"]) == 1
+    assert evaluate.main([f"--checkpoint={directory}", "--no-latency", "--hardware=", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert_one_line(err, victim)
     fix = "python -m laud_jax.convert" if kind == "converted" or damage == "config" else "aside"
@@ -96,8 +94,7 @@ def test_benchmark_reports_a_damaged_checkpoint_in_one_line(pristine, tmp_path, 
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_train_reports_a_damaged_checkpoint_to_start_from_in_one_line(pristine, tmp_path, capsys, damage):
     directory, victim = damaged_copy(pristine, "converted", damage, tmp_path)
-    assert train.main([f"--exp={TINY}", f"--exp.init_from={directory}",
-                       f"--workdir={tmp_path / 'run'}"]) == 1
+    assert train.main([f"--exp={TINY}", f"--exp.init_from={directory}", f"--workdir={tmp_path / 'run'}"]) == 1
     assert_one_line(capsys.readouterr().err, victim)
 
 
@@ -110,8 +107,13 @@ def test_train_reports_its_own_damaged_config_in_one_line(pristine, tmp_path, ca
 
 
 @pytest.mark.parametrize("damage", ["array", "index"])
-@pytest.mark.parametrize("tool", [["-m", "laud_jax.evaluate", "--no-latency", "--hardware=", "--checkpoint"],
-                                  ["-m", "laud_jax.benchmark", "--checkpoint"]])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["-m", "laud_jax.evaluate", "--no-latency", "--hardware=", "--checkpoint"],
+        ["-m", "laud_jax.benchmark", "--checkpoint"],
+    ],
+)
 def test_command_line_tools_exit_non_zero_with_one_line(pristine, tmp_path, tool, damage):
     """As users run them: orbax's reads still pending after the failure print nothing more
     (they report 'Event loop is closed', often dozens of lines with a damaged index)."""
@@ -198,13 +200,11 @@ def test_read_only_workdir(tmp_path, capsys, monkeypatch):
 
 
 def test_misspelt_config_key(tmp_path, capsys):
-    assert train.main([f"--exp={TINY}", "--exp.optimzer.learning_rate=0.1",
-                       f"--workdir={tmp_path / 'run'}"]) == 2
+    assert train.main([f"--exp={TINY}", "--exp.optimzer.learning_rate=0.1", f"--workdir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert_one_line(err, TINY)
     assert "\\n" not in err and "\\'" not in err
-    assert ("unknown config key 'optimzer' in --exp.optimzer.learning_rate" in err
-            and 'did you mean "optimizer"' in err)
+    assert "unknown config key 'optimzer' in --exp.optimzer.learning_rate" in err and 'did you mean "optimizer"' in err
 
 
 def test_gpu_build_report_without_triton_names_the_extra(monkeypatch, capsys):
@@ -229,5 +229,6 @@ def test_help_and_unknown_flags_as_users_run_them(tool):
     assert "--exp CONFIG.py" in result.stdout and "--exp.FIELD=VALUE" in result.stdout
     result = run_python(["-m", f"laud_jax.{tool}", "--noprogress"], timeout=240)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: unrecognized arguments: --noprogress; "
-                                      f"python -m laud_jax.{tool} --help lists the flags")
+    assert result.stderr.strip() == (
+        f"error: unrecognized arguments: --noprogress; python -m laud_jax.{tool} --help lists the flags"
+    )

@@ -31,7 +31,7 @@ def fixture_path(name: str, fmt: str | None = None) -> str:
     return os.path.join(FIXTURES, files[fmt or next(iter(files))])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(cfg_json: str):
     model = build_model(json.loads(cfg_json))
     return jax.jit(lambda variables, images: model.apply(variables, images))
@@ -139,7 +139,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, fmt):
     if fmt == "zip":
         _write_zip_with_pickle(path, payload, fixture_path("tv_resnet18"))
     else:
-        header = b"".join(pickle.dumps(v, protocol=2) for v in (torch_pickle.LEGACY_MAGIC, 1001, {"little_endian": True}))
+        header = b"".join(
+            pickle.dumps(v, protocol=2) for v in (torch_pickle.LEGACY_MAGIC, 1001, {"little_endian": True})
+        )
         path.write_bytes(header + payload + pickle.dumps([], protocol=2))
     with pytest.raises(torch_pickle.UnsafeCheckpointError, match=r"asks for '(posix|os|nt)\.system'"):
         torch_pickle.load(path)
@@ -188,7 +190,10 @@ def test_missing_unexpected_and_misshaped_keys_are_all_listed():
     message = str(info.value)
     assert "missing from the checkpoint (1)" in message and "layer2.1.bn2.running_var" in message
     assert "unexpected in the checkpoint (1)" in message and "layer9.0.conv1.weight" in message
-    assert "mis-shaped (1)" in message and "layer3.0.conv2.weight: checkpoint (8, 4, 3, 3), model needs (8, 8, 3, 3)" in message
+    assert (
+        "mis-shaped (1)" in message
+        and "layer3.0.conv2.weight: checkpoint (8, 4, 3, 3), model needs (8, 8, 3, 3)" in message
+    )
 
 
 def test_wrong_user_settings_show_as_key_errors():
@@ -205,7 +210,9 @@ def test_settings_the_weights_do_not_reveal_must_be_given():
     with pytest.raises(convert.ConversionError, match="records no mask granularity"):
         convert.infer_model_config(checkpoint, mode=("channel", "spatial", "spatial+channel", "layer"))
     cfg = convert.infer_model_config(checkpoint, mode="channel,spatial,spatial+channel,layer", granularity=(1, 2, 2, 1))
-    assert cfg["mode"] == ("channel", "spatial", "spatial+channel", "layer") and cfg["channel_mask_position"] == "pre_bn"
+    assert (
+        cfg["mode"] == ("channel", "spatial", "spatial+channel", "layer") and cfg["channel_mask_position"] == "pre_bn"
+    )
     lasnet = convert.read_torch_checkpoint(fixture_path("lasnet_regnety400"))
     with pytest.raises(convert.ConversionError, match="--granularity"):
         convert.infer_model_config(lasnet)

@@ -24,8 +24,12 @@ BF16 = jnp.bfloat16
 
 def _scatter(batch, hw, cin, cout, size, capacity, dtype, base=False):
     args = (
-        S((capacity, size, size, cin), dtype), S((capacity,), I32), S((), I32),
-        S((cin, cout), dtype), S((cout,), F32), S((batch, hw, hw, cout), dtype),
+        S((capacity, size, size, cin), dtype),
+        S((capacity,), I32),
+        S((), I32),
+        S((cin, cout), dtype),
+        S((cout,), F32),
+        S((batch, hw, hw, cout), dtype),
     )
     if not base:
         return conv1x1_scatter_add, args
@@ -42,9 +46,18 @@ def _patch_conv(batch, hw, cin, cout, size, stride, patches, dtype, whole_map=Fa
     fn = functools.partial(patch_conv, grid=(batch, height, width), size=size, stride=stride)
     if whole_map:  # conv1 ran everywhere: no coords
         return (lambda rows, starts, w, b: fn(rows, None, starts, w, b)), (
-            S((pixels, cin), dtype), S((patches, 3), I32), S((3, 3, cin, cout), dtype), S((cout,), F32))
-    return fn, (S((pixels, cin), dtype), S((pixels, 3), I32), S((patches, 3), I32),
-                S((3, 3, cin, cout), dtype), S((cout,), F32))
+            S((pixels, cin), dtype),
+            S((patches, 3), I32),
+            S((3, 3, cin, cout), dtype),
+            S((cout,), F32),
+        )
+    return fn, (
+        S((pixels, cin), dtype),
+        S((pixels, 3), I32),
+        S((patches, 3), I32),
+        S((3, 3, cin, cout), dtype),
+        S((cout,), F32),
+    )
 
 
 def _channels(batch, m, k, n, group, mode, dtype):
@@ -54,8 +67,9 @@ def _channels(batch, m, k, n, group, mode, dtype):
         return functools.partial(channel_gather_matmul, group_size=group), tuple(arrays)
 
     def fn(x, w, b, groups, count):
-        kwargs = {"in_groups": groups, "in_count": count} if mode == "in" else {
-            "out_groups": groups, "out_count": count}
+        kwargs = (
+            {"in_groups": groups, "in_count": count} if mode == "in" else {"out_groups": groups, "out_count": count}
+        )
         return channel_gather_matmul(x, w, b, group_size=group, **kwargs)
 
     groups = gi if mode == "in" else go
@@ -97,9 +111,15 @@ def test_lowers_for_h100_and_verifies(name):
 
 @pytest.mark.parametrize(
     "name, arch",
-    [("gather-matmul-odd-bf16", 80), ("patch-conv-S7-s1-f32", 90), ("patch-conv-S8-s2-odd-bf16", 80),
-     ("scatter-S4-odd-f32", 90), ("channels-out-bf16", 90), ("patch-conv-S7-s1-bf16", 80),
-     ("gather-matmul-9tap-f32", 90)],
+    [
+        ("gather-matmul-odd-bf16", 80),
+        ("patch-conv-S7-s1-f32", 90),
+        ("patch-conv-S8-s2-odd-bf16", 80),
+        ("scatter-S4-odd-f32", 90),
+        ("channels-out-bf16", 90),
+        ("patch-conv-S7-s1-bf16", 80),
+        ("gather-matmul-9tap-f32", 90),
+    ],
 )
 def test_odd_shapes_compile_to_cubin(name, arch):
     fn, args = CASES[name]
@@ -113,9 +133,7 @@ def test_lowers_inside_shard_map_with_vma_checks():
     with cuda_build.abstract_gpu(90):
         mesh = jax.sharding.get_abstract_mesh()
         specs = (jax.P("gpu"), jax.P(), jax.P(), jax.P("gpu"), jax.P("gpu"))
-        placed = [
-            S(a.shape, a.dtype, sharding=jax.NamedSharding(mesh, spec)) for a, spec in zip(args, specs)
-        ]
+        placed = [S(a.shape, a.dtype, sharding=jax.NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
         sharded = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=jax.P("gpu"))
         lowered = jax.jit(sharded).trace(*placed).lower(lowering_platforms=("cuda",))
     assert len(cuda_build.triton_kernels(lowered)) == 1

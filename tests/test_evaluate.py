@@ -8,13 +8,12 @@ import os
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
 from fixtures.tiny_checkpoint import IMAGE_SIZE, mixed_gate_variables, shared_tiny_checkpoint, tiny_model_config
 
 from laud_jax import evaluate
-from laud_jax.training import steps
 from laud_jax.models import build_model, network_spec
+from laud_jax.training import steps
 
 
 @pytest.fixture
@@ -55,8 +54,7 @@ def test_accuracy_and_density_match_a_direct_computation():
     layer_rate = float(np.mean(aux["blocks"][-2]["layer_gate"]))  # stage 3 is one layer-gated block
     assert result["stages"][2]["layer_rate"] == pytest.approx(layer_rate)
     assert all(0 < s["density"] < 1.2 for s in result["stages"])
-    first = evaluate.accuracy_and_density(cfg, variables, _batches(images, labels, 8), max_examples=10,
-                                          progress=False)
+    first = evaluate.accuracy_and_density(cfg, variables, _batches(images, labels, 8), max_examples=10, progress=False)
     assert first["examples"] == 10
     assert first["top1"] == pytest.approx(np.mean(ranks[:10] == 0))
 
@@ -69,8 +67,9 @@ def test_gate_offset_trades_work_for_nothing_else():
     labels = rng.integers(0, 10, 8).astype(np.int32)
     step = evaluate.make_eval_step(build_model(cfg))
     results = [
-        evaluate.accuracy_and_density(cfg, variables, _batches(images, labels, 8), gate_offset=offset,
-                                      progress=False, eval_step=step)
+        evaluate.accuracy_and_density(
+            cfg, variables, _batches(images, labels, 8), gate_offset=offset, progress=False, eval_step=step
+        )
         for offset in (-100.0, 0.0, 1.0, 100.0)
     ]
     ratios = [r["mac_ratio"] for r in results]
@@ -81,8 +80,7 @@ def test_gate_offset_trades_work_for_nothing_else():
 
 
 def test_evaluate_checkpoint_reports_everything(tiny_dir):
-    result = evaluate.evaluate_checkpoint(tiny_dir, max_examples=300, repeats=2, hardware="v100",
-                                          progress=False)
+    result = evaluate.evaluate_checkpoint(tiny_dir, max_examples=300, repeats=2, hardware="v100", progress=False)
     assert result["examples"] == 300 and result["data"]["name"] == "cluttered_mnist"
     assert 0 <= result["top1"] <= result["top5"] <= 1
     latency = result["latency"]
@@ -97,8 +95,17 @@ def test_evaluate_checkpoint_reports_everything(tiny_dir):
 
 def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = evaluate.main([f"--checkpoint={tiny_dir}", "--max_examples=100", "--no-latency",
-                          "--hardware=", f"--json={out}", "--no-progress", "--gate_offset=0.5"])
+    code = evaluate.main(
+        [
+            f"--checkpoint={tiny_dir}",
+            "--max_examples=100",
+            "--no-latency",
+            "--hardware=",
+            f"--json={out}",
+            "--no-progress",
+            "--gate_offset=0.5",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["examples"] == 100 and report["gate_offset"] == 0.5 and "latency" not in report
@@ -117,14 +124,17 @@ def test_gate_offset_sweep_script(tiny_dir, tmp_path, capsys):
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                        "gate_offset_sweep.py")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "gate_offset_sweep.py"
+    )
     spec = importlib.util.spec_from_file_location("gate_offset_sweep", path)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     out = tmp_path / "sweep"
-    assert sweep.main([f"--checkpoint={tiny_dir}", "--offsets=0,50", "--max-examples=64", "--repeats=1",
-                       f"--out={out}"]) == 0
+    assert (
+        sweep.main([f"--checkpoint={tiny_dir}", "--offsets=0,50", "--max-examples=64", "--repeats=1", f"--out={out}"])
+        == 0
+    )
     report = json.loads((tmp_path / "sweep.json").read_text())
     rows = report["rows"]
     assert [r["gate_offset"] for r in rows] == [0.0, 50.0]
@@ -139,7 +149,7 @@ def test_mask_coverage_sums_equal_a_pixel_loop():
     mask = (rng.random((2, 3, 4, 2)) < 0.4).astype(np.float32)
     digit = rng.random((2, 12, 20)) < 0.1
     clutter = rng.random((2, 12, 20)) < 0.05
-    digit[1, :4, :5] = clutter[1, :4, :5] = False          # at least one blank cell
+    digit[1, :4, :5] = clutter[1, :4, :5] = False  # at least one blank cell
     weight = np.asarray([1.0, 0.5], np.float32)
     sums = np.asarray(steps.mask_coverage_sums(mask, digit, clutter, weight), np.float64)
     expected = dict.fromkeys(steps.COVERAGE_KEYS, 0.0)
@@ -147,12 +157,17 @@ def test_mask_coverage_sums_equal_a_pixel_loop():
         for i in range(3):
             for j in range(4):
                 executed = mask[b, i, j].max()
-                cell_digit = digit[b, 4 * i:4 * i + 4, 5 * j:5 * j + 5].sum()
-                cell_clutter = clutter[b, 4 * i:4 * i + 4, 5 * j:5 * j + 5].sum()
+                cell_digit = digit[b, 4 * i : 4 * i + 4, 5 * j : 5 * j + 5].sum()
+                cell_clutter = clutter[b, 4 * i : 4 * i + 4, 5 * j : 5 * j + 5].sum()
                 blank = float(cell_digit + cell_clutter == 0)
-                for key, value in (("digit_hit", cell_digit * executed), ("digit_ink", cell_digit),
-                                   ("clutter_hit", cell_clutter * executed), ("clutter_ink", cell_clutter),
-                                   ("blank_hit", blank * executed), ("blank_cells", blank)):
+                for key, value in (
+                    ("digit_hit", cell_digit * executed),
+                    ("digit_ink", cell_digit),
+                    ("clutter_hit", cell_clutter * executed),
+                    ("clutter_ink", cell_clutter),
+                    ("blank_hit", blank * executed),
+                    ("blank_cells", blank),
+                ):
                     expected[key] += weight[b] * value
     np.testing.assert_allclose(sums, [expected[k] for k in steps.COVERAGE_KEYS], rtol=1e-6)
     assert expected["blank_cells"] > 0 and 0 < expected["digit_hit"] < expected["digit_ink"]
@@ -160,9 +175,21 @@ def test_mask_coverage_sums_equal_a_pixel_loop():
 
 def test_evaluate_reports_mask_coverage_on_the_embedded_dataset(tiny_dir, tmp_path):
     out = tmp_path / "eval.json"
-    assert evaluate.main([f"--checkpoint={tiny_dir}", "--no-latency", "--hardware=",
-                          f"--exp={os.path.join(REPO_ROOT, 'configs', 'tiny.py')}", "--exp.data.num_clutter=2",
-                          "--max_examples=250", f"--json={out}", "--no-progress"]) == 0
+    assert (
+        evaluate.main(
+            [
+                f"--checkpoint={tiny_dir}",
+                "--no-latency",
+                "--hardware=",
+                f"--exp={os.path.join(REPO_ROOT, 'configs', 'tiny.py')}",
+                "--exp.data.num_clutter=2",
+                "--max_examples=250",
+                f"--json={out}",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     coverage = json.loads(out.read_text())["mask_coverage"]
     spec = network_spec(tiny_model_config(), (IMAGE_SIZE, IMAGE_SIZE, 1))
     assert [c["stage"] for c in coverage] == sorted({b.stage + 1 for b in spec.blocks if b.spatial})

@@ -14,8 +14,8 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from laud_jax.latency import PRESETS
 from laud_jax.gpu_check import cuda_build, report
+from laud_jax.latency import PRESETS
 
 
 def _bar_launches():
@@ -37,9 +37,7 @@ def test_bar_covers_every_kernel_and_dtype():
     assert covered == {(k, d) for k in report.KERNELS for d in ("float32", "bfloat16")}
 
 
-@pytest.mark.parametrize(
-    "launch", BAR_LAUNCHES, ids=[f"{l.kernel}-{l.where}-{l.dtype}" for l in BAR_LAUNCHES]
-)
+@pytest.mark.parametrize("launch", BAR_LAUNCHES, ids=[f"{b.kernel}-{b.where}-{b.dtype}" for b in BAR_LAUNCHES])
 def test_default_configuration_holds_the_bar_on_sm90(launch):
     [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=90))
     m = report.measure(kernel, 90)
@@ -65,7 +63,8 @@ def _matmul(a_ref, b_ref, o_ref):
 
 def _compile(kernel_fn, out_shape, *args, arch, num_warps=4):
     call = pl.pallas_call(
-        kernel_fn, out_shape=out_shape,
+        kernel_fn,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
     )
     [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(call, *args, arch=arch))
@@ -112,15 +111,15 @@ def test_forced_register_limit_is_reported_as_spills():
             f.write(ptx)
         log = subprocess.run(
             [get_ptxas(80).path, "-v", "--gpu-name=sm_80", source, "-o", cubin],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         cuobjdump = triton.knobs.nvidia.cuobjdump.path
         usage = report.parse_res_usage(
             subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
         )[kernel.name]
-        ops = report.sass_op_counts(
-            subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
-        )
+        ops = report.sass_op_counts(subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout)
     info = report.parse_ptxas_log(log.stdout + log.stderr)
     assert info.registers == usage["REG"] == 32
     assert info.spill_store_bytes > 0 and info.spill_load_bytes > 0
@@ -148,8 +147,7 @@ def test_parsers_on_tool_output():
         "        /*1900*/              @!P0 FFMA R3, R4, R5, R3 ;\n"
         "        /*1910*/               @P1 LDGSTS.E.BYPASS.128 [R7], desc[UR4][R8.64] ;\n"
     )
-    assert report.sass_op_counts(sass) == {
-        "HGMMA.64x128x16.F32.BF16": 2, "HGMMA": 2, "FFMA": 1, "LDGSTS": 1}
+    assert report.sass_op_counts(sass) == {"HGMMA.64x128x16.F32.BF16": 2, "HGMMA": 2, "FFMA": 1, "LDGSTS": 1}
     with pytest.raises(ValueError, match="unrecognised ptxas"):
         report.parse_ptxas_log("garbage")
 
@@ -170,15 +168,38 @@ def test_occupancy_limits(arch, registers, shared, warps, expected):
 def test_cli_writes_json_records(tmp_path):
     out = tmp_path / "report.json"
     md = tmp_path / "report.md"
-    report.main([
-        "--quick", "--kernels", "gather_matmul", "--stages", "4", "--dtype", "bfloat16",
-        "--jobs", "1", "--no-progress", "--json", str(out), "--markdown", str(md),
-    ])
+    report.main(
+        [
+            "--quick",
+            "--kernels",
+            "gather_matmul",
+            "--stages",
+            "4",
+            "--dtype",
+            "bfloat16",
+            "--jobs",
+            "1",
+            "--no-progress",
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+        ]
+    )
     records = json.loads(out.read_text())
     assert len(records) == 2  # stage 4: first and later blocks
     for record in records:
-        for key in ("kernel", "target", "dtype", "registers", "spill_bytes", "shared_bytes",
-                    "occupancy_warps", "tensor_core", "predicted_us"):
+        for key in (
+            "kernel",
+            "target",
+            "dtype",
+            "registers",
+            "spill_bytes",
+            "shared_bytes",
+            "occupancy_warps",
+            "tensor_core",
+            "predicted_us",
+        ):
             assert key in record
         assert record["kernel"] == "gather_matmul" and record["target"] == "sm_90"
         assert record["tensor_core"] is True
@@ -187,9 +208,18 @@ def test_cli_writes_json_records(tmp_path):
 
 
 def test_bar_failures_name_kernel_shape_and_figure():
-    record = dict(kernel="patch_conv", shape="8x14x14x256", dtype="bfloat16", target="sm_90",
-                  spill_bytes=16, stack_bytes=0, tensor_core=False, ffma=512,
-                  occupancy_warps=2, occupancy_limiter="registers")
+    record = dict(
+        kernel="patch_conv",
+        shape="8x14x14x256",
+        dtype="bfloat16",
+        target="sm_90",
+        spill_bytes=16,
+        stack_bytes=0,
+        tensor_core=False,
+        ffma=512,
+        occupancy_warps=2,
+        occupancy_limiter="registers",
+    )
     failures = report.check_bar(record)
     assert len(failures) == 3
     assert all("patch_conv 8x14x14x256 bfloat16 sm_90" in f for f in failures)
@@ -202,8 +232,11 @@ def test_predicted_time_respects_the_roofline_and_orders_the_targets():
     """The predictor's figure per launch is never below the work's compute time at the
     preset's peak nor below reading its weights from DRAM once; H100 beats A100, bf16 beats
     float32 on a large conv1 matmul, batch 8 never costs less than batch 1."""
-    launches = [launch for launch in report.engine_launches(["resnet50"], [1, 8], ["float32", "bfloat16"], [2])
-                if launch.kernel == "gather_matmul"]
+    launches = [
+        launch
+        for launch in report.engine_launches(["resnet50"], [1, 8], ["float32", "bfloat16"], [2])
+        if launch.kernel == "gather_matmul"
+    ]
     times = {arch: report.predicted_us(launches, arch) for arch in (90, 80)}
     by_key = {}
     for i, launch in enumerate(launches):

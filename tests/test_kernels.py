@@ -66,8 +66,10 @@ def _random_mask(rng, shape, density: float) -> np.ndarray:
 
 def _assert_close(actual, expected, dtype, what):
     np.testing.assert_allclose(
-        np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-        err_msg=what, **TOLERANCE[dtype],
+        np.asarray(actual, np.float32),
+        np.asarray(expected, np.float32),
+        err_msg=what,
+        **TOLERANCE[dtype],
     )
 
 
@@ -316,6 +318,8 @@ class TestPatchConv(KernelTestBase):
                     window = canvas[sample, oy * stride : oy * stride + 3, ox * stride : ox * stride + 3]
                     out[p, y, x] = np.maximum(np.einsum("hwc,hwcd->d", window, w) + np.asarray(inputs["b"]), 0.0)
         return out
+
+
 class TestChannelGatherMatmul(KernelTestBase):
     CASES = [
         dict(batch=1, m=40, k=32, n=48, g=4, mode="out", dtype=jnp.float32),
@@ -389,8 +393,17 @@ def test_zero_capacity_launches_nothing():
 
     def sparse_block(src, identity):
         rows = gather_matmul(src, no_taps, jnp.ones((16, 16)), jnp.ones(16), **run)
-        h = patch_conv(rows, jnp.zeros((0, 3), jnp.int32), no_starts, jnp.ones((3, 3, 16, 16)),
-                       jnp.ones(16), grid=(2, 4, 6), size=2, stride=1, **run)
+        h = patch_conv(
+            rows,
+            jnp.zeros((0, 3), jnp.int32),
+            no_starts,
+            jnp.ones((3, 3, 16, 16)),
+            jnp.ones(16),
+            grid=(2, 4, 6),
+            size=2,
+            stride=1,
+            **run,
+        )
         out = conv1x1_scatter_add(h, no_patches, 0, jnp.ones((16, 16)), jnp.ones(16), identity, **run)
         return rows, h, out
 
@@ -417,9 +430,7 @@ def test_jit_and_shard_map():
     spec = jax.P("data")
 
     @jax.jit
-    @functools.partial(
-        jax.shard_map, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
-    )
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     def sharded(x, groups, counts):
         return channel_gather_matmul(
             x, w, b, group_size=2, out_groups=groups, out_count=counts, implementation="interpret"
@@ -432,54 +443,181 @@ def test_jit_and_shard_map():
     np.testing.assert_allclose(sharded(*placed), expected, rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: gather_matmul(jnp.ones((4, 4, 8)), jnp.zeros((4, 1), jnp.int32), jnp.ones((8, 8)),
-                               jnp.ones(8), implementation="interpret"), r"src must be 2-D \(R, C\) rows.*\(4, 4, 8\)"),
-        (lambda: gather_matmul(jnp.ones((16, 8)), jnp.zeros((4, 9), jnp.int32), jnp.ones((8, 8)),
-                               jnp.ones(8), implementation="interpret"),
-         r"w.shape=\(8, 8\) has 8 rows, expected K \* C = 9 \* 8"),
-        (lambda: gather_matmul(jnp.ones((16, 8)), jnp.zeros((4, 1), jnp.int16), jnp.ones((8, 8)),
-                               jnp.ones(8), implementation="interpret"), r"taps.dtype=int16, expected int32"),
-        (lambda: gather_matmul(jnp.ones((16, 8), jnp.float16), jnp.zeros((4, 1), jnp.int32),
-                               jnp.ones((8, 8), jnp.float16), jnp.ones(8), implementation="interpret"),
-         r"src.dtype=float16; supported: float32, bfloat16"),
-        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((3, 3, 8, 8)),
-                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=3, implementation="interpret"),
-         r"stride=3"),
-        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((1, 1, 8, 8)),
-                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=1, implementation="interpret"),
-         r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)"),
-        (lambda: patch_conv(jnp.ones((30, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((3, 3, 8, 8)),
-                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=1, implementation="interpret"),
-         r"coords=None needs rows for all 1x4x8 pixels, got 30"),
-        (lambda: patch_conv(jnp.ones((5, 8)), jnp.zeros((5, 2), jnp.int32), jnp.zeros((4, 3), jnp.int32),
-                            jnp.ones((3, 3, 8, 8)), jnp.ones(8), grid=(1, 4, 8), size=2, stride=1,
-                            implementation="interpret"), r"coords.shape=\(5, 2\), expected \(5, 3\)"),
-        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int16), jnp.ones((3, 3, 8, 8)),
-                            jnp.ones(8), grid=(1, 4, 8), size=2, stride=1, implementation="interpret"),
-         r"starts.dtype=int16, expected int32"),
-        (lambda: patch_conv(jnp.ones((32, 8)), None, jnp.zeros((4, 3), jnp.int32), jnp.ones((3, 3, 8, 8)),
-                            jnp.ones(8), grid=(1, 4, 8), size=0, stride=1, implementation="interpret"),
-         r"size=0; must be an int >= 1"),
-        (lambda: conv1x1_scatter_add(jnp.ones((4, 2, 2, 8)), jnp.zeros(4, jnp.int32), 1,
-                                     jnp.ones((8, 16)), jnp.ones(16), jnp.ones((1, 4, 4, 8)),
-                                     implementation="interpret"),
-         r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)"),
-        (lambda: conv1x1_scatter_add(jnp.ones((4, 2, 3, 8)), jnp.zeros(4, jnp.int32), 1,
-                                     jnp.ones((8, 8)), jnp.ones(8), jnp.ones((1, 4, 4, 8)),
-                                     implementation="interpret"), r"patches must be square S x S"),
-        (lambda: channel_gather_matmul(jnp.ones((1, 4, 10)), jnp.ones((10, 8)), jnp.ones(8),
-                                       group_size=4, in_groups=jnp.zeros((1, 2), jnp.int32),
-                                       in_count=jnp.ones(1, jnp.int32), implementation="interpret"),
-         r"K=10 is not a multiple of group_size=4"),
-        (lambda: channel_gather_matmul(jnp.ones((1, 4, 8)), jnp.ones((8, 8)), jnp.ones(8),
-                                       group_size=2, implementation="pallas"),
-         r"implementation='pallas' compiles a Triton GPU kernel"),
-        (lambda: gather_matmul(jnp.ones((16, 8)), jnp.zeros((4, 1), jnp.int32), jnp.ones((8, 8)),
-                               jnp.ones(8), implementation="cuda"), r"choose one of"),
+        (
+            lambda: gather_matmul(
+                jnp.ones((4, 4, 8)),
+                jnp.zeros((4, 1), jnp.int32),
+                jnp.ones((8, 8)),
+                jnp.ones(8),
+                implementation="interpret",
+            ),
+            r"src must be 2-D \(R, C\) rows.*\(4, 4, 8\)",
+        ),
+        (
+            lambda: gather_matmul(
+                jnp.ones((16, 8)),
+                jnp.zeros((4, 9), jnp.int32),
+                jnp.ones((8, 8)),
+                jnp.ones(8),
+                implementation="interpret",
+            ),
+            r"w.shape=\(8, 8\) has 8 rows, expected K \* C = 9 \* 8",
+        ),
+        (
+            lambda: gather_matmul(
+                jnp.ones((16, 8)),
+                jnp.zeros((4, 1), jnp.int16),
+                jnp.ones((8, 8)),
+                jnp.ones(8),
+                implementation="interpret",
+            ),
+            r"taps.dtype=int16, expected int32",
+        ),
+        (
+            lambda: gather_matmul(
+                jnp.ones((16, 8), jnp.float16),
+                jnp.zeros((4, 1), jnp.int32),
+                jnp.ones((8, 8), jnp.float16),
+                jnp.ones(8),
+                implementation="interpret",
+            ),
+            r"src.dtype=float16; supported: float32, bfloat16",
+        ),
+        (
+            lambda: patch_conv(
+                jnp.ones((32, 8)),
+                None,
+                jnp.zeros((4, 3), jnp.int32),
+                jnp.ones((3, 3, 8, 8)),
+                jnp.ones(8),
+                grid=(1, 4, 8),
+                size=2,
+                stride=3,
+                implementation="interpret",
+            ),
+            r"stride=3",
+        ),
+        (
+            lambda: patch_conv(
+                jnp.ones((32, 8)),
+                None,
+                jnp.zeros((4, 3), jnp.int32),
+                jnp.ones((1, 1, 8, 8)),
+                jnp.ones(8),
+                grid=(1, 4, 8),
+                size=2,
+                stride=1,
+                implementation="interpret",
+            ),
+            r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)",
+        ),
+        (
+            lambda: patch_conv(
+                jnp.ones((30, 8)),
+                None,
+                jnp.zeros((4, 3), jnp.int32),
+                jnp.ones((3, 3, 8, 8)),
+                jnp.ones(8),
+                grid=(1, 4, 8),
+                size=2,
+                stride=1,
+                implementation="interpret",
+            ),
+            r"coords=None needs rows for all 1x4x8 pixels, got 30",
+        ),
+        (
+            lambda: patch_conv(
+                jnp.ones((5, 8)),
+                jnp.zeros((5, 2), jnp.int32),
+                jnp.zeros((4, 3), jnp.int32),
+                jnp.ones((3, 3, 8, 8)),
+                jnp.ones(8),
+                grid=(1, 4, 8),
+                size=2,
+                stride=1,
+                implementation="interpret",
+            ),
+            r"coords.shape=\(5, 2\), expected \(5, 3\)",
+        ),
+        (
+            lambda: patch_conv(
+                jnp.ones((32, 8)),
+                None,
+                jnp.zeros((4, 3), jnp.int16),
+                jnp.ones((3, 3, 8, 8)),
+                jnp.ones(8),
+                grid=(1, 4, 8),
+                size=2,
+                stride=1,
+                implementation="interpret",
+            ),
+            r"starts.dtype=int16, expected int32",
+        ),
+        (
+            lambda: patch_conv(
+                jnp.ones((32, 8)),
+                None,
+                jnp.zeros((4, 3), jnp.int32),
+                jnp.ones((3, 3, 8, 8)),
+                jnp.ones(8),
+                grid=(1, 4, 8),
+                size=0,
+                stride=1,
+                implementation="interpret",
+            ),
+            r"size=0; must be an int >= 1",
+        ),
+        (
+            lambda: conv1x1_scatter_add(
+                jnp.ones((4, 2, 2, 8)),
+                jnp.zeros(4, jnp.int32),
+                1,
+                jnp.ones((8, 16)),
+                jnp.ones(16),
+                jnp.ones((1, 4, 4, 8)),
+                implementation="interpret",
+            ),
+            r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)",
+        ),
+        (
+            lambda: conv1x1_scatter_add(
+                jnp.ones((4, 2, 3, 8)),
+                jnp.zeros(4, jnp.int32),
+                1,
+                jnp.ones((8, 8)),
+                jnp.ones(8),
+                jnp.ones((1, 4, 4, 8)),
+                implementation="interpret",
+            ),
+            r"patches must be square S x S",
+        ),
+        (
+            lambda: channel_gather_matmul(
+                jnp.ones((1, 4, 10)),
+                jnp.ones((10, 8)),
+                jnp.ones(8),
+                group_size=4,
+                in_groups=jnp.zeros((1, 2), jnp.int32),
+                in_count=jnp.ones(1, jnp.int32),
+                implementation="interpret",
+            ),
+            r"K=10 is not a multiple of group_size=4",
+        ),
+        (
+            lambda: channel_gather_matmul(
+                jnp.ones((1, 4, 8)), jnp.ones((8, 8)), jnp.ones(8), group_size=2, implementation="pallas"
+            ),
+            r"implementation='pallas' compiles a Triton GPU kernel",
+        ),
+        (
+            lambda: gather_matmul(
+                jnp.ones((16, 8)), jnp.zeros((4, 1), jnp.int32), jnp.ones((8, 8)), jnp.ones(8), implementation="cuda"
+            ),
+            r"choose one of",
+        ),
         (lambda: TileConfig(block_m=48), r"block_m=48: must be a power of two >= 16"),
         (lambda: TileConfig(block_k=8), r"block_k=8"),
         (lambda: TileConfig(num_warps=3), r"num_warps=3"),
@@ -505,8 +643,9 @@ def test_kernel_package_does_not_import_laud_jax():
                 names = [node.module or ""]
             else:
                 continue
-            offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names
-                          if n == "laud_jax" or n.startswith("laud_jax.")]
+            offenders += [
+                f"{path.name}:{node.lineno} imports {n}" for n in names if n == "laud_jax" or n.startswith("laud_jax.")
+            ]
     assert not offenders, offenders
 
 

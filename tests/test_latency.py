@@ -28,7 +28,14 @@ from laud_jax.latency import (
     profile_to_json,
     search,
 )
-from laud_jax.latency.calibrate import FIT_FIELDS, Measurements, error_summary, fit_profile, predict_measured, relative_errors
+from laud_jax.latency.calibrate import (
+    FIT_FIELDS,
+    Measurements,
+    error_summary,
+    fit_profile,
+    predict_measured,
+    relative_errors,
+)
 from laud_jax.latency.cli import main as cli
 from laud_jax.latency.launches import (
     KIND_CONV,
@@ -56,10 +63,26 @@ from laud_jax.sparse.routing import plan_block
 
 # A toy device: 4 cores, one 64 x 64 dense tile, no cache, round numbers.
 TOY = HardwareProfile(
-    flops_fp32=1e12, flops_half=2e12, dram_bw=1e11, l2_bw=1e12, l2_size=0.0, cores=4.0, tiles_per_core=1.0,
-    launch_overhead=2e-6, loop_overhead=3e-6, call_overhead=1e-5, eff_dense=1.0, eff_conv=0.25, eff_grouped=0.1,
+    flops_fp32=1e12,
+    flops_half=2e12,
+    dram_bw=1e11,
+    l2_bw=1e12,
+    l2_size=0.0,
+    cores=4.0,
+    tiles_per_core=1.0,
+    launch_overhead=2e-6,
+    loop_overhead=3e-6,
+    call_overhead=1e-5,
+    eff_dense=1.0,
+    eff_conv=0.25,
+    eff_grouped=0.1,
     eff_sparse=0.5,
-    mem_eff=0.5, gather_eff=0.5, sector_bytes=32.0, k_half=0.0, sum_weight=0.0, dense_tiles=((64.0, 64.0),),
+    mem_eff=0.5,
+    gather_eff=0.5,
+    sector_bytes=32.0,
+    k_half=0.0,
+    sum_weight=0.0,
+    dense_tiles=((64.0, 64.0),),
 )
 
 
@@ -150,11 +173,14 @@ def test_predictor_pads_with_the_engines_default_steps():
     assert ENGINES["xla"].capacity_steps == default
 
 
-@pytest.mark.parametrize("mode, counts, batch", [
-    ("spatial", (37, 411, 0, 2), 2),
-    ("channel", (0, 0, 5, 1), 1),
-    ("layer", (0, 0, 0, 3), 8),
-])
+@pytest.mark.parametrize(
+    "mode, counts, batch",
+    [
+        ("spatial", (37, 411, 0, 2), 2),
+        ("channel", (0, 0, 5, 1), 1),
+        ("layer", (0, 0, 0, 3), 8),
+    ],
+)
 def test_block_records_hold_the_capacities_the_engine_plans(mode, counts, batch):
     """Rows and channels of the predicted convs are plan_block's capacities for the same counts."""
     spec = network_spec({"arch": "resnet_small", "num_classes": 10, "mode": mode, "granularity": 2}, (64, 64)).blocks[1]
@@ -163,9 +189,13 @@ def test_block_records_hold_the_capacities_the_engine_plans(mode, counts, batch)
     cells, pixels, groups, samples = counts
     h1, w1 = spec.conv1_hw
     setting = block_setting(
-        mode, 2, rho_spatial=cells / (batch * spec.mask_grid[0] * spec.mask_grid[1]),
-        rho_channel=groups / max(spec.channel_groups, 1), rho_layer=samples / batch,
-        rho_conv1=pixels / (batch * h1 * w1), batch=batch,
+        mode,
+        2,
+        rho_spatial=cells / (batch * spec.mask_grid[0] * spec.mask_grid[1]),
+        rho_channel=groups / max(spec.channel_groups, 1),
+        rho_layer=samples / batch,
+        rho_conv1=pixels / (batch * h1 * w1),
+        batch=batch,
     )
     shape = jax.tree.map(lambda x: x[0], BlockShape.from_specs([spec]))
     launches = block_launches(shape, setting, ENGINES["xla"])
@@ -188,9 +218,7 @@ def test_block_macs_follow_the_model_spec():
             setting = block_setting(mode, 2, rho)
             dynamic, dense = jax.vmap(block_macs, in_axes=(0, None))(shapes, setting)
             np.testing.assert_allclose(dense, [b.dense_macs for b in blocks], rtol=1e-6)
-            np.testing.assert_allclose(
-                dynamic, [b.dense_macs + b.masker_macs for b in spatial_spec.blocks], rtol=1e-5
-            )
+            np.testing.assert_allclose(dynamic, [b.dense_macs + b.masker_macs for b in spatial_spec.blocks], rtol=1e-5)
     # half of the samples skip the branch: branch MACs halve, downsample and gate stay
     blocks = network_spec({"arch": "resnet_small", "num_classes": 10, "mode": "layer"}, (64, 64)).blocks
     dynamic, _ = jax.vmap(block_macs, in_axes=(0, None))(BlockShape.from_specs(blocks), block_setting("layer", 1, 0.5))
@@ -213,9 +241,16 @@ def _grid_setting() -> BlockSetting:
     b = lambda x: jnp.broadcast_to(x, shape)  # noqa: E731
     rates = b(GRID_RATES[None, None, :, None])
     return BlockSetting(
-        mode=b(GRID_MODES[:, None, None, None]), granularity=b(GRID_SIZES[None, :, None, None]),
-        rho_spatial=rates, rho_channel=rates, rho_layer=rates, rho_conv1=b(-1.0), channel_granularity=b(2.0),
-        mask_groups=b(1.0), batch=b(GRID_BATCH[None, None, None, :]), half=b(0.0),
+        mode=b(GRID_MODES[:, None, None, None]),
+        granularity=b(GRID_SIZES[None, :, None, None]),
+        rho_spatial=rates,
+        rho_channel=rates,
+        rho_layer=rates,
+        rho_conv1=b(-1.0),
+        channel_granularity=b(2.0),
+        mask_groups=b(1.0),
+        batch=b(GRID_BATCH[None, None, None, :]),
+        half=b(0.0),
     )
 
 
@@ -232,8 +267,12 @@ def _slot_grid(profile, engine, shapes, setting):
 @pytest.mark.parametrize("hardware", ["v100", "jetson_tx2", "local_initial"])
 def test_latency_is_monotone_in_rho_and_full_rate_beats_static_by_less_than_the_maskers(engine, hardware):
     profile = LOCAL_INITIAL if hardware == "local_initial" else PRESETS[hardware]
-    slots = np.asarray(_slot_grid(profile.as_arrays(), ENGINES[engine].as_arrays(),
-                                  BlockShape.from_specs(SMALL_BLOCKS), _grid_setting()), np.float64)
+    slots = np.asarray(
+        _slot_grid(
+            profile.as_arrays(), ENGINES[engine].as_arrays(), BlockShape.from_specs(SMALL_BLOCKS), _grid_setting()
+        ),
+        np.float64,
+    )
     total = slots.sum(-1)  # (blocks, modes, S, rates, batch)
     assert np.all(np.isfinite(total)) and np.all(total > 0)
     steps = np.diff(total, axis=3)
@@ -254,23 +293,30 @@ def _search_setting(batch: float, half: float) -> BlockSetting:
     b = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape)  # noqa: E731
     return BlockSetting(
         mode=b(np.asarray([MODE_CODE[m] for m in SEARCH_MODES])[None, :, None, None]),
-        granularity=b(np.asarray(SEARCH_SIZES)[:, None, None, None]), rho_spatial=b(rates),
-        rho_channel=b(rates), rho_layer=b(rates), rho_conv1=b(-1.0),
-        channel_granularity=b(np.asarray(SEARCH_GROUPS)[None, None, :, None]), mask_groups=b(1.0),
-        batch=b(batch), half=b(half),
+        granularity=b(np.asarray(SEARCH_SIZES)[:, None, None, None]),
+        rho_spatial=b(rates),
+        rho_channel=b(rates),
+        rho_layer=b(rates),
+        rho_conv1=b(-1.0),
+        channel_granularity=b(np.asarray(SEARCH_GROUPS)[None, None, :, None]),
+        mask_groups=b(1.0),
+        batch=b(batch),
+        half=b(half),
     )
 
 
 def test_grid_evaluation_equals_the_per_configuration_loop():
     setting = _search_setting(4.0, 0.0)
-    times, dynamic, dense = grid_block_times(PRESETS["a100"], ENGINES["pallas"], BlockShape.from_specs(SMALL_BLOCKS), setting)
+    times, dynamic, dense = grid_block_times(
+        PRESETS["a100"], ENGINES["pallas"], BlockShape.from_specs(SMALL_BLOCKS), setting
+    )
     assert times.shape == (len(SMALL_BLOCKS), *setting.mode.shape)
     profile, engine = PRESETS["a100"].as_arrays(), ENGINES["pallas"].as_arrays()
     rng = np.random.default_rng(0)
     for _ in range(6):
         i = int(rng.integers(len(SMALL_BLOCKS)))
         index = tuple(int(rng.integers(n)) for n in setting.mode.shape)
-        one = jax.tree.map(lambda x: x[index], setting)
+        one = jax.tree.map(lambda x, index=index: x[index], setting)
         shape = jax.tree.map(lambda x: x[0], BlockShape.from_specs([SMALL_BLOCKS[i]]))
         assert float(times[(i, *index)]) == pytest.approx(float(block_time(profile, engine, shape, one)), rel=1e-5)
         assert float(dynamic[(i, *index)]) == pytest.approx(float(block_macs(shape, one)[0]), rel=1e-5)
@@ -281,7 +327,9 @@ def test_grid_evaluation_equals_the_per_configuration_loop():
 
 
 def _ratio(hardware, engine, mode, granularity, batch, dtype="float32", rho=0.5):
-    spec = network_spec({"arch": "resnet101", "num_classes": 1000, "mode": mode, "granularity": granularity}, (224, 224))
+    spec = network_spec(
+        {"arch": "resnet101", "num_classes": 1000, "mode": mode, "granularity": granularity}, (224, 224)
+    )
     return predict(spec, PRESETS[hardware], engine, rho=rho, batch=batch, dtype=dtype)
 
 
@@ -304,7 +352,9 @@ def test_network_grid_equals_per_configuration_predictions():
     grid = np.asarray(grid_network_times(PRESETS["rtx3090"], ENGINES["pallas"], spec, setting))
     assert grid.shape == (3, 2, 2)
     for mi, ri, bi in ((1, 0, 1), (2, 1, 0), (0, 1, 1)):
-        configured = network_spec({"arch": "resnet_small", "num_classes": 10, "mode": modes[mi], "granularity": 2}, (64, 64))
+        configured = network_spec(
+            {"arch": "resnet_small", "num_classes": 10, "mode": modes[mi], "granularity": 2}, (64, 64)
+        )
         expected = predict(configured, PRESETS["rtx3090"], "pallas", rho=(0.3, 0.8)[ri], batch=(1, 4)[bi])
         assert 1e3 * grid[mi, ri, bi] == pytest.approx(expected.dynamic_ms, rel=1e-5)
 
@@ -312,7 +362,13 @@ def test_network_grid_equals_per_configuration_predictions():
 def test_presets_agree_with_the_published_analysis():
     # Server GPU, batch 128: per-pixel masks lose at rho = 0.5, coarse patches and layer
     # skipping gain. Our Pallas engine on an A100; the halo formulation on every server preset.
-    for hardware, engine in [("a100", "pallas"), ("v100", "halo"), ("rtx3090", "halo"), ("a100", "halo"), ("h100", "halo")]:
+    for hardware, engine in [
+        ("a100", "pallas"),
+        ("v100", "halo"),
+        ("rtx3090", "halo"),
+        ("a100", "halo"),
+        ("h100", "halo"),
+    ]:
         assert _ratio(hardware, engine, "spatial", 1, 128, "bfloat16").latency_ratio > 1.0, (hardware, engine)
         assert _ratio(hardware, engine, "spatial", 7, 128, "bfloat16").latency_ratio < 1.0, (hardware, engine)
         assert _ratio(hardware, engine, "layer", 1, 128, "bfloat16").latency_ratio < 1.0, (hardware, engine)
@@ -326,8 +382,17 @@ def test_presets_agree_with_the_published_analysis():
 
 def test_search_picks_the_fastest_valid_option_per_stage():
     profile, engine = PRESETS["v100"], ENGINES["pallas"]
-    result = search("resnet_small", profile, engine, target_rate=0.5, batch=4, image_shape=(64, 64, 3),
-                    granularities=SEARCH_SIZES, modes=SEARCH_MODES, channel_granularities=SEARCH_GROUPS)
+    result = search(
+        "resnet_small",
+        profile,
+        engine,
+        target_rate=0.5,
+        batch=4,
+        image_shape=(64, 64, 3),
+        granularities=SEARCH_SIZES,
+        modes=SEARCH_MODES,
+        channel_granularities=SEARCH_GROUPS,
+    )
     assert len(result.stages) == 4 and len(result.candidates["latency_ratio"][0]) == len(SEARCH_SIZES)
     # Independent brute force: the grid of block times, MAC ratios interpolated with numpy.
     times, dynamic, dense = (
@@ -382,20 +447,39 @@ def test_search_rejects_bad_requests():
 
 def test_calibration_recovers_a_known_profile_from_its_timings():
     rng = np.random.default_rng(1)
-    specs = (list(SMALL_BLOCKS) + list(network_spec({"arch": "resnet50", "num_classes": 10}, (112, 112)).blocks[::3])
-             + list(network_spec({"arch": "regnety_400mf", "num_classes": 10}, (112, 112)).blocks[::4]))
+    specs = (
+        list(SMALL_BLOCKS)
+        + list(network_spec({"arch": "resnet50", "num_classes": 10}, (112, 112)).blocks[::3])
+        + list(network_spec({"arch": "regnety_400mf", "num_classes": 10}, (112, 112)).blocks[::4])
+    )
     n = 160
     picks = rng.integers(0, len(specs), n)
     settings = []
     for i in picks:
         sizes = [s for s in (1, 2, 4, 7) if specs[i].h_out % s == 0]
-        settings.append(block_setting(str(rng.choice(MODES)), int(rng.choice(sizes)), float(rng.uniform(0.1, 1.0)),
-                                      batch=int(rng.choice([1, 2, 4, 8]))))
+        settings.append(
+            block_setting(
+                str(rng.choice(MODES)),
+                int(rng.choice(sizes)),
+                float(rng.uniform(0.1, 1.0)),
+                batch=int(rng.choice([1, 2, 4, 8])),
+            )
+        )
     shapes = BlockShape.from_specs([specs[i] for i in picks])
     settings = jax.tree.map(lambda *x: jnp.stack(x), *settings)
-    truth = LOCAL_INITIAL.replace(flops_fp32=90e9, eff_conv=0.6, eff_grouped=0.08, dram_bw=12e9, l2_bw=45e9,
-                                  gather_eff=0.4, launch_overhead=8e-6, loop_overhead=3e-6,
-                                  call_overhead=45e-6, k_half=24.0, sum_weight=0.3)
+    truth = LOCAL_INITIAL.replace(
+        flops_fp32=90e9,
+        eff_conv=0.6,
+        eff_grouped=0.08,
+        dram_bw=12e9,
+        l2_bw=45e9,
+        gather_eff=0.4,
+        launch_overhead=8e-6,
+        loop_overhead=3e-6,
+        call_overhead=45e-6,
+        k_half=24.0,
+        sum_weight=0.3,
+    )
     exact = np.asarray(predict_measured(truth.as_arrays(), ENGINES["xla"].as_arrays(), shapes, settings))
     # exact timings: every parameter comes back
     fitted, _ = fit_profile(Measurements(shapes, settings, jnp.asarray(exact, jnp.float32)), ENGINES["xla"])
@@ -408,7 +492,9 @@ def test_calibration_recovers_a_known_profile_from_its_timings():
     fitted, _ = fit_profile(data, ENGINES["xla"])
     for field in FIT_FIELDS:
         weak = field in ("dram_bw", "l2_bw", "gather_eff", "k_half", "sum_weight")
-        assert float(getattr(fitted, field)) == pytest.approx(float(getattr(truth, field)), rel=0.3 if weak else 0.1), field
+        assert float(getattr(fitted, field)) == pytest.approx(float(getattr(truth, field)), rel=0.3 if weak else 0.1), (
+            field
+        )
     errors = error_summary(relative_errors(fitted, ENGINES["xla"], Measurements(shapes, settings, jnp.asarray(exact))))
     assert errors["median_abs_rel_error"] < 0.03 and errors["within_20pct"] == 1.0
     with pytest.raises(ValueError, match="cannot fit"):
@@ -427,7 +513,9 @@ def test_profiles_are_pytrees_and_round_trip_through_json(tmp_path):
     loaded, record = profile_from_json(path)
     assert record["meta"]["note"] == "x"
     for field in dataclasses.fields(HardwareProfile):
-        np.testing.assert_allclose(np.asarray(getattr(loaded, field.name)), np.asarray(getattr(PRESETS["rtx3090"], field.name)))
+        np.testing.assert_allclose(
+            np.asarray(getattr(loaded, field.name)), np.asarray(getattr(PRESETS["rtx3090"], field.name))
+        )
     assert get_profile(path).dram_bw == PRESETS["rtx3090"].dram_bw
     with pytest.raises(ValueError, match="unknown hardware"):
         get_profile("tpu9000")
@@ -441,25 +529,60 @@ def test_local_profile_needs_a_fit(tmp_path, monkeypatch):
 
 def test_cli_predict_and_search_write_their_json(tmp_path, capsys):
     out = tmp_path / "predict.json"
-    cli(["predict", "--hardware", "v100", "--arch", "resnet101", "--mode", "spatial", "--granularity", "4,4,2,1",
-         "--rate", "0.5", "--batch", "8", "--json", str(out)])
+    cli(
+        [
+            "predict",
+            "--hardware",
+            "v100",
+            "--arch",
+            "resnet101",
+            "--mode",
+            "spatial",
+            "--granularity",
+            "4,4,2,1",
+            "--rate",
+            "0.5",
+            "--batch",
+            "8",
+            "--json",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
     assert {"static_ms", "dynamic_ms", "latency_ratio", "blocks"} <= set(record)
-    assert len(record["blocks"]) == 33 and record["dynamic_ms"] / record["static_ms"] == pytest.approx(record["latency_ratio"])
+    assert len(record["blocks"]) == 33 and record["dynamic_ms"] / record["static_ms"] == pytest.approx(
+        record["latency_ratio"]
+    )
     out = tmp_path / "search.json"
-    cli(["search", "--hardware", "v100", "--arch", "resnet_small", "--granularity", "1,2,4,8", "--batch", "16",
-         "--json", str(out)])
+    cli(
+        [
+            "search",
+            "--hardware",
+            "v100",
+            "--arch",
+            "resnet_small",
+            "--granularity",
+            "1,2,4,8",
+            "--batch",
+            "16",
+            "--json",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
     assert len(record["stages"]) == 4 and record["config"]["model"]["granularity"]
     assert "--exp.model.granularity=" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["predict", "--mode", "sparse"], "unknown mode"),
-    (["predict", "--arch", "resnet50", "--granularity", "3"], "does not divide"),
-    (["predict", "--hardware", "tpu9000"], "unknown hardware"),
-    (["search", "--batch", "0"], "--batch"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--mode", "sparse"], "unknown mode"),
+        (["predict", "--arch", "resnet50", "--granularity", "3"], "does not divide"),
+        (["predict", "--hardware", "tpu9000"], "unknown hardware"),
+        (["search", "--batch", "0"], "--batch"),
+    ],
+)
 def test_cli_rejects_bad_input_before_computing(argv, message, capsys):
     with pytest.raises(SystemExit) as error:
         cli(argv)

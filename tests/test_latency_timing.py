@@ -13,8 +13,9 @@ from laud_jax.sparse.routing import plan_block
 
 
 def test_timed_block_reports_the_densities_the_engine_executes(tmp_path):
-    config = timing.TimingConfig(arch="resnet_small", image=64, block=1, mode="spatial", granularity=2, rho=0.4,
-                                 batch=2, seed=3)
+    config = timing.TimingConfig(
+        arch="resnet_small", image=64, block=1, mode="spatial", granularity=2, rho=0.4, batch=2, seed=3
+    )
     record = timing.time_config(config, repeats=2, warmup=1)
     spec = config.spec()
     # the same random masks, recomputed independently of the engine's index lists

@@ -115,8 +115,15 @@ def test_cross_entropy_and_total_loss_combine_terms():
     aux = fake_aux([[60.0, 60.0]], [100.0], [1], fixed=0.0)
     teacher = logits[:, ::-1]
     total, metrics = losses.total_loss(
-        logits, labels, aux, jnp.asarray(1.0), teacher_logits=teacher,
-        target_rate=0.5, sparsity_weight=10.0, kd_alpha=0.5, kd_temperature=4.0,
+        logits,
+        labels,
+        aux,
+        jnp.asarray(1.0),
+        teacher_logits=teacher,
+        target_rate=0.5,
+        sparsity_weight=10.0,
+        kd_alpha=0.5,
+        kd_temperature=4.0,
     )
     expected = metrics["ce"] + 10.0 * (0.6 - 0.5) ** 2 + 0.5 * losses.kd_loss(logits, teacher, 4.0)
     assert float(total) == pytest.approx(float(expected), rel=1e-5)

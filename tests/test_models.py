@@ -32,6 +32,7 @@ def shapes(cfg, image_shape=(224, 224, 3)):
 
 def strip_gates(variables):
     """The static model's variables: drop every block's gate parameters."""
+
     def strip(tree):
         return {k: strip(v) for k, v in tree.items() if k != "gates"} if isinstance(tree, dict) else tree
 
@@ -55,6 +56,7 @@ def randomize_bn(variables, key):
 
 def unit_lc_scales(variables):
     """LC-Net scale heads with zero kernel and bias softplus^-1(1): every scale is 1."""
+
     def fix(path, value):
         name = jax.tree_util.keystr(path)
         if "scale_head" not in name:
@@ -286,7 +288,9 @@ def test_eval_masks_are_deterministic_and_follow_threshold():
     model, variables, image = model_and_vars(tuple(cfg.items()))
     # Push the spatial masker biases near the threshold so masks are mixed.
     variables = jax.tree_util.tree_map_with_path(
-        lambda p, v: v * 0.0 if "masker_spatial" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p) else v,
+        lambda p, v: (
+            v * 0.0 if "masker_spatial" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p) else v
+        ),
         variables,
     )
     x = images_for(image, batch=4)
@@ -319,16 +323,25 @@ def test_straight_through_gradient_reaches_maskers(mode):
     def grads(params):
         def loss(params):
             (logits, aux), _ = model.apply(
-                {**variables, "params": params}, x, train=True, tau=jnp.asarray(5.0),
-                rngs={"gumbel": jax.random.key(9)}, mutable=["batch_stats"],
+                {**variables, "params": params},
+                x,
+                train=True,
+                tau=jnp.asarray(5.0),
+                rngs={"gumbel": jax.random.key(9)},
+                mutable=["batch_stats"],
             )
             return jnp.sum(logits * weights) + jnp.mean(aux["macs"]) / aux["dense_macs"]
 
         return jax.grad(loss)(params)
 
     g = grads(variables["params"])
-    names = {"spatial": ["masker_spatial"], "channel": ["masker_channel"], "layer": ["layer_gate"],
-             "spatial+channel": ["masker_spatial", "masker_channel"], "lc": ["layer_gate", "masker_channel", "scale_head"]}[mode]
+    names = {
+        "spatial": ["masker_spatial"],
+        "channel": ["masker_channel"],
+        "layer": ["layer_gate"],
+        "spatial+channel": ["masker_spatial", "masker_channel"],
+        "lc": ["layer_gate", "masker_channel", "scale_head"],
+    }[mode]
     for name in names:
         leaves = [v for p, v in jax.tree_util.tree_leaves_with_path(g) if name in jax.tree_util.keystr(p)]
         assert leaves, name
@@ -355,14 +368,18 @@ def test_training_masks_are_stochastic_hard_and_batch_stats_update():
     cfg = {**TINY, "mode": "spatial", "granularity": (2, 2, 1, 1)}
     model, variables, image = model_and_vars(tuple(cfg.items()))
     variables = jax.tree_util.tree_map_with_path(
-        lambda p, v: v * 0.0 if "masker_spatial" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p) else v,
+        lambda p, v: (
+            v * 0.0 if "masker_spatial" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p) else v
+        ),
         variables,
     )
     x = images_for(image, batch=4)
 
     @jax.jit
     def run(key):
-        return model.apply(variables, x, train=True, tau=jnp.asarray(1.0), rngs={"gumbel": key}, mutable=["batch_stats"])
+        return model.apply(
+            variables, x, train=True, tau=jnp.asarray(1.0), rngs={"gumbel": key}, mutable=["batch_stats"]
+        )
 
     (_, aux_a), updates = run(jax.random.key(0))
     (_, aux_b), _ = run(jax.random.key(1))
@@ -419,16 +436,23 @@ def test_standardized_spatial_masker_ignores_per_channel_offset_and_scale():
     variables = masker.init(jax.random.key(1), x, train=False, tau=1.0)
     variables["params"]["conv"]["bias"] = jnp.zeros_like(variables["params"]["conv"]["bias"])
     shifted = 3.0 * x + jnp.arange(5.0)
-    logits_fn = lambda v, x: masker.apply(v, x, train=False, tau=1.0, gate_offset=0.0)
+
+    def logits_fn(v, x):
+        return masker.apply(v, x, train=False, tau=1.0, gate_offset=0.0)
+
     np.testing.assert_array_equal(np.asarray(logits_fn(variables, x)), np.asarray(logits_fn(variables, shifted)))
     mask = np.asarray(logits_fn(variables, x))
     assert 0.0 < mask.mean() < 1.0
     plain = SpatialMasker((4, 4), 1)
-    assert not np.array_equal(np.asarray(plain.apply(variables, x, train=False, tau=1.0)),
-                              np.asarray(plain.apply(variables, shifted + 10.0, train=False, tau=1.0)))
+    assert not np.array_equal(
+        np.asarray(plain.apply(variables, x, train=False, tau=1.0)),
+        np.asarray(plain.apply(variables, shifted + 10.0, train=False, tau=1.0)),
+    )
 
 
-@pytest.mark.parametrize("size_in,size_out", [((16, 12), (4, 3)), ((14, 14), (4, 4)), ((7, 9), (2, 3)), ((8, 8), (8, 8))])
+@pytest.mark.parametrize(
+    "size_in,size_out", [((16, 12), (4, 3)), ((14, 14), (4, 4)), ((7, 9), (2, 3)), ((8, 8), (8, 8))]
+)
 def test_adaptive_avg_pool_equals_torch_bins(size_in, size_out):
     """Equal bins (reshape + mean) and unequal ones (averaging matrices) both follow torch's
     adaptive_avg_pool2d bin edges: start = floor(i * n / m), end = ceil((i + 1) * n / m)."""

@@ -9,7 +9,6 @@ import tomllib
 
 import numpy as np
 import pytest
-
 from fixtures.tiny_checkpoint import shared_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +34,8 @@ def install_cell(monkeypatch) -> dict:
     cells = code_cells()
     [source] = [c for c in cells if "def gpu_extra" in c]
     namespace: dict = {"__name__": "__main__"}
-    exec(compile(cells[0], "cell 0", "exec"), namespace)  # noqa: S102
-    exec(compile(source, "install cell", "exec"), namespace)  # noqa: S102
+    exec(compile(cells[0], "cell 0", "exec"), namespace)
+    exec(compile(source, "install cell", "exec"), namespace)
     return namespace
 
 
@@ -58,8 +57,10 @@ def test_install_extra_follows_the_driver(monkeypatch):
     assert gpu_extra(NVIDIA_SMI.format(driver="560.35.03", cuda="N/A")) == "gpu-cuda12"  # from the driver
     assert gpu_extra(NVIDIA_SMI.format(driver="580.65.06", cuda="N/A")) == "gpu"
     assert gpu_extra(None) == "cpu"  # no NVIDIA driver
-    for too_old in (NVIDIA_SMI.format(driver="470.82.01", cuda="11.4"),
-                    NVIDIA_SMI.format(driver="470.82.01", cuda="N/A")):
+    for too_old in (
+        NVIDIA_SMI.format(driver="470.82.01", cuda="11.4"),
+        NVIDIA_SMI.format(driver="470.82.01", cuda="N/A"),
+    ):
         with pytest.raises(SystemExit, match=r"too old for JAX 0\.12.*CUDA 12 \(driver r525.*CUDA 13"):
             gpu_extra(too_old)
     with pytest.raises(SystemExit, match="LAUD_NOTEBOOK_EXTRA"):
@@ -84,7 +85,7 @@ def test_install_cell_reads_nvidia_smi(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LAUD_NOTEBOOK_EXTRA", "gpu")  # the user's choice wins (nvidia-smi not run)
     namespace = {"__name__": "__main__"}
     for source in code_cells()[:2]:
-        exec(compile(source, "cell", "exec"), namespace)  # noqa: S102
+        exec(compile(source, "cell", "exec"), namespace)
     assert namespace["EXTRA"] == "gpu"
 
 
@@ -103,7 +104,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     namespace: dict = {"__name__": "__main__"}
     for i, source in enumerate(code_cells()):
-        exec(compile(source, f"{NOTEBOOK} cell {i}", "exec"), namespace)  # noqa: S102
+        exec(compile(source, f"{NOTEBOOK} cell {i}", "exec"), namespace)
     assert namespace["logits"].shape == (2, 7)  # the converted LAUDNet fixture
     assert os.path.isfile(os.path.join(tmp_path, "converted", "config.json"))
     result = namespace["result"]

@@ -15,16 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import released_laudnet
 
 from laud_jax import losses
 from laud_jax.models import build_model, network_spec
 from laud_jax.models.gates import ChannelMasker, SpatialMasker
-from fixtures import released_laudnet
 
-IMAGE = (32, 48, 3)       # stem 16 x 24, stages 16x24 / 8x12 / 4x6 / 2x3
+IMAGE = (32, 48, 3)  # stem 16 x 24, stages 16x24 / 8x12 / 4x6 / 2x3
 BATCH = 4
 TAU = 0.7
-PROGRESS = 0.1            # bounds part-way relaxed: both block and network terms act
+PROGRESS = 0.1  # bounds part-way relaxed: both block and network terms act
 SPARSITY_WEIGHT = 10.0
 TARGET = 0.5
 CASES = {
@@ -68,8 +68,11 @@ def batch(seed: int):
     return images, labels
 
 
-GATE_BIASES = {"spatial_mask": ("masker_spatial", "conv"), "channel_mask": ("masker_channel", "fc2"),
-               "layer_gate": ("layer_gate", "conv")}
+GATE_BIASES = {
+    "spatial_mask": ("masker_spatial", "conv"),
+    "channel_mask": ("masker_channel", "fc2"),
+    "layer_gate": ("layer_gate", "conv"),
+}
 
 
 def mixed_gate_params(cfg: dict, seed: int, images) -> tuple[dict, dict]:
@@ -81,11 +84,19 @@ def mixed_gate_params(cfg: dict, seed: int, images) -> tuple[dict, dict]:
     """
     model = build_model(cfg)
     params, batch_stats = randomized_params(cfg, seed)
-    rates = jax.jit(lambda p: [
-        {key: jnp.mean(b[key]) for key in GATE_BIASES}
-        for b in model.apply({"params": p, "batch_stats": batch_stats}, images, train=True, tau=1.0,
-                             gumbel_noise=False, mutable=["batch_stats"])[0][1]["blocks"]
-    ])
+    rates = jax.jit(
+        lambda p: [
+            {key: jnp.mean(b[key]) for key in GATE_BIASES}
+            for b in model.apply(
+                {"params": p, "batch_stats": batch_stats},
+                images,
+                train=True,
+                tau=1.0,
+                gumbel_noise=False,
+                mutable=["batch_stats"],
+            )[0][1]["blocks"]
+        ]
+    )
     spec = network_spec(cfg, IMAGE)
     for i, block in enumerate(spec.blocks):
         for key, (gate, layer) in GATE_BIASES.items():
@@ -125,12 +136,21 @@ def ours_and_reference(case: str):
 
     def our_loss(p):
         (logits, aux), _ = model.apply(
-            {"params": p, "batch_stats": batch_stats}, images, train=True, tau=jnp.asarray(TAU),
-            gumbel_noise=False, mutable=["batch_stats"],
+            {"params": p, "batch_stats": batch_stats},
+            images,
+            train=True,
+            tau=jnp.asarray(TAU),
+            gumbel_noise=False,
+            mutable=["batch_stats"],
         )
         loss, parts = losses.total_loss(
-            logits, labels, aux, jnp.asarray(PROGRESS), target_rate=TARGET,
-            sparsity_weight=SPARSITY_WEIGHT, kd_alpha=0.0,
+            logits,
+            labels,
+            aux,
+            jnp.asarray(PROGRESS),
+            target_rate=TARGET,
+            sparsity_weight=SPARSITY_WEIGHT,
+            kd_alpha=0.0,
         )
         return loss, (logits, parts["mac_ratio"], aux)
 
@@ -139,18 +159,29 @@ def ours_and_reference(case: str):
 
     kwargs = reference_kwargs(cfg)
     with jax.enable_x64(True):
+
         def ref_loss(p):
             return released_laudnet.loss(
-                p, np.asarray(images, np.float64), jnp.asarray(labels), target_rate=TARGET,
-                sparsity_weight=SPARSITY_WEIGHT, progress=PROGRESS, **kwargs,
+                p,
+                np.asarray(images, np.float64),
+                jnp.asarray(labels),
+                target_rate=TARGET,
+                sparsity_weight=SPARSITY_WEIGHT,
+                progress=PROGRESS,
+                **kwargs,
             )
 
         (ref_value, ref_parts), ref_grads = jax.value_and_grad(ref_loss, has_aux=True)(
             released_laudnet.to_numpy(params)
         )
         reference = released_laudnet.to_numpy(
-            {"loss": ref_value, "logits": ref_parts["logits"], "mac_ratio": ref_parts["mac_ratio"], "grads": ref_grads,
-             "margin": ref_parts["margin"]}
+            {
+                "loss": ref_value,
+                "logits": ref_parts["logits"],
+                "mac_ratio": ref_parts["mac_ratio"],
+                "grads": ref_grads,
+                "margin": ref_parts["margin"],
+            }
         )
     return jax.device_get(ours), reference
 
@@ -172,8 +203,10 @@ def test_training_logits_and_mac_ratio_equal_the_released_network(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_gradients_equal_the_released_network(case):
     ours, ref = ours_and_reference(case)
-    ours_flat = {jax.tree_util.keystr(p): np.asarray(v, np.float64)
-                 for p, v in jax.tree_util.tree_leaves_with_path(ours["grads"])}
+    ours_flat = {
+        jax.tree_util.keystr(p): np.asarray(v, np.float64)
+        for p, v in jax.tree_util.tree_leaves_with_path(ours["grads"])
+    }
     ref_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(ref["grads"])}
     assert ours_flat.keys() == ref_flat.keys()
     gate_leaves = [name for name in ref_flat if "gates" in name]
@@ -195,9 +228,13 @@ GATE_NAMES = {"spatial": "masker_spatial", "layer": "layer_gate", "channel": "ma
 def gate_biases(params, mode: str):
     """Paths of every execute/skip bias of the mode's gates."""
     name = GATE_NAMES[mode]
-    return [p for p, _ in jax.tree_util.tree_leaves_with_path(params)
-            if name in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p)
-            and ("fc2" in jax.tree_util.keystr(p) or mode != "channel")]
+    return [
+        p
+        for p, _ in jax.tree_util.tree_leaves_with_path(params)
+        if name in jax.tree_util.keystr(p)
+        and "bias" in jax.tree_util.keystr(p)
+        and ("fc2" in jax.tree_util.keystr(p) or mode != "channel")
+    ]
 
 
 def mac_ratio_bias_gradient(mode: str, tau: float, execute_bias: float | None = None):
@@ -207,7 +244,8 @@ def mac_ratio_bias_gradient(mode: str, tau: float, execute_bias: float | None = 
     images, _ = batch(seed=2)
     params, batch_stats = mixed_gate_params(cfg, 5, images)
     paths = gate_biases(params, mode)
-    if execute_bias is not None:   # every gate undecided: zero kernels, execute a hair above skip
+    if execute_bias is not None:  # every gate undecided: zero kernels, execute a hair above skip
+
         def set_gate(path, value):
             name = jax.tree_util.keystr(path)
             if GATE_NAMES[mode] not in name:
@@ -222,8 +260,14 @@ def mac_ratio_bias_gradient(mode: str, tau: float, execute_bias: float | None = 
         params = jax.tree_util.tree_map_with_path(set_gate, params)
 
     def mac_ratio(p):
-        (_, aux), _ = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                  tau=jnp.asarray(tau), gumbel_noise=False, mutable=["batch_stats"])
+        (_, aux), _ = model.apply(
+            {"params": p, "batch_stats": batch_stats},
+            images,
+            train=True,
+            tau=jnp.asarray(tau),
+            gumbel_noise=False,
+            mutable=["batch_stats"],
+        )
         return aux["batch_macs"] / aux["dense_macs"]
 
     grads = jax.grad(mac_ratio)(params)
@@ -258,7 +302,7 @@ def test_noise_off_gates_are_the_evaluation_threshold_and_need_no_rng():
     for masker, inputs in ((SpatialMasker((4, 6), 2), x), (ChannelMasker(5), jnp.mean(x, axis=(1, 2)))):
         variables = masker.init(jax.random.key(1), inputs, train=False, tau=1.0)
         variables = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape), variables)
-        train = masker.apply(variables, inputs, train=True, tau=0.3, noise=False)   # no 'gumbel' rng given
+        train = masker.apply(variables, inputs, train=True, tau=0.3, noise=False)  # no 'gumbel' rng given
         evaluation = masker.apply(variables, inputs, train=False, tau=0.3)
         np.testing.assert_array_equal(np.asarray(train), np.asarray(evaluation))
         assert 0 < float(jnp.mean(evaluation)) < 1

@@ -12,8 +12,23 @@ import pytest
 from laud_jax.gpu_check import selfcheck
 
 SPATIAL_KERNELS = ["conv1x1_scatter_add", "gather_matmul", "patch_conv"]
-RECORD_KEYS = {"scope", "name", "stage", "S", "plan", "capacities", "density", "batch", "dtype",
-               "relative_error", "max_abs_error", "kernels", "xla", "pallas", "speedup"}
+RECORD_KEYS = {
+    "scope",
+    "name",
+    "stage",
+    "S",
+    "plan",
+    "capacities",
+    "density",
+    "batch",
+    "dtype",
+    "relative_error",
+    "max_abs_error",
+    "kernels",
+    "xla",
+    "pallas",
+    "speedup",
+}
 
 
 def test_quick_selfcheck_matches_xla_and_writes_json_and_table(tmp_path, capsys):
@@ -56,9 +71,28 @@ def test_relative_error_is_scaled_by_the_reference():
 def test_command_line_defaults_and_overrides():
     _, setup = selfcheck.parse_args([])  # no GPU here: the quick setup
     assert setup == selfcheck.QUICK
-    _, setup = selfcheck.parse_args(["--arch", "resnet50", "--image-size", "64", "96", "--granularity", "2", "2",
-                                     "1", "1", "--densities", "0.25", "1", "--dtype", "bfloat16", "--batch", "2",
-                                     "--all-blocks"])
+    _, setup = selfcheck.parse_args(
+        [
+            "--arch",
+            "resnet50",
+            "--image-size",
+            "64",
+            "96",
+            "--granularity",
+            "2",
+            "2",
+            "1",
+            "1",
+            "--densities",
+            "0.25",
+            "1",
+            "--dtype",
+            "bfloat16",
+            "--batch",
+            "2",
+            "--all-blocks",
+        ]
+    )
     assert (setup.arch, setup.image, setup.granularity) == ("resnet50", (64, 96), (2, 2, 1, 1))
     assert (setup.densities, setup.dtype, setup.batch, setup.all_blocks) == ((0.25, 1.0), "bfloat16", 2, True)
     for bad in (["--densities", "1.5"], ["--batch", "0"], ["--dtype", "float16"]):

@@ -14,8 +14,8 @@ from laud_jax.models import build_model, network_spec
 from laud_jax.models.gates import dilate_mask, upsample_nearest
 from laud_jax.sparse import SparseEngine, capacity, capacity_ladder, gate_shapes
 from laud_jax.sparse import engine as engine_module
-from laud_jax.sparse.synthetic import random_masks, random_variables
 from laud_jax.sparse.routing import BlockPlan, active_first, conv1_mask, plan_block
+from laud_jax.sparse.synthetic import random_masks, random_variables
 from laud_jax.sparse.xla_ops import XlaOps
 
 TINY = {"arch": "resnet_tiny", "num_classes": 7}
@@ -64,8 +64,13 @@ EQUIVALENCE = [
     (TINY_BASIC, ("spatial", "spatial+channel", "lc", "layer"), (2, 2, 1, 1), "pre_bn", 2),
     (TINY_REGNET, ("spatial+channel", "lc", "spatial", "channel"), (2, 2, 1, 1), "post_act", 2),
     # SE pooling over every pixel (the released RegNets): conv1/conv2 dense, conv3 sparse.
-    ({**TINY_REGNET, "se_pool": "dense", "masker_input": "standardized"}, ("spatial", "spatial+channel", "lc", "spatial+channel"),
-     (2, 2, 1, 1), "pre_bn", 2),
+    (
+        {**TINY_REGNET, "se_pool": "dense", "masker_input": "standardized"},
+        ("spatial", "spatial+channel", "lc", "spatial+channel"),
+        (2, 2, 1, 1),
+        "pre_bn",
+        2,
+    ),
 ]
 
 
@@ -91,13 +96,19 @@ NON_SQUARE = [
     (TINY, (96, 64, 3), ("spatial+channel", "spatial", "spatial+channel", "spatial"), (4, 2, 2, 1), "scatter"),
     (TINY_BASIC, (32, 64, 3), ("spatial", "spatial+channel", "spatial", "spatial"), (2, 2, 1, 1), "scatter"),
     # SE pooling over every pixel: conv3 runs on patches cut from the dense conv2 output.
-    ({**TINY_REGNET, "se_pool": "dense"}, (64, 96, 3), ("spatial+channel", "spatial", "spatial+channel", "spatial"), (2, 2, 1, 1),
-     "loop"),
+    (
+        {**TINY_REGNET, "se_pool": "dense"},
+        (64, 96, 3),
+        ("spatial+channel", "spatial", "spatial+channel", "spatial"),
+        (2, 2, 1, 1),
+        "loop",
+    ),
 ]
 
 
-@pytest.mark.parametrize("base,image,mode,granularity,writeback", NON_SQUARE,
-                         ids=["tiny-32x64", "tiny-96x64", "basic-32x64", "regnet-64x96"])
+@pytest.mark.parametrize(
+    "base,image,mode,granularity,writeback", NON_SQUARE, ids=["tiny-32x64", "tiny-96x64", "basic-32x64", "regnet-64x96"]
+)
 def test_non_square_images_match_model(base, image, mode, granularity, writeback):
     items = cfg_items(base, mode=mode, granularity=granularity)
     model, variables, _ = setup(items, image=image)
@@ -121,8 +132,10 @@ def test_model_gates_stepwise_and_speculative_match_model(mode):
     model, variables, image = setup(items, gate_bias=0.0)
     x = images_for(image, 2, seed=5)
     expected, aux = reference(model, variables, x)
-    gates = [np.asarray(b["spatial_mask"]).mean() * np.asarray(b["channel_mask"]).mean() * np.asarray(b["layer_gate"]).mean()
-             for b in aux["blocks"]]
+    gates = [
+        np.asarray(b["spatial_mask"]).mean() * np.asarray(b["channel_mask"]).mean() * np.asarray(b["layer_gate"]).mean()
+        for b in aux["blocks"]
+    ]
     assert any(0.0 < g < 1.0 for g in gates), gates
     engine = SparseEngine(dict(items), variables)
     logits, info = engine.apply(x)  # no earlier input: stepwise, which primes the plans
@@ -177,8 +190,10 @@ def test_dense_backend_and_static_baseline():
     expected, _ = reference(model, variables, x, masks)
     assert_close(SparseEngine(dict(items), variables, backend="dense")(x, masks=masks), expected)
     static = build_model({**dict(items), "mode": "static"})
-    strip = {c: {k: ({n: m for n, m in v.items() if n != "gates"} if isinstance(v, dict) else v) for k, v in t.items()}
-             for c, t in variables.items()}
+    strip = {
+        c: {k: ({n: m for n, m in v.items() if n != "gates"} if isinstance(v, dict) else v) for k, v in t.items()}
+        for c, t in variables.items()
+    }
     expected_static, _ = jax.jit(static.apply)(strip, x)
     assert_close(SparseEngine(dict(items), variables, backend="dense").apply_static(x), expected_static)
 
@@ -221,11 +236,14 @@ def test_active_first_lists_true_entries_in_order_then_sentinels():
             assert int(count) == flags.sum()
 
 
-@pytest.mark.parametrize("cfg,image", [
-    ({"arch": "resnet50", "mode": "spatial", "granularity": (4, 4, 2, 1)}, (96, 96, 3)),
-    ({"arch": "resnet50", "mode": "spatial", "granularity": (8, 3, 3, 3)}, (96, 96, 3)),
-    ({**TINY_BASIC, "mode": "spatial", "granularity": (2, 1, 1, 1)}, (32, 32, 3)),
-])
+@pytest.mark.parametrize(
+    "cfg,image",
+    [
+        ({"arch": "resnet50", "mode": "spatial", "granularity": (4, 4, 2, 1)}, (96, 96, 3)),
+        ({"arch": "resnet50", "mode": "spatial", "granularity": (8, 3, 3, 3)}, (96, 96, 3)),
+        ({**TINY_BASIC, "mode": "spatial", "granularity": (2, 1, 1, 1)}, (32, 32, 3)),
+    ],
+)
 def test_conv1_pixels_equal_the_models_dilated_mask(cfg, image):
     spec = network_spec(cfg, image)
     rng = np.random.default_rng(1)
@@ -294,11 +312,14 @@ def tiny_engine():
     return SparseEngine(dict(items), variables), network_spec(dict(items), image), image
 
 
-@pytest.mark.parametrize("images,message", [
-    (np.zeros((32, 32, 3), np.float32), "NHWC"),
-    (np.zeros((1, 32, 32, 3), np.int32), "floating point"),
-    (np.zeros((1, 32, 32, 1), np.float32), "channels"),
-])
+@pytest.mark.parametrize(
+    "images,message",
+    [
+        (np.zeros((32, 32, 3), np.float32), "NHWC"),
+        (np.zeros((1, 32, 32, 3), np.int32), "floating point"),
+        (np.zeros((1, 32, 32, 1), np.float32), "channels"),
+    ],
+)
 def test_bad_images_are_rejected(tiny_engine, images, message):
     engine, _, _ = tiny_engine
     with pytest.raises(ValueError, match=message):

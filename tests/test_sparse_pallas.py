@@ -25,10 +25,12 @@ IMAGE = (32, 32, 3)
 
 def _random_batch_stats(variables, rng):
     """Non-trivial BN statistics, so folding matters (a fresh init has mean 0, var 1)."""
+
     def perturb(path, leaf):
         name = path[-1].key
         noise = rng.standard_normal(leaf.shape).astype(np.float32)
         return jnp.asarray(0.2 * noise if name == "mean" else 1.0 + 0.3 * np.abs(noise))
+
     return {**variables, "batch_stats": jax.tree_util.tree_map_with_path(perturb, variables["batch_stats"])}
 
 
@@ -51,8 +53,11 @@ def _forced_masks(spec, batch, rng, density):
         # one network: a stage per mode (spatial, both = spatial + channel, channel, lc)
         dict(mode=("spatial", "spatial+channel", "channel", "lc"), granularity=(4, 2, 2, 1)),
         # pre-BN channel masks (an extra indicator channel into conv2), S = 1 and stride 2
-        dict(mode=("spatial+channel", "spatial", "spatial", "channel"), granularity=(2, 1, 4, 1),
-             channel_mask_position="pre_bn"),
+        dict(
+            mode=("spatial+channel", "spatial", "spatial", "channel"),
+            granularity=(2, 1, 4, 1),
+            channel_mask_position="pre_bn",
+        ),
     ],
     ids=["modes", "pre_bn"],
 )
@@ -69,14 +74,17 @@ def test_pallas_backend_matches_xla_and_dense(config):
     pallas_ops._warn_interpret.cache_clear()  # the warning is once per process
     kernels = ("gather_matmul", "patch_conv", "conv1x1_scatter_add")
     spies = {k: mock.patch.object(pallas_ops, k, wraps=getattr(pallas_ops, k)) for k in kernels}
-    with warnings.catch_warnings(record=True) as caught, spies["gather_matmul"] as conv1, \
-            spies["patch_conv"] as conv2, spies["conv1x1_scatter_add"] as conv3:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        spies["gather_matmul"] as conv1,
+        spies["patch_conv"] as conv2,
+        spies["conv1x1_scatter_add"] as conv3,
+    ):
         warnings.simplefilter("always")
         pallas, info = engines["pallas"].apply(images, masks=masks)
     assert any("interpret mode" in str(w.message) for w in caught)
     for spy in (conv1, conv2, conv3):  # the kernels ran (no fallback to the xla primitives)
-        assert spy.call_count > 0 and all(
-            call.kwargs["implementation"] == "interpret" for call in spy.call_args_list)
+        assert spy.call_count > 0 and all(call.kwargs["implementation"] == "interpret" for call in spy.call_args_list)
     xla, _ = engines["xla"].apply(images, masks=masks)
     dense, _ = engines["dense"].apply(images, masks=masks)
     assert any(plan.run == "sparse" for plan in info.plans)
@@ -84,14 +92,19 @@ def test_pallas_backend_matches_xla_and_dense(config):
     np.testing.assert_allclose(pallas, dense, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("image,granularity", [((32, 64, 3), (2, 4, 1, 1)), ((96, 64, 3), (4, 2, 2, 1))],
-                         ids=["32x64", "96x64"])
+@pytest.mark.parametrize(
+    "image,granularity", [((32, 64, 3), (2, 4, 1, 1)), ((96, 64, 3), (4, 2, 2, 1))], ids=["32x64", "96x64"]
+)
 def test_pallas_backend_on_non_square_images_matches_model(image, granularity):
     """Every map and mask grid has H != W: the kernels' patch ids and pixel offsets must
     keep height and width apart."""
     rng = np.random.default_rng(1)
-    cfg = dict(arch="resnet_tiny", num_classes=10, mode=("spatial", "spatial+channel", "spatial", "spatial+channel"),
-               granularity=granularity)
+    cfg = dict(
+        arch="resnet_tiny",
+        num_classes=10,
+        mode=("spatial", "spatial+channel", "spatial", "spatial+channel"),
+        granularity=granularity,
+    )
     model = build_model(cfg)
     variables = _random_batch_stats(init_variables(model, 0, image), rng)
     images = jnp.asarray(rng.standard_normal((2, *image)), jnp.float32)
@@ -160,14 +173,25 @@ def test_pallas_primitives_on_routing_lists_equal_a_dense_masked_bottleneck(imag
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # interpret mode
         rows = ops.gather_matmul(x.reshape(-1, cin), routing["pixels"][:pixel_cap, None], w1, b1, relu=True)
-        h = ops.patch_conv(rows, routing["pixel_coords"][:pixel_cap], starts, w2, b2, grid=(batch, height, width),
-                           size=size, stride=stride, groups=1, relu=True)
+        h = ops.patch_conv(
+            rows,
+            routing["pixel_coords"][:pixel_cap],
+            starts,
+            w2,
+            b2,
+            grid=(batch, height, width),
+            size=size,
+            stride=stride,
+            groups=1,
+            relu=True,
+        )
         out = ops.conv3_scatter(h, w3, b3, identity, base, starts, counts[0], in_place=in_place)
 
     hi = jax.lax.Precision.HIGHEST
     dense = jax.nn.relu(jnp.einsum("bhwc,cd->bhwd", x, w1, precision=hi) + b1)
-    dense = jax.lax.conv_general_dilated(dense, w2, (stride, stride), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi)
+    dense = jax.lax.conv_general_dilated(
+        dense, w2, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi
+    )
     dense = jnp.einsum("bhwc,cd->bhwd", jax.nn.relu(dense + b2), w3, precision=hi) + b3
     active = np.kron(cells[..., 0], np.ones((1, size, size)))[:, :out_h, :out_w, None] > 0
     expected = np.where(active, jax.nn.relu(identity + dense), base)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
-
 from fixtures.tiny_checkpoint import IMAGE_SIZE, mixed_gate_variables, shared_tiny_checkpoint, tiny_model_config
 from PIL import Image
 

@@ -2,4 +2,4 @@
 
 from laud_jax.data.pipeline import EMBEDDED, DatasetInfo, dataset_info, eval_batches, train_iterator
 
-__all__ = ['EMBEDDED', 'DatasetInfo', 'dataset_info', 'eval_batches', 'train_iterator']
+__all__ = ["EMBEDDED", "DatasetInfo", "dataset_info", "eval_batches", "train_iterator"]

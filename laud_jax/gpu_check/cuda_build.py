@@ -34,9 +34,7 @@ def abstract_gpu(arch: int = 90) -> Iterator[None]:
     """Make an abstract CUDA GPU of compute capability `arch` the lowering target."""
     if arch not in DEVICE_KINDS:
         raise ValueError(f"arch={arch}: supported compute capabilities are {sorted(DEVICE_KINDS)}.")
-    device = jax.sharding.AbstractDevice(
-        device_kind=DEVICE_KINDS[arch], num_cores=NUM_SMS[arch], platform="cuda"
-    )
+    device = jax.sharding.AbstractDevice(device_kind=DEVICE_KINDS[arch], num_cores=NUM_SMS[arch], platform="cuda")
     mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
     with warnings.catch_warnings():
         # The Pallas Triton backend warns that it is deprecated (see docs/kernels.md).
@@ -88,7 +86,7 @@ def triton_kernels(lowered: jax.stages.Lowered) -> list[TritonKernel]:
         with triton_lowering._new_ir_context():
             ttir = ir.Module.parse(bytecode).operation.get_asm(enable_debug_info=False)
 
-        def as_int(key: str) -> int:
+        def as_int(key: str, config: ir.DictAttr = config) -> int:
             return ir.IntegerAttr(config[key]).value
 
         found.append(
@@ -144,8 +142,6 @@ def compile_kernel(kernel: TritonKernel, arch: int = 90) -> CompiledKernel:
     )
 
 
-def compile_for_cuda(
-    fn: Callable[..., Any], *args: Any, arch: int = 90
-) -> list[CompiledKernel]:
+def compile_for_cuda(fn: Callable[..., Any], *args: Any, arch: int = 90) -> list[CompiledKernel]:
     """Lower jit(fn)(*args) for sm_<arch> and compile every Pallas kernel in it."""
     return [compile_kernel(k, arch) for k in triton_kernels(lower_for_cuda(fn, *args, arch=arch))]

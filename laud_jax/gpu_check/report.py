@@ -39,11 +39,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from laud_jax.gpu_check import cuda_build
 from laud_jax.latency import PRESETS, BlockShape, block_setting
 from laud_jax.latency.launches import LAUNCH_NAMES, get_engine
 from laud_jax.latency.predictor import block_launch_times
 from laud_jax.models.specs import ARCHS, BlockSpec, network_spec
-from laud_jax.gpu_check import cuda_build
 from pallas_kernels._common import TileConfig, channel_tile
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
@@ -97,9 +97,7 @@ class PtxasInfo:
 
 def parse_ptxas_log(log: str) -> PtxasInfo:
     """The function properties `ptxas -v` prints for a single-kernel module."""
-    frame = re.search(
-        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log
-    )
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     used = re.search(r"Used (\d+) registers", log)
     if not frame or not used:
         raise ValueError(f"unrecognised ptxas -v output:\n{log}")
@@ -174,8 +172,15 @@ def measure(kernel: cuda_build.TritonKernel, arch: int) -> Measurement:
         with open(cubin, "wb") as f:
             f.write(compiled.cubin)
         ptxas = parse_ptxas_log(
-            _run(get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
-                 f"--gpu-name={sm_arch_from_capability(arch)}", ptx, "-o", os.path.join(tmp, "v.o"))
+            _run(
+                get_ptxas(arch).path,
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                ptx,
+                "-o",
+                os.path.join(tmp, "v.o"),
+            )
         )
         cuobjdump = triton.knobs.nvidia.cuobjdump.path
         usage = parse_res_usage(_run(cuobjdump, "-res-usage", cubin))[kernel.name]
@@ -241,12 +246,20 @@ def _block_shapes(models: Sequence[str], image_size: int) -> list[tuple[str, str
     shapes: dict[tuple, tuple[str, str, BlockSpec, dict]] = {}
     for model in models:
         if model not in FUSED_ARCHS:
-            raise ValueError(f"{model}: the kernels fuse bottleneck blocks with a dense conv2; "
-                             f"choose from {FUSED_ARCHS}")
+            raise ValueError(
+                f"{model}: the kernels fuse bottleneck blocks with a dense conv2; choose from {FUSED_ARCHS}"
+            )
         spec = network_spec({"arch": model, "num_classes": 1000}, (image_size, image_size))
         for block in spec.blocks:
-            key = (block.stage, block.in_channels, block.width, block.out_channels,
-                   block.stride, block.h_in, block.w_in)
+            key = (
+                block.stage,
+                block.in_channels,
+                block.width,
+                block.out_channels,
+                block.stride,
+                block.h_in,
+                block.w_in,
+            )
             label = f"stage{block.stage + 1}.{'first' if block.index == 0 else 'rest'}"
             entry = shapes.setdefault(key, (label, f"stage{block.stage + 1}", block, {}))
             entry[3][model] = entry[3].get(model, 0) + 1
@@ -273,7 +286,7 @@ def engine_launches(
     tiles_for = tiles_for or default_tiles
     shapes = _block_shapes(models, image_size)
     conv3_counts: dict[str, dict[str, int]] = collections.defaultdict(dict)
-    for _, stage, block, counts in shapes:
+    for _, stage, _block, counts in shapes:
         for model, n in counts.items():
             conv3_counts[stage][model] = conv3_counts[stage].get(model, 0) + n
     launches, conv3_done = [], set()
@@ -290,55 +303,115 @@ def engine_launches(
                 stage_common = {**common, "blocks": _counts(conv3_counts[stage])}
                 pixels = batch * in_hw * in_hw
                 t = tiles_for("gather_matmul", cin, width)
-                launches.append(Launch(
-                    kernel="gather_matmul", where=f"{label} conv1", mode="spatial", block=block,
-                    patch_size=None, shape=f"{pixels}x{cin}->{width}", tiles=t,
-                    fn=functools.partial(gather_matmul, tiles=t),
-                    args=(S((pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
-                    **common))
+                launches.append(
+                    Launch(
+                        kernel="gather_matmul",
+                        where=f"{label} conv1",
+                        mode="spatial",
+                        block=block,
+                        patch_size=None,
+                        shape=f"{pixels}x{cin}->{width}",
+                        tiles=t,
+                        fn=functools.partial(gather_matmul, tiles=t),
+                        args=(S((pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
+                        **common,
+                    )
+                )
                 for size in sizes:
                     grid = out_hw // size  # the mask grid (S divides the output side)
                     capacity = batch * grid * grid
                     t = tiles_for("patch_conv", width, width)
-                    launches.append(Launch(
-                        kernel="patch_conv", where=f"{label} conv2", mode="spatial", block=block,
-                        patch_size=size, tiles=t,
-                        shape=f"{capacity}x{size}x{size}x{width}<-{pixels}x{width}/s{stride}",
-                        fn=functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size,
-                                             stride=stride, tiles=t),
-                        args=(S((pixels, width), dt), S((pixels, 3), I32), S((capacity, 3), I32),
-                              S((3, 3, width, width), dt), S((width,), F32)),
-                        **common))
+                    launches.append(
+                        Launch(
+                            kernel="patch_conv",
+                            where=f"{label} conv2",
+                            mode="spatial",
+                            block=block,
+                            patch_size=size,
+                            tiles=t,
+                            shape=f"{capacity}x{size}x{size}x{width}<-{pixels}x{width}/s{stride}",
+                            fn=functools.partial(
+                                patch_conv, grid=(batch, in_hw, in_hw), size=size, stride=stride, tiles=t
+                            ),
+                            args=(
+                                S((pixels, width), dt),
+                                S((pixels, 3), I32),
+                                S((capacity, 3), I32),
+                                S((3, 3, width, width), dt),
+                                S((width,), F32),
+                            ),
+                            **common,
+                        )
+                    )
                     if first_of_stage:
                         t = tiles_for("conv1x1_scatter_add", width, cout)
-                        launches.append(Launch(
-                            kernel="conv1x1_scatter_add", where=f"{stage} conv3", mode="spatial", block=block,
-                            patch_size=size, tiles=t,
-                            shape=f"{capacity}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
-                            fn=functools.partial(conv1x1_scatter_add, tiles=t),
-                            args=(S((capacity, size, size, width), dt), S((capacity,), I32), S((), I32),
-                                  S((width, cout), dt), S((cout,), F32), S((batch, out_hw, out_hw, cout), dt)),
-                            **stage_common))
+                        launches.append(
+                            Launch(
+                                kernel="conv1x1_scatter_add",
+                                where=f"{stage} conv3",
+                                mode="spatial",
+                                block=block,
+                                patch_size=size,
+                                tiles=t,
+                                shape=f"{capacity}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
+                                fn=functools.partial(conv1x1_scatter_add, tiles=t),
+                                args=(
+                                    S((capacity, size, size, width), dt),
+                                    S((capacity,), I32),
+                                    S((), I32),
+                                    S((width, cout), dt),
+                                    S((cout,), F32),
+                                    S((batch, out_hw, out_hw, cout), dt),
+                                ),
+                                **stage_common,
+                            )
+                        )
                 groups = width // group_size
                 t = tiles_for("channel_gather_matmul", cin, width)
-                launches.append(Launch(
-                    kernel="channel_gather_matmul", where=f"{label} conv1", mode="channel", block=block,
-                    group_size=group_size,
-                    patch_size=None, tiles=t, shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
-                    fn=_channel_fn(group_size, "out", t),
-                    args=(S((batch, in_hw * in_hw, cin), dt), S((cin, width), dt), S((width,), F32),
-                          S((batch, groups), I32), S((batch,), I32)),
-                    **common))
+                launches.append(
+                    Launch(
+                        kernel="channel_gather_matmul",
+                        where=f"{label} conv1",
+                        mode="channel",
+                        block=block,
+                        group_size=group_size,
+                        patch_size=None,
+                        tiles=t,
+                        shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
+                        fn=_channel_fn(group_size, "out", t),
+                        args=(
+                            S((batch, in_hw * in_hw, cin), dt),
+                            S((cin, width), dt),
+                            S((width,), F32),
+                            S((batch, groups), I32),
+                            S((batch,), I32),
+                        ),
+                        **common,
+                    )
+                )
                 if first_of_stage:
                     t = tiles_for("channel_gather_matmul", width, cout)
-                    launches.append(Launch(
-                        kernel="channel_gather_matmul", where=f"{stage} conv3", mode="channel", block=block,
-                        group_size=group_size,
-                        patch_size=None, tiles=t, shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
-                        fn=_channel_fn(group_size, "compact", t),
-                        args=(S((batch, out_hw * out_hw, width), dt), S((width, cout), dt), S((cout,), F32),
-                              S((batch, groups), I32), S((batch,), I32)),
-                        **stage_common))
+                    launches.append(
+                        Launch(
+                            kernel="channel_gather_matmul",
+                            where=f"{stage} conv3",
+                            mode="channel",
+                            block=block,
+                            group_size=group_size,
+                            patch_size=None,
+                            tiles=t,
+                            shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
+                            fn=_channel_fn(group_size, "compact", t),
+                            args=(
+                                S((batch, out_hw * out_hw, width), dt),
+                                S((width, cout), dt),
+                                S((cout,), F32),
+                                S((batch, groups), I32),
+                                S((batch,), I32),
+                            ),
+                            **stage_common,
+                        )
+                    )
     return launches
 
 
@@ -384,11 +457,20 @@ def predicted_us(launches: Sequence[Launch], arch: int) -> list[float]:
     if not launches:
         return []
     shapes = BlockShape.from_specs([launch.block for launch in launches])
-    settings = jax.tree.map(lambda *xs: jnp.stack(xs), *[
-        block_setting(launch.mode, launch.patch_size or 1, 1.0, channel_granularity=launch.group_size,
-                      batch=launch.batch, dtype=launch.dtype)
-        for launch in launches
-    ])
+    settings = jax.tree.map(
+        lambda *xs: jnp.stack(xs),
+        *[
+            block_setting(
+                launch.mode,
+                launch.patch_size or 1,
+                1.0,
+                channel_granularity=launch.group_size,
+                batch=launch.batch,
+                dtype=launch.dtype,
+            )
+            for launch in launches
+        ],
+    )
     times = jax.device_get(_slot_times(PRESETS[PROFILE_FOR_ARCH[arch]], shapes, settings))
     return [float(times[i, LAUNCH_NAMES.index(launch.slot)]) * 1e6 for i, launch in enumerate(launches)]
 
@@ -407,9 +489,7 @@ def build_records(
     for arch in archs:
         predicted += predicted_us(launches, arch)
         for launch in launches:
-            [kernel] = cuda_build.triton_kernels(
-                cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=arch)
-            )
+            [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=arch))
             work.append((launch, arch, kernel))
     records: list[dict[str, Any] | None] = [None] * len(work)
     context = multiprocessing.get_context("spawn")
@@ -466,18 +546,30 @@ def check_bar(record: dict[str, Any]) -> list[str]:
 
 
 COLUMNS = (
-    ("kernel", "kernel"), ("where", "where"), ("blocks", "blocks"), ("S", "S"), ("batch", "B"),
-    ("dtype", "dtype"), ("target", "target"), ("tiles", "tiles m/n/k w/s"), ("registers", "regs"),
-    ("spill_bytes", "spill"), ("stack_bytes", "stack"), ("shared_bytes", "smem"),
-    ("occupancy_warps", "warps/SM"), ("occupancy_limiter", "limit"), ("mma", "tensor-core op"),
+    ("kernel", "kernel"),
+    ("where", "where"),
+    ("blocks", "blocks"),
+    ("S", "S"),
+    ("batch", "B"),
+    ("dtype", "dtype"),
+    ("target", "target"),
+    ("tiles", "tiles m/n/k w/s"),
+    ("registers", "regs"),
+    ("spill_bytes", "spill"),
+    ("stack_bytes", "stack"),
+    ("shared_bytes", "smem"),
+    ("occupancy_warps", "warps/SM"),
+    ("occupancy_limiter", "limit"),
+    ("mma", "tensor-core op"),
     ("predicted_us", "predicted us"),
 )
 
 
 def _cell(record: dict[str, Any], key: str) -> str:
     if key == "tiles":
-        return (f"{record['block_m']}/{record['block_n']}/{record['block_k']} "
-                f"{record['num_warps']}/{record['num_stages']}")
+        return (
+            f"{record['block_m']}/{record['block_n']}/{record['block_k']} {record['num_warps']}/{record['num_stages']}"
+        )
     if key == "mma":
         return record["mma"].split(",")[0] if record["mma"] else f"none ({record['ffma']} FFMA)"
     value = record[key]
@@ -501,8 +593,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> str:
     groups: dict[tuple, list] = collections.defaultdict(list)
     for r in records:
         groups[(r["kernel"], r["dtype"], r["target"])].append(r)
-    lines = ["| kernel | dtype | target | launches | max regs | spill bytes | stack bytes | max smem | min warps/SM | tensor cores | predicted us (min-max) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | dtype | target | launches | max regs | spill bytes | stack bytes | max smem | min warps/SM "
+        "| tensor cores | predicted us (min-max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (kernel, dtype, target), rs in sorted(groups.items()):
         lines.append(
             f"| {kernel} | {dtype} | {target} | {len(rs)} | {max(r['registers'] for r in rs)} | "
@@ -568,8 +663,11 @@ def tuning_table(records: Sequence[dict[str, Any]]) -> tuple[str, dict[tuple[str
         rows.append((kernel, dtype, label, passes, rs, score))
         if (kernel, dtype) not in best or score > best[(kernel, dtype)]:
             best[(kernel, dtype)], picks[(kernel, dtype)] = score, label
-    lines = ["| kernel | dtype | candidate | bar | min warps/SM | max regs | max spill | max smem | tensor-core ops | pick |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | dtype | candidate | bar | min warps/SM | max regs | max spill | max smem | tensor-core ops "
+        "| pick |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for kernel, dtype, label, passes, rs, _ in rows:
         ops = sorted({r["mma"].split(",")[0].split(".")[1] if r["mma"] else "none" for r in rs})
         lines.append(
@@ -588,20 +686,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "at 224) for H100/A100 on this CPU host and report registers, spills, shared memory, "
         "occupancy and tensor-core use.",
     )
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS),
-                        help="compute capabilities to compile for (90 = H100, 80 = A100)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=[90, 80],
+        choices=sorted(SM_LIMITS),
+        help="compute capabilities to compile for (90 = H100, 80 = A100)",
+    )
     parser.add_argument("--models", nargs="+", default=["resnet50", "resnet101"], choices=FUSED_ARCHS)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 7, 8],
-                        help="S values; each stage uses those that divide its output grid")
+    parser.add_argument(
+        "--patch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 7, 8],
+        help="S values; each stage uses those that divide its output grid",
+    )
     parser.add_argument("--group-size", type=int, default=2, help="channels per channel-mask group")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
     parser.add_argument("--quick", action="store_true", help="S=2, batch 1, sm_90 only (CI smoke run)")
-    parser.add_argument("--tune", action="store_true",
-                        help="compare the tile candidates on stage-1/3 shapes instead of the report")
+    parser.add_argument(
+        "--tune", action="store_true", help="compare the tile candidates on stage-1/3 shapes instead of the report"
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--json", metavar="FILE", help="write one record per kernel/shape/target")
     parser.add_argument("--markdown", metavar="FILE", help="write the summary and table as Markdown")
@@ -619,12 +729,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import triton  # noqa: F401  (compiles the kernels; its NVIDIA tools measure them)
     except ImportError:
-        print("error: the triton package is not installed (python -m laud_jax.gpu_check.report compiles "
-              "with it): pip install -e '.[dev]' (the dev extra pins triton)", file=sys.stderr)
+        print(
+            "error: the triton package is not installed (python -m laud_jax.gpu_check.report compiles "
+            "with it): pip install -e '.[dev]' (the dev extra pins triton)",
+            file=sys.stderr,
+        )
         return 2
     if args.tune:
-        records = build_records(tuning_launches(args.dtype, args.group_size), args.arch, args.jobs,
-                                progress=not args.no_progress)
+        records = build_records(
+            tuning_launches(args.dtype, args.group_size), args.arch, args.jobs, progress=not args.no_progress
+        )
         table, picks = tuning_table(records)
         print(table)
         for (kernel, dtype), label in sorted(picks.items()):
@@ -638,8 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     launches = [
         launch
-        for launch in engine_launches(args.models, args.batch, args.dtype, args.patch_sizes,
-                                      args.group_size, image_size=args.image_size)
+        for launch in engine_launches(
+            args.models, args.batch, args.dtype, args.patch_sizes, args.group_size, image_size=args.image_size
+        )
         if launch.kernel in args.kernels and int(launch.where[len("stage")]) in args.stages
     ]
     print(f"{len(launches)} launches x {len(args.arch)} targets", file=sys.stderr)

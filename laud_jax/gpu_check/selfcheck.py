@@ -109,8 +109,11 @@ def _measure(fns: dict[str, Callable[[], Any]], setup: Setup) -> dict[str, Any]:
 def run(setup: Setup) -> list[dict[str, Any]]:
     """One record per checked block and density, and one per density for the network."""
     config = {
-        "arch": setup.arch, "num_classes": 1000, "mode": setup.mode,
-        "granularity": setup.granularity, "dtype": setup.dtype,
+        "arch": setup.arch,
+        "num_classes": 1000,
+        "mode": setup.mode,
+        "granularity": setup.granularity,
+        "dtype": setup.dtype,
     }
     model = build_model(config)
     image_shape = (*setup.image, 3)
@@ -130,18 +133,34 @@ def run(setup: Setup) -> list[dict[str, Any]]:
         for i in chosen:
             trace = traces[i]
             fns = {name: engine.block_program(trace) for name, engine in engines.items()}
-            records.append({
-                "scope": "block", "name": trace.spec.name, "stage": trace.spec.stage + 1,
-                "S": trace.spec.granularity if trace.spec.spatial else None,
-                "plan": trace.plan.run, "capacities": {"cells": trace.plan.cells, "pixels": trace.plan.pixels},
-                **common, **_measure(fns, setup),
-            })
+            records.append(
+                {
+                    "scope": "block",
+                    "name": trace.spec.name,
+                    "stage": trace.spec.stage + 1,
+                    "S": trace.spec.granularity if trace.spec.spatial else None,
+                    "plan": trace.plan.run,
+                    "capacities": {"cells": trace.plan.cells, "pixels": trace.plan.pixels},
+                    **common,
+                    **_measure(fns, setup),
+                }
+            )
         fns = {
             name: (lambda engine=engine, plan=plan: engine.apply(images, masks=plan, execution="planned")[0])
             for name, engine in engines.items()
         }
-        records.append({"scope": "network", "name": setup.arch, "stage": None, "S": None, "plan": "planned",
-                        "capacities": None, **common, **_measure(fns, setup)})
+        records.append(
+            {
+                "scope": "network",
+                "name": setup.arch,
+                "stage": None,
+                "S": None,
+                "plan": "planned",
+                "capacities": None,
+                **common,
+                **_measure(fns, setup),
+            }
+        )
     return records
 
 
@@ -149,9 +168,17 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     """Plain-text table: one row per record."""
     header = ("scope", "name", "S", "density", "launches", "rel. error", "xla ms", "pallas ms", "xla/pallas")
     rows = [header] + [
-        (r["scope"], r["name"], str(r["S"] or "-"), f"{r['density']:.2f}", str(len(r["kernels"])),
-         f"{r['relative_error']:.2e}", f"{r['xla']['median_ms']:.3f}", f"{r['pallas']['median_ms']:.3f}",
-         f"{r['speedup']:.2f}x")
+        (
+            r["scope"],
+            r["name"],
+            str(r["S"] or "-"),
+            f"{r['density']:.2f}",
+            str(len(r["kernels"])),
+            f"{r['relative_error']:.2e}",
+            f"{r['xla']['median_ms']:.3f}",
+            f"{r['pallas']['median_ms']:.3f}",
+            f"{r['speedup']:.2f}x",
+        )
         for r in records
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -167,16 +194,29 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
         "both side by side. Defaults: ResNet-50 at 224 on a GPU; --quick (implied without a GPU): "
         "resnet_tiny at 32x48, interpret mode.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny network, one density, 2 repeats (the default without a GPU)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny network, one density, 2 repeats (the default without a GPU)"
+    )
     parser.add_argument("--arch", help=f"model architecture (default {FULL.arch}; quick: {QUICK.arch})")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                        help=f"input image (default {FULL.image}; quick: {QUICK.image})")
-    parser.add_argument("--granularity", type=int, nargs="+",
-                        help=f"spatial mask patch side per stage (default {FULL.granularity}; "
-                        f"quick: {QUICK.granularity})")
-    parser.add_argument("--mode", choices=["spatial", "both"], default="spatial",
-                        help="dynamic mode of every stage (both: spatial + channel masks)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help=f"input image (default {FULL.image}; quick: {QUICK.image})",
+    )
+    parser.add_argument(
+        "--granularity",
+        type=int,
+        nargs="+",
+        help=f"spatial mask patch side per stage (default {FULL.granularity}; quick: {QUICK.granularity})",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["spatial", "both"],
+        default="spatial",
+        help="dynamic mode of every stage (both: spatial + channel masks)",
+    )
     parser.add_argument("--densities", type=float, nargs="+", help="mask densities in [0, 1]")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), help="engine dtype (default bfloat16; quick: float32)")
     parser.add_argument("--batch", type=int, default=1)
@@ -189,14 +229,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     on_gpu = jax.default_backend() == "gpu"
     base = QUICK if args.quick or not on_gpu else FULL
     chosen = {
-        "arch": args.arch, "image": None if args.image_size is None else tuple(args.image_size),
+        "arch": args.arch,
+        "image": None if args.image_size is None else tuple(args.image_size),
         "granularity": None if args.granularity is None else tuple(args.granularity),
         "densities": None if args.densities is None else tuple(args.densities),
-        "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
     }
     setup = dataclasses.replace(
-        base, **{k: v for k, v in chosen.items() if v is not None}, batch=args.batch, mode=args.mode,
-        all_blocks=args.all_blocks, seed=args.seed,
+        base,
+        **{k: v for k, v in chosen.items() if v is not None},
+        batch=args.batch,
+        mode=args.mode,
+        all_blocks=args.all_blocks,
+        seed=args.seed,
     )
     if setup.batch < 1 or setup.repeats < 1 or setup.warmup < 0:
         parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
@@ -209,16 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, setup = parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu:
-        print("no GPU: the Pallas kernels run in interpret mode; a correctness check, the timings "
-              "mean nothing", file=sys.stderr)
+        print(
+            "no GPU: the Pallas kernels run in interpret mode; a correctness check, the timings mean nothing",
+            file=sys.stderr,
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*interpret mode.*")
         records = run(setup)
     device = jax.devices()[0].device_kind
     tolerance = TOLERANCE[setup.dtype]
     failures = [r for r in records if not r["relative_error"] <= tolerance]
-    print(f"device: {device}  implementation: {'pallas' if on_gpu else 'interpret'}  arch: {setup.arch}  "
-          f"image: {setup.image[0]}x{setup.image[1]}  dtype: {setup.dtype}  batch: {setup.batch}")
+    print(
+        f"device: {device}  implementation: {'pallas' if on_gpu else 'interpret'}  arch: {setup.arch}  "
+        f"image: {setup.image[0]}x{setup.image[1]}  dtype: {setup.dtype}  batch: {setup.batch}"
+    )
     print(format_table(records))
     if args.json:
         result = {
@@ -232,8 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     for r in failures:
-        print(f"FAIL {r['scope']} {r['name']} density {r['density']}: relative error "
-              f"{r['relative_error']:.3g} > {tolerance}", file=sys.stderr)
+        print(
+            f"FAIL {r['scope']} {r['name']} density {r['density']}: relative error "
+            f"{r['relative_error']:.3g} > {tolerance}",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

@@ -23,14 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from laud_jax.latency.launches import BlockSetting, BlockShape, EngineModel, ENGINES
+from laud_jax.latency.launches import ENGINES, BlockSetting, BlockShape, EngineModel
 from laud_jax.latency.predictor import block_time
 from laud_jax.latency.profiles import LOCAL_INITIAL, HardwareProfile, profile_to_json
 
 # Free parameters of the local (CPU) fit and how they are kept in range.
 FIT_FIELDS = (
-    "flops_fp32", "eff_conv", "eff_grouped", "dram_bw", "l2_bw", "gather_eff", "launch_overhead",
-    "loop_overhead", "call_overhead", "k_half", "sum_weight",
+    "flops_fp32",
+    "eff_conv",
+    "eff_grouped",
+    "dram_bw",
+    "l2_bw",
+    "gather_eff",
+    "launch_overhead",
+    "loop_overhead",
+    "call_overhead",
+    "k_half",
+    "sum_weight",
 )
 UNIT_FIELDS = ("eff_conv", "eff_grouped", "gather_eff", "sum_weight")  # in [0, 1] (logistic); the others positive (log)
 
@@ -50,7 +59,7 @@ class Measurements:
     def __len__(self) -> int:
         return int(np.asarray(self.seconds).shape[0])
 
-    def take(self, index: np.ndarray) -> "Measurements":
+    def take(self, index: np.ndarray) -> Measurements:
         return jax.tree.map(lambda x: jnp.asarray(x)[np.asarray(index)], self)
 
 
@@ -113,7 +122,11 @@ def fit_profile(
     # Finite differences: the model is piecewise smooth (waves, capacities, max), and each
     # evaluation is one call of the compiled predictor.
     result = scipy.optimize.least_squares(
-        residuals, _encode(initial, fields), jac="3-point", diff_step=1e-3, method="trf",
+        residuals,
+        _encode(initial, fields),
+        jac="3-point",
+        diff_step=1e-3,
+        method="trf",
         max_nfev=max_evaluations,
     )
     profile = jax.tree.map(lambda x: np.asarray(x, np.float64), _decode(jnp.asarray(result.x), initial, fields))
@@ -184,20 +197,30 @@ def calibrate_local(
         "profile": profile.to_dict(),
         "train": error_summary(train_errors),
         "held_out": error_summary(held_errors),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-                    "device": str(jax.devices()[0])},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "device": str(jax.devices()[0]),
+        },
         "configurations": [
-            {**record, "predicted_s": float(record["seconds"] * (1.0 + err)), "rel_error": float(err),
-             "held_out": bool(i in set(held.tolist()))}
+            {
+                **record,
+                "predicted_s": float(record["seconds"] * (1.0 + err)),
+                "rel_error": float(err),
+                "held_out": bool(i in set(held.tolist())),
+            }
             for i, (record, err) in enumerate(zip(records, relative_errors(profile, engine, data)))
         ],
     }
     profile_to_json(profile, out, name="local", meta={k: report[k] for k in ("fit", "train", "held_out", "machine")})
     print(f"wrote {out}")
     held_summary = report["held_out"]
-    print(f"held-out blocks: median |rel. error| {100 * held_summary['median_abs_rel_error']:.1f}%, "
-          f"{100 * held_summary['within_20pct']:.0f}% within +-20% ({held_summary['count']} configurations; "
-          f"train median {100 * report['train']['median_abs_rel_error']:.1f}%)")
+    print(
+        f"held-out blocks: median |rel. error| {100 * held_summary['median_abs_rel_error']:.1f}%, "
+        f"{100 * held_summary['within_20pct']:.0f}% within +-20% ({held_summary['count']} configurations; "
+        f"train median {100 * report['train']['median_abs_rel_error']:.1f}%)"
+    )
     print("fitted: " + ", ".join(f"{k}={float(getattr(profile, k)):.4g}" for k in FIT_FIELDS))
     return report
 

@@ -41,18 +41,33 @@ def _rate(text: str) -> float:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hardware", default="v100",
-                        help=f"a preset ({', '.join(HARDWARE_NAMES)}; local = the fitted profile at "
-                             f"{local_profile_path()}) or a profile .json file (default: v100)")
-    parser.add_argument("--engine", choices=sorted(ENGINES), default=None,
-                        help="engine model: xla (CPU path), pallas (GPU kernels), pallas_nchw, halo "
-                             "(default: xla for local/.json profiles, pallas for GPU presets)")
+    parser.add_argument(
+        "--hardware",
+        default="v100",
+        help=f"a preset ({', '.join(HARDWARE_NAMES)}; local = the fitted profile at "
+        f"{local_profile_path()}) or a profile .json file (default: v100)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default=None,
+        help="engine model: xla (CPU path), pallas (GPU kernels), pallas_nchw, halo "
+        "(default: xla for local/.json profiles, pallas for GPU presets)",
+    )
     parser.add_argument("--arch", default="resnet101", choices=sorted(ARCHS), help="network (default: resnet101)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="input side in pixels (default: 64 for resnet_small/tiny, else 224)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side in pixels (default: 64 for resnet_small/tiny, else 224)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="activation and weight dtype (bfloat16 = fp16 tensor cores on V100)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="activation and weight dtype (bfloat16 = fp16 tensor cores on V100)",
+    )
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
 
@@ -61,48 +76,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m laud_jax.latency",
         description="Roofline latency predictor of dynamic networks: per-block and whole-network latency, "
-                    "granularity search, calibration of the local profile.",
+        "granularity search, calibration of the local profile.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,search,calibrate}")
 
-    p = sub.add_parser("predict", help="static vs dynamic latency of every block and of the network",
-                       description="Predict static and dynamic latency per block and for the whole network at "
-                                   "an activation rate (each gate keeps this fraction of its units).")
+    p = sub.add_parser(
+        "predict",
+        help="static vs dynamic latency of every block and of the network",
+        description="Predict static and dynamic latency per block and for the whole network at "
+        "an activation rate (each gate keeps this fraction of its units).",
+    )
     _common(p)
-    p.add_argument("--mode", type=_str_list, default=("spatial",),
-                   help=f"dynamic mode, one or one per stage, comma-separated ({', '.join(MODES)}; default spatial)")
-    p.add_argument("--granularity", type=_int_list, default=(4, 4, 2, 1),
-                   help="patch size S, one or one per stage (default 4,4,2,1)")
+    p.add_argument(
+        "--mode",
+        type=_str_list,
+        default=("spatial",),
+        help=f"dynamic mode, one or one per stage, comma-separated ({', '.join(MODES)}; default spatial)",
+    )
+    p.add_argument(
+        "--granularity",
+        type=_int_list,
+        default=(4, 4, 2, 1),
+        help="patch size S, one or one per stage (default 4,4,2,1)",
+    )
     p.add_argument("--rate", type=_rate, default=0.5, help="activation rate rho of every gate (default 0.5)")
     p.add_argument("--channel-granularity", type=int, default=2, help="channels per channel-mask group (default 2)")
     p.add_argument("--mask-groups", type=int, default=1, help="spatial mask groups G (default 1)")
 
-    s = sub.add_parser("search", help="choose mode and S per stage at a target MAC rate",
-                       description="For every stage, evaluate each candidate (mode, S, channel group size) over a "
-                                   "grid of activation rates in one jitted call and pick the fastest at the target "
-                                   "MAC rate; print a config fragment for laud_jax.train.")
+    s = sub.add_parser(
+        "search",
+        help="choose mode and S per stage at a target MAC rate",
+        description="For every stage, evaluate each candidate (mode, S, channel group size) over a "
+        "grid of activation rates in one jitted call and pick the fastest at the target "
+        "MAC rate; print a config fragment for laud_jax.train.",
+    )
     _common(s)
     s.add_argument("--rate", type=_rate, default=0.5, help="target dynamic/dense MAC rate (default 0.5)")
-    s.add_argument("--mode", type=_str_list, default=SEARCH_MODES,
-                   help=f"candidate modes, comma-separated (default {','.join(SEARCH_MODES)})")
-    s.add_argument("--granularity", type=_int_list, default=GRANULARITIES,
-                   help=f"candidate S (default {','.join(map(str, GRANULARITIES))}; those not dividing a "
-                        "stage's feature map are skipped there)")
-    s.add_argument("--channel-granularity", type=_int_list, default=CHANNEL_GRANULARITIES,
-                   help=f"candidate channel group sizes (default {','.join(map(str, CHANNEL_GRANULARITIES))})")
+    s.add_argument(
+        "--mode",
+        type=_str_list,
+        default=SEARCH_MODES,
+        help=f"candidate modes, comma-separated (default {','.join(SEARCH_MODES)})",
+    )
+    s.add_argument(
+        "--granularity",
+        type=_int_list,
+        default=GRANULARITIES,
+        help=f"candidate S (default {','.join(map(str, GRANULARITIES))}; those not dividing a "
+        "stage's feature map are skipped there)",
+    )
+    s.add_argument(
+        "--channel-granularity",
+        type=_int_list,
+        default=CHANNEL_GRANULARITIES,
+        help=f"candidate channel group sizes (default {','.join(map(str, CHANNEL_GRANULARITIES))})",
+    )
     s.add_argument("--num-rates", type=int, default=NUM_RATES, help=f"activation-rate grid size (default {NUM_RATES})")
 
-    c = sub.add_parser("calibrate", help="time the sparse engine on this device and fit the local profile",
-                       description="Time the sparse engine's per-block execution (laud_jax.sparse) on the local "
-                                   "device over a set of shapes, modes, S and densities, fit the local profile's "
-                                   "free parameters, save it as JSON and report predicted vs measured on "
-                                   "held-out configurations.")
-    c.add_argument("--out", default=local_profile_path(),
-                   help=f"fitted profile JSON (default {local_profile_path()}; `--hardware local` reads it)")
-    c.add_argument("--measurements", metavar="FILE",
-                   help="timings JSON: reused if it exists (no new timing), else written after timing")
+    c = sub.add_parser(
+        "calibrate",
+        help="time the sparse engine on this device and fit the local profile",
+        description="Time the sparse engine's per-block execution (laud_jax.sparse) on the local "
+        "device over a set of shapes, modes, S and densities, fit the local profile's "
+        "free parameters, save it as JSON and report predicted vs measured on "
+        "held-out configurations.",
+    )
+    c.add_argument(
+        "--out",
+        default=local_profile_path(),
+        help=f"fitted profile JSON (default {local_profile_path()}; `--hardware local` reads it)",
+    )
+    c.add_argument(
+        "--measurements",
+        metavar="FILE",
+        help="timings JSON: reused if it exists (no new timing), else written after timing",
+    )
     c.add_argument("--configs", type=int, default=160, help="number of block configurations to time (default 160)")
-    c.add_argument("--repeats", type=int, default=9, help="timed repeats per configuration, the minimum is kept (default 9)")
+    c.add_argument(
+        "--repeats", type=int, default=9, help="timed repeats per configuration, the minimum is kept (default 9)"
+    )
     c.add_argument("--holdout", type=float, default=0.3, help="fraction held out of the fit (default 0.3)")
     c.add_argument("--seed", type=int, default=0, help="seed of the configuration sample and split (default 0)")
     c.add_argument("--backend", default="xla", help="sparse engine backend to time (default xla)")
@@ -144,8 +196,15 @@ def run_predict(args) -> dict[str, Any]:
         raise SystemExit(f"error: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     mode = args.mode[0] if len(args.mode) == 1 else args.mode
     granularity = args.granularity[0] if len(args.granularity) == 1 else args.granularity
-    cfg = {"arch": args.arch, "num_classes": args.num_classes, "mode": mode, "granularity": granularity,
-           "channel_granularity": args.channel_granularity, "mask_groups": args.mask_groups, "dtype": args.dtype}
+    cfg = {
+        "arch": args.arch,
+        "num_classes": args.num_classes,
+        "mode": mode,
+        "granularity": granularity,
+        "channel_granularity": args.channel_granularity,
+        "mask_groups": args.mask_groups,
+        "dtype": args.dtype,
+    }
     try:
         spec = network_spec(cfg, _image_shape(args))
         profile = get_profile(args.hardware)
@@ -153,15 +212,21 @@ def run_predict(args) -> dict[str, Any]:
         raise SystemExit(f"error: {error}") from None
     engine = _engine(args)
     result = predict(spec, profile, engine, rho=args.rate, batch=args.batch, dtype=args.dtype)
-    print(f"{args.arch} {spec.image_shape[0]}x{spec.image_shape[1]}, batch {args.batch}, {args.dtype}, "
-          f"{args.hardware} ({engine} engine), activation rate {args.rate}")
+    print(
+        f"{args.arch} {spec.image_shape[0]}x{spec.image_shape[1]}, batch {args.batch}, {args.dtype}, "
+        f"{args.hardware} ({engine} engine), activation rate {args.rate}"
+    )
     print(f"{'block':<12}{'mode':<9}{'S':>3}{'static ms':>11}{'dynamic ms':>12}{'ratio':>7}{'MACs':>7}")
     for block in result.blocks:
-        print(f"{block['name']:<12}{block['mode']:<9}{block['granularity']:>3}{block['static_ms']:>11.4f}"
-              f"{block['dynamic_ms']:>12.4f}{block['latency_ratio']:>7.3f}{block['mac_ratio']:>7.3f}")
+        print(
+            f"{block['name']:<12}{block['mode']:<9}{block['granularity']:>3}{block['static_ms']:>11.4f}"
+            f"{block['dynamic_ms']:>12.4f}{block['latency_ratio']:>7.3f}{block['mac_ratio']:>7.3f}"
+        )
     print(f"stem + head: {result.fixed_ms:.4f} ms")
-    print(f"network: static {result.static_ms:.3f} ms, dynamic {result.dynamic_ms:.3f} ms, "
-          f"latency ratio {result.latency_ratio:.3f}, MAC ratio {result.mac_ratio:.3f}")
+    print(
+        f"network: static {result.static_ms:.3f} ms, dynamic {result.dynamic_ms:.3f} ms, "
+        f"latency ratio {result.latency_ratio:.3f}, MAC ratio {result.mac_ratio:.3f}"
+    )
     record = {**result.to_dict(), "hardware": args.hardware, "engine": engine, "rate": args.rate}
     _write_json(args.json, record)
     return record
@@ -177,9 +242,16 @@ def run_search(args) -> dict[str, Any]:
         raise SystemExit(f"error: {error}") from None
     engine = _engine(args)
     kwargs = dict(
-        target_rate=args.rate, batch=args.batch, dtype=args.dtype, image_shape=_image_shape(args),
-        modes=args.mode, granularities=args.granularity, channel_granularities=args.channel_granularity,
-        rates=default_rates(args.num_rates), num_classes=args.num_classes, hardware_name=args.hardware,
+        target_rate=args.rate,
+        batch=args.batch,
+        dtype=args.dtype,
+        image_shape=_image_shape(args),
+        modes=args.mode,
+        granularities=args.granularity,
+        channel_granularities=args.channel_granularity,
+        rates=default_rates(args.num_rates),
+        num_classes=args.num_classes,
+        hardware_name=args.hardware,
         engine_name=engine,
     )
     try:
@@ -187,28 +259,43 @@ def run_search(args) -> dict[str, Any]:
         result = search(args.arch, profile, ENGINES[engine], **kwargs)  # timed, compiled
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    print(f"{args.arch}, batch {args.batch}, {args.dtype}, {args.hardware} ({engine} engine), "
-          f"target MAC rate {args.rate}")
+    print(
+        f"{args.arch}, batch {args.batch}, {args.dtype}, {args.hardware} ({engine} engine), target MAC rate {args.rate}"
+    )
     sizes, modes = result.candidates["granularities"], result.candidates["modes"]
     print("latency ratio at the target rate per stage (rows: S; '-' = not a valid choice):")
     for stage, table in enumerate(result.candidates["latency_ratio"]):
-        print(f"  stage {stage + 1}: " + "  ".join(
-            f"{mode}:" + ",".join(
-                ("-" if math.isnan(table[si][mi]) else f"{table[si][mi]:.3f}") + ("" if mode not in SPATIAL_MODES else f"@{size}")
-                for si, size in enumerate(sizes) if mode in SPATIAL_MODES or si == 0
-            ) for mi, mode in enumerate(modes)))
+        print(
+            f"  stage {stage + 1}: "
+            + "  ".join(
+                f"{mode}:"
+                + ",".join(
+                    ("-" if math.isnan(table[si][mi]) else f"{table[si][mi]:.3f}")
+                    + ("" if mode not in SPATIAL_MODES else f"@{size}")
+                    for si, size in enumerate(sizes)
+                    if mode in SPATIAL_MODES or si == 0
+                )
+                for mi, mode in enumerate(modes)
+            )
+        )
     for stage in result.stages:
         detail = f" S={stage['granularity']}" if stage["mode"] in SPATIAL_MODES else ""
-        print(f"stage {stage['stage']}: {stage['mode']}{detail}  {stage['static_ms']:.3f} -> "
-              f"{stage['dynamic_ms']:.3f} ms (ratio {stage['latency_ratio']:.3f})")
-    print(f"network: static {result.static_ms:.3f} ms, dynamic {result.dynamic_ms:.3f} ms, "
-          f"latency ratio {result.latency_ratio:.3f}; channel group size {result.channel_granularity}")
+        print(
+            f"stage {stage['stage']}: {stage['mode']}{detail}  {stage['static_ms']:.3f} -> "
+            f"{stage['dynamic_ms']:.3f} ms (ratio {stage['latency_ratio']:.3f})"
+        )
+    print(
+        f"network: static {result.static_ms:.3f} ms, dynamic {result.dynamic_ms:.3f} ms, "
+        f"latency ratio {result.latency_ratio:.3f}; channel group size {result.channel_granularity}"
+    )
     print(f"search time after compilation: {1e3 * result.seconds:.1f} ms")
     print("config fragment:", json.dumps(result.config_fragment()))
     print(f"train with: python -m laud_jax.train --exp CONFIG {result.flags()}")
     if not isinstance(result.config_fragment()["model"]["mode"], str):
-        print("  (per-stage modes: in a config file set config.model.mode = "
-              f"{tuple(result.modes)!r}; the flag form needs comma-separated modes support in model_config)")
+        print(
+            "  (per-stage modes: in a config file set config.model.mode = "
+            f"{tuple(result.modes)!r}; the flag form needs comma-separated modes support in model_config)"
+        )
     record = result.to_dict()
     _write_json(args.json, record)
     return record
@@ -220,16 +307,23 @@ def run_calibrate(args) -> dict[str, Any]:
     try:
         import laud_jax.sparse  # noqa: F401  (what calibration times)
     except ModuleNotFoundError:
-        raise SystemExit("error: calibrate times the sparse engine, laud_jax.sparse, which this checkout "
-                         "lacks; merge it (git merge main) first") from None
+        raise SystemExit(
+            "error: calibrate times the sparse engine, laud_jax.sparse, which this checkout "
+            "lacks; merge it (git merge main) first"
+        ) from None
 
     if not 0.0 < args.holdout < 1.0:
         raise SystemExit(f"error: --holdout must lie in (0, 1), got {args.holdout}")
     if args.configs < 10 or args.repeats < 1:
         raise SystemExit("error: need --configs >= 10 and --repeats >= 1")
     report = calibrate_local(
-        out=args.out, measurements=args.measurements, configs=args.configs, repeats=args.repeats,
-        holdout=args.holdout, seed=args.seed, backend=args.backend,
+        out=args.out,
+        measurements=args.measurements,
+        configs=args.configs,
+        repeats=args.repeats,
+        holdout=args.holdout,
+        seed=args.seed,
+        backend=args.backend,
     )
     _write_json(args.json, report)
     return report

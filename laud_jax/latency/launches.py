@@ -57,7 +57,13 @@ from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
 # Launch kinds: dense GEMM, direct convolution, grouped convolution, gathered-tile kernel,
 # memory-bound op, host round trip, step of an on-device loop.
 KIND_DENSE, KIND_GATHERED, KIND_MEMORY, KIND_HOST, KIND_CONV, KIND_LOOP, KIND_GROUPED = (
-    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
+    0.0,
+    1.0,
+    2.0,
+    3.0,
+    4.0,
+    5.0,
+    6.0,
 )
 MODE_CODE: dict[str, int] = {mode: i for i, mode in enumerate(MODES)}
 MODE_CODE |= {alias: MODE_CODE[mode] for alias, mode in MODE_ALIASES.items()}
@@ -114,30 +120,63 @@ class EngineModel:
     sparse_tile_n: Any
     channels_last: Any
 
-    def replace(self, **changes: Any) -> "EngineModel":
+    def replace(self, **changes: Any) -> EngineModel:
         return dataclasses.replace(self, **changes)
 
-    def as_arrays(self) -> "EngineModel":
+    def as_arrays(self) -> EngineModel:
         return _as_arrays(self)
 
 
 ENGINES: dict[str, EngineModel] = {
     "xla": EngineModel(
-        conv1_on_halo=0.0, fuse_gather=0.0, fuse_scatter=0.0, fuse_masker=0.0, fused_epilogue=0.0,
-        im2col_max_size=2.0, dense_im2col_pixels=256.0, capacity_steps=float(DEFAULT_CAPACITY_STEPS),
-        scatter_loop=1.0, per_sample_loop=1.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=16.0,
-        sparse_tile_n=16.0, channels_last=1.0,
+        conv1_on_halo=0.0,
+        fuse_gather=0.0,
+        fuse_scatter=0.0,
+        fuse_masker=0.0,
+        fused_epilogue=0.0,
+        im2col_max_size=2.0,
+        dense_im2col_pixels=256.0,
+        capacity_steps=float(DEFAULT_CAPACITY_STEPS),
+        scatter_loop=1.0,
+        per_sample_loop=1.0,
+        block_calls=1.0,
+        index_ops=3.0,
+        sparse_tile_m=16.0,
+        sparse_tile_n=16.0,
+        channels_last=1.0,
     ),
     "pallas": EngineModel(
-        conv1_on_halo=0.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
-        im2col_max_size=0.0, dense_im2col_pixels=0.0, capacity_steps=0.0, scatter_loop=0.0,
-        per_sample_loop=0.0, block_calls=1.0, index_ops=3.0, sparse_tile_m=64.0, sparse_tile_n=128.0,
+        conv1_on_halo=0.0,
+        fuse_gather=1.0,
+        fuse_scatter=1.0,
+        fuse_masker=0.0,
+        fused_epilogue=1.0,
+        im2col_max_size=0.0,
+        dense_im2col_pixels=0.0,
+        capacity_steps=0.0,
+        scatter_loop=0.0,
+        per_sample_loop=0.0,
+        block_calls=1.0,
+        index_ops=3.0,
+        sparse_tile_m=64.0,
+        sparse_tile_n=128.0,
         channels_last=1.0,
     ),
     "halo": EngineModel(
-        conv1_on_halo=1.0, fuse_gather=1.0, fuse_scatter=1.0, fuse_masker=0.0, fused_epilogue=1.0,
-        im2col_max_size=0.0, dense_im2col_pixels=0.0, capacity_steps=0.0, scatter_loop=0.0,
-        per_sample_loop=0.0, block_calls=0.0, index_ops=3.0, sparse_tile_m=64.0, sparse_tile_n=128.0,
+        conv1_on_halo=1.0,
+        fuse_gather=1.0,
+        fuse_scatter=1.0,
+        fuse_masker=0.0,
+        fused_epilogue=1.0,
+        im2col_max_size=0.0,
+        dense_im2col_pixels=0.0,
+        capacity_steps=0.0,
+        scatter_loop=0.0,
+        per_sample_loop=0.0,
+        block_calls=0.0,
+        index_ops=3.0,
+        sparse_tile_m=64.0,
+        sparse_tile_n=128.0,
         channels_last=1.0,
     ),
 }
@@ -168,15 +207,24 @@ class BlockShape:
     w_out: Any
 
     @classmethod
-    def from_specs(cls, specs: Sequence[BlockSpec]) -> "BlockShape":
+    def from_specs(cls, specs: Sequence[BlockSpec]) -> BlockShape:
         """Shapes of ``specs`` stacked along a leading axis (from ``network_spec(...).blocks``)."""
         columns = {
             "bottleneck": [float(s.kind == "bottleneck") for s in specs],
             **{
                 name: [float(getattr(s, name)) for s in specs]
                 for name in (
-                    "in_channels", "width", "out_channels", "stride", "groups", "se_channels",
-                    "downsample", "h_in", "w_in", "h_out", "w_out",
+                    "in_channels",
+                    "width",
+                    "out_channels",
+                    "stride",
+                    "groups",
+                    "se_channels",
+                    "downsample",
+                    "h_in",
+                    "w_in",
+                    "h_out",
+                    "w_out",
                 )
             },
         }
@@ -206,7 +254,7 @@ class BlockSetting:
     batch: Any
     half: Any
 
-    def as_arrays(self) -> "BlockSetting":
+    def as_arrays(self) -> BlockSetting:
         return _as_arrays(self)
 
 
@@ -267,26 +315,26 @@ class Launches:
 
 LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launches))
 LAUNCH_NAMES = (
-    "host_sync",         # host round trip of the block-by-block driver
-    "masker_pool",       # pooling of the block input for the maskers / gates
-    "masker_conv",       # spatial masker's 1x1 conv on the mask grid
-    "gate_fc",           # channel masker FCs, layer gate, LC scale head
-    "index_lists",       # mask -> active index lists (patches, dilated pixels, groups, samples)
-    "layer_compact",     # gather the executing samples (layer gates, batch > 1)
-    "gather_x",          # separate gather of conv1's input (unfused engines)
+    "host_sync",  # host round trip of the block-by-block driver
+    "masker_pool",  # pooling of the block input for the maskers / gates
+    "masker_conv",  # spatial masker's 1x1 conv on the mask grid
+    "gate_fc",  # channel masker FCs, layer gate, LC scale head
+    "index_lists",  # mask -> active index lists (patches, dilated pixels, groups, samples)
+    "layer_compact",  # gather the executing samples (layer gates, batch > 1)
+    "gather_x",  # separate gather of conv1's input (unfused engines)
     "conv1",
-    "conv1_epilogue",    # bias + relu pass (unfused epilogues)
-    "gather_conv2",      # separate window gather / im2col before conv2
+    "conv1_epilogue",  # bias + relu pass (unfused epilogues)
+    "gather_conv2",  # separate window gather / im2col before conv2
     "channel_weight_cols",  # gathers of the active channels' weights along an output axis
     "channel_weight_rows",  # ... and along an input axis (whole rows)
-    "channel_expand",    # kept channels scattered to full width and back (grouped conv2)
+    "channel_expand",  # kept channels scattered to full width and back (grouped conv2)
     "conv2",
     "conv2_epilogue",
-    "se",                # squeeze-excitation: pool + FCs + scale (RegNetY)
-    "lc_scale",          # LC-Net channel scale multiply
-    "conv3",             # bottleneck conv3 (+ residual / scatter when fused)
-    "residual",          # separate residual add / scatter (+ relu), or one step of a scatter loop
-    "identity_relu",     # relu over a downsampled identity (skipped positions)
+    "se",  # squeeze-excitation: pool + FCs + scale (RegNetY)
+    "lc_scale",  # LC-Net channel scale multiply
+    "conv3",  # bottleneck conv3 (+ residual / scatter when fused)
+    "residual",  # separate residual add / scatter (+ relu), or one step of a scatter loop
+    "identity_relu",  # relu over a downsampled identity (skipped positions)
     "downsample",
     "downsample_epilogue",
 )
@@ -309,10 +357,9 @@ def _launch(weight, kind=KIND_MEMORY, **work) -> dict[str, Any]:
 
 
 def _stack(records: Sequence[dict[str, Any]]) -> Launches:
-    return Launches(**{
-        field: jnp.stack([jnp.asarray(r[field], jnp.float32) for r in records], axis=-1)
-        for field in LAUNCH_FIELDS
-    })
+    return Launches(
+        **{field: jnp.stack([jnp.asarray(r[field], jnp.float32) for r in records], axis=-1) for field in LAUNCH_FIELDS}
+    )
 
 
 def bucket(count):
@@ -335,7 +382,11 @@ def ladder_capacity(count, total, steps):
     count, total, steps = jnp.broadcast_arrays(*(jnp.asarray(x, jnp.float32) for x in (count, total, steps)))
     whole = jnp.clip(jnp.ceil(count - 1e-4), 0.0, jnp.floor(total))
     padded = jax.pure_callback(
-        _engine_capacities, jax.ShapeDtypeStruct(count.shape, jnp.float32), whole, jnp.floor(total), steps,
+        _engine_capacities,
+        jax.ShapeDtypeStruct(count.shape, jnp.float32),
+        whole,
+        jnp.floor(total),
+        steps,
         vmap_method="broadcast_all",
     )
     return jnp.where(steps > 0, padded, count)
@@ -524,7 +575,8 @@ def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineMod
         # patches, or per-sample channel groups); otherwise dense library calls.
         gathered=(spatial | channel) & fuse_gather,
         residual_fused=jnp.where(
-            spatial, engine.fuse_scatter > 0.5,
+            spatial,
+            engine.fuse_scatter > 0.5,
             ~(channel | compacting) & (engine.fused_epilogue > 0.5),
         ),
         identity_rows=rows2 * shape.out_channels * bytes_per_element,
@@ -550,25 +602,39 @@ def _gate_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     # pools it to 1 x 1: separate reads of the block input
     pools = _count(block.spatial) + _count(block.channel) + _count(block.layer)
     hidden = jnp.maximum(jnp.floor(block.n_groups / 16.0), 16.0)
-    fc_macs = (_when(block.channel, cin * hidden + hidden * 2.0 * block.n_groups)
-               + _when(block.layer, 2.0 * cin) + _when(block.lc, cin * (block.n_groups + 1.0)))
+    fc_macs = (
+        _when(block.channel, cin * hidden + hidden * 2.0 * block.n_groups)
+        + _when(block.layer, 2.0 * cin)
+        + _when(block.lc, cin * (block.n_groups + 1.0))
+    )
     fc_launches = 2.0 * _count(block.channel) + _count(block.layer) + _count(block.lc)
     sample_lists = block.layer & block.multi_sample
     # spatial: the patch list, and the dilated-pixel list unless conv1 runs on halo windows
     lists = _when(block.spatial, jnp.where(on_halo, 1.0, 2.0)) + _count(block.channel) + _count(sample_lists)
     pixel_list_bytes = _when(~on_halo, batch * block.conv1_pixels * 13.0)
-    index_bytes = (_when(block.spatial, batch * block.grid_h * block.grid_w * 5.0 + pixel_list_bytes)
-                   + _when(block.channel, batch * block.n_groups * 5.0) + _when(sample_lists, batch * 5.0))
+    index_bytes = (
+        _when(block.spatial, batch * block.grid_h * block.grid_w * 5.0 + pixel_list_bytes)
+        + _when(block.channel, batch * block.n_groups * 5.0)
+        + _when(sample_lists, batch * 5.0)
+    )
     gated = setting.mode != MODE_CODE["static"]
     return dict(
         host_sync=_launch(_when(gated, engine.block_calls), KIND_HOST),
         masker_pool=_launch(_when(engine.fuse_masker < 0.5, pools), o_bytes=batch * p_in * cin * b),
         masker_conv=_launch(
-            _count(block.spatial), KIND_DENSE, m=batch * block.grid_h * block.grid_w, n=2.0 * setting.mask_groups,
-            k=cin, w_bytes=cin * 2.0 * setting.mask_groups * b,
+            _count(block.spatial),
+            KIND_DENSE,
+            m=batch * block.grid_h * block.grid_w,
+            n=2.0 * setting.mask_groups,
+            k=cin,
+            w_bytes=cin * 2.0 * setting.mask_groups * b,
         ),
         gate_fc=_launch(
-            fc_launches, KIND_DENSE, m=batch, k=cin, n=fc_macs / cin / jnp.maximum(fc_launches, 1.0),
+            fc_launches,
+            KIND_DENSE,
+            m=batch,
+            k=cin,
+            n=fc_macs / cin / jnp.maximum(fc_launches, 1.0),
             w_bytes=fc_macs * b / jnp.maximum(fc_launches, 1.0),
         ),
         index_lists=_launch(engine.index_ops * lists, o_bytes=index_bytes / jnp.maximum(engine.index_ops * lists, 1.0)),
@@ -587,24 +653,34 @@ def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     gather_seg = block.run_bytes(jnp.where(engine.conv1_on_halo > 0.5, block.window, 1.0), cin)
     input_bytes = jnp.where(block.spatial, rows1 * taps1 * cin * b, block.branch_batch * p_in * cin * b)
     # basic blocks' dense 3x3 conv1: im2col + GEMM on small maps, a direct conv otherwise
-    direct = (~block.gathered & ~block.spatial & ~block.bottleneck
-              & (shape.h_out * shape.w_out > engine.dense_im2col_pixels))
+    direct = (
+        ~block.gathered & ~block.spatial & ~block.bottleneck & (shape.h_out * shape.w_out > engine.dense_im2col_pixels)
+    )
     return dict(
         layer_compact=_launch(
-            _count(block.compacting), a_bytes=block.branch_batch * p_in * cin * b, a_seg=p_in * cin * b,
+            _count(block.compacting),
+            a_bytes=block.branch_batch * p_in * cin * b,
+            a_seg=p_in * cin * b,
             o_bytes=block.branch_batch * p_in * cin * b,
         ),
         gather_x=_launch(
-            _when(block.spatial & ~fuse_gather, block.branch_weight), a_bytes=rows1 * taps1 * cin * b,
-            a_seg=gather_seg, o_bytes=rows1 * taps1 * cin * b,
+            _when(block.spatial & ~fuse_gather, block.branch_weight),
+            a_bytes=rows1 * taps1 * cin * b,
+            a_seg=gather_seg,
+            o_bytes=rows1 * taps1 * cin * b,
         ),
         conv1=_launch(
             block.branch_weight * loop,
             jnp.where(direct, KIND_CONV, jnp.where(block.gathered, KIND_GATHERED, KIND_DENSE)),
-            m=rows1 / loop, n=block.width_c, k=taps1 * cin, batches=block.gemms, a_bytes=input_bytes / loop,
+            m=rows1 / loop,
+            n=block.width_c,
+            k=taps1 * cin,
+            batches=block.gemms,
+            a_bytes=input_bytes / loop,
             a_seg=_when(block.spatial & fuse_gather, gather_seg),
             w_bytes=block.weight_copies / loop * taps1 * cin * block.width_c * b,
-            w_seg=_when(fuse_gather, block.weight_seg), o_bytes=rows1 * block.width_c * b / loop,
+            w_seg=_when(fuse_gather, block.weight_seg),
+            o_bytes=rows1 * block.width_c * b / loop,
             **_tile(engine, block.width_c),
         ),
         conv1_epilogue=_launch(
@@ -628,22 +704,30 @@ def _channel_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecu
     unfused = engine.fuse_gather < 0.5
     expanded = (groups > 1.5) & block.channel
     conv2_input_width = jnp.where(block.bottleneck, width, cout)
-    column_elems = (_when(unfused, block.taps1 * cin * width_c)  # conv1: output channels
-                    + _when(~expanded & block.bottleneck, 9.0 * width_c * width_c / groups))  # conv2 (bottleneck)
-    row_elems = (_when(~expanded, 9.0 * width_c * conv2_input_width / groups)  # conv2 inputs
-                 + _when(unfused & block.bottleneck, width_c * cout))  # conv3: input channels
+    column_elems = (
+        _when(unfused, block.taps1 * cin * width_c)  # conv1: output channels
+        + _when(~expanded & block.bottleneck, 9.0 * width_c * width_c / groups)
+    )  # conv2 (bottleneck)
+    row_elems = (
+        _when(~expanded, 9.0 * width_c * conv2_input_width / groups)  # conv2 inputs
+        + _when(unfused & block.bottleneck, width_c * cout)
+    )  # conv3: input channels
     column_gathers = _count(unfused) + _count(~expanded & block.bottleneck)
     row_gathers = _count(~expanded) + _count(unfused & block.bottleneck)
     column_bytes = block.weight_copies * column_elems * b / jnp.maximum(column_gathers, 1.0) / loop
     row_bytes = block.weight_copies * row_elems * b / jnp.maximum(row_gathers, 1.0) / loop
     return dict(
         channel_weight_cols=_launch(
-            _when(block.channel, block.branch_weight * column_gathers * loop), a_seg=block.weight_seg,
-            a_bytes=column_bytes, o_bytes=column_bytes,
+            _when(block.channel, block.branch_weight * column_gathers * loop),
+            a_seg=block.weight_seg,
+            a_bytes=column_bytes,
+            o_bytes=column_bytes,
         ),
         channel_weight_rows=_launch(
-            _when(block.channel, block.branch_weight * row_gathers * loop), a_seg=conv2_input_width * b,
-            a_bytes=row_bytes, o_bytes=row_bytes,
+            _when(block.channel, block.branch_weight * row_gathers * loop),
+            a_seg=conv2_input_width * b,
+            a_bytes=row_bytes,
+            o_bytes=row_bytes,
         ),
         channel_expand=_launch(
             _when(expanded, block.branch_weight * loop * 2.0), o_bytes=block.rows2 * (width + width_c) * b / loop
@@ -678,11 +762,13 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     # dense im2col: one strided slice per tap and a concatenation; on patches: one gather
     gather_ops = jnp.where(dense_im2col, 10.0, 1.0)
     input_bytes = jnp.where(
-        im2col, im2col_bytes,
+        im2col,
+        im2col_bytes,
         jnp.where(block.spatial, window_bytes, block.branch_batch * input_pixels * conv2_width * b),
     )
     kind = jnp.where(
-        in_kernel_gather, KIND_GATHERED,
+        in_kernel_gather,
+        KIND_GATHERED,
         jnp.where(im2col, KIND_DENSE, jnp.where(grouped, KIND_GROUPED, KIND_CONV)),
     )
     # Basic blocks: conv2 is the last conv, so the fused residual joins its output.
@@ -690,18 +776,24 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     return dict(
         gather_conv2=_launch(
             _when(im2col | window_gather, block.branch_weight * loop * gather_ops),
-            a_bytes=jnp.where(
-                block.spatial, window_bytes, block.branch_batch * input_pixels * width_c * b
-            ) / loop / gather_ops,
+            a_bytes=jnp.where(block.spatial, window_bytes, block.branch_batch * input_pixels * width_c * b)
+            / loop
+            / gather_ops,
             a_seg=_when(block.spatial, block.run_bytes(block.window, width_c)),
             o_bytes=jnp.where(im2col, im2col_bytes, window_bytes) / loop / gather_ops,
         ),
         conv2=_launch(
-            block.branch_weight * loop, kind, m=rows2 / loop, n=n2, k=9.0 * conv2_width / groups,
-            batches=block.gemms, a_bytes=input_bytes / loop,
+            block.branch_weight * loop,
+            kind,
+            m=rows2 / loop,
+            n=n2,
+            k=9.0 * conv2_width / groups,
+            batches=block.gemms,
+            a_bytes=input_bytes / loop,
             a_seg=_when(in_kernel_gather, block.run_bytes(block.window, width_c)),
             w_bytes=block.weight_copies / loop * 9.0 * conv2_width * n2 / groups * b,
-            o_bytes=rows2 * n2 * b / loop + fused_residual_bytes, **_tile(engine, n2),
+            o_bytes=rows2 * n2 * b / loop + fused_residual_bytes,
+            **_tile(engine, n2),
         ),
         conv2_epilogue=_launch(
             _when((engine.fused_epilogue < 0.5) & block.bottleneck & ~in_kernel_gather, block.branch_weight * loop),
@@ -726,14 +818,21 @@ def _conv3_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     scatter_steps = jnp.where(looped, loop_units, loop)
     return dict(
         conv3=_launch(
-            _when(block.bottleneck, block.branch_weight * loop), jnp.where(block.gathered, KIND_GATHERED, KIND_DENSE),
-            m=rows2 / loop, n=cout, k=block.width_c, batches=block.gemms, a_bytes=rows2 * block.width_c * b / loop,
+            _when(block.bottleneck, block.branch_weight * loop),
+            jnp.where(block.gathered, KIND_GATHERED, KIND_DENSE),
+            m=rows2 / loop,
+            n=cout,
+            k=block.width_c,
+            batches=block.gemms,
+            a_bytes=rows2 * block.width_c * b / loop,
             w_bytes=block.weight_copies / loop * block.width_c * cout * b,
             o_bytes=block.identity_rows * jnp.where(residual_fused, 2.0, 1.0) / loop,
-            o_seg=_when(block.spatial & residual_fused, scattered), **_tile(engine, cout),
+            o_seg=_when(block.spatial & residual_fused, scattered),
+            **_tile(engine, cout),
         ),
         residual=_launch(
-            _when(~residual_fused, block.branch_weight * scatter_steps), jnp.where(looped, KIND_LOOP, KIND_MEMORY),
+            _when(~residual_fused, block.branch_weight * scatter_steps),
+            jnp.where(looped, KIND_LOOP, KIND_MEMORY),
             o_bytes=3.0 * block.identity_rows / jnp.maximum(scatter_steps, 1.0),
             o_seg=_when(block.spatial & ~looped, scattered),
         ),
@@ -755,8 +854,15 @@ def _shortcut_launches(shape: BlockShape, setting: BlockSetting, engine: EngineM
     return dict(
         identity_relu=_launch(_when(downsample, jnp.minimum(skipped, 1.0)), o_bytes=2.0 * full_out),
         downsample=_launch(
-            _count(downsample), KIND_DENSE, m=batch * p_out, n=cout, k=cin, a_bytes=batch * p_out * cin * b,
-            w_bytes=cin * cout * b, o_bytes=full_out, **_tile(engine, cout),
+            _count(downsample),
+            KIND_DENSE,
+            m=batch * p_out,
+            n=cout,
+            k=cin,
+            a_bytes=batch * p_out * cin * b,
+            w_bytes=cin * cout * b,
+            o_bytes=full_out,
+            **_tile(engine, cout),
         ),
         downsample_epilogue=_launch(
             _count(downsample & (engine.fused_epilogue < 0.5)), o_bytes=2.0 * (full_out + strided_input)
@@ -812,10 +918,7 @@ def block_macs(shape: BlockShape, setting: BlockSetting):
         + f(layer) * 2.0 * cin
         + f(code == MODE_CODE["lc"]) * cin * (n_groups + 1.0)
     )
-    dynamic = (
-        (conv1 * rho_in * rho_c + conv2 * density2 + conv3 * rho_s * rho_c + se) * rho_l
-        + downsample + masker
-    )
+    dynamic = (conv1 * rho_in * rho_c + conv2 * density2 + conv3 * rho_s * rho_c + se) * rho_l + downsample + masker
     return dynamic, conv1 + conv2 + conv3 + downsample + se
 
 
@@ -834,23 +937,37 @@ def layer_launches(
         if layer.kind == "conv":
             taps = layer.kernel * layer.kernel
             out = batch * p_out * layer.out_channels * b
-            records.append(_launch(
-                1.0, KIND_CONV if taps > 1 else KIND_DENSE, m=batch * p_out, n=layer.out_channels,
-                k=taps * layer.in_channels, a_bytes=batch * p_in * layer.in_channels * b,
-                w_bytes=taps * layer.in_channels * layer.out_channels * b, o_bytes=out,
-            ))
+            records.append(
+                _launch(
+                    1.0,
+                    KIND_CONV if taps > 1 else KIND_DENSE,
+                    m=batch * p_out,
+                    n=layer.out_channels,
+                    k=taps * layer.in_channels,
+                    a_bytes=batch * p_in * layer.in_channels * b,
+                    w_bytes=taps * layer.in_channels * layer.out_channels * b,
+                    o_bytes=out,
+                )
+            )
             records.append(_launch(unfused_epi, o_bytes=2.0 * out))
         elif layer.kind == "maxpool":
             records.append(_launch(1.0, o_bytes=batch * (p_in + p_out) * layer.in_channels * b))
             records.append(_launch(0.0))
         elif layer.kind == "dense":
             # global average pool of the last feature map, then the classifier
-            records.append(_launch(1.0, KIND_DENSE, m=batch, n=layer.out_channels,
-                                   k=layer.in_channels, w_bytes=layer.in_channels * layer.out_channels * b,
-                                   o_bytes=batch * layer.out_channels * b))
+            records.append(
+                _launch(
+                    1.0,
+                    KIND_DENSE,
+                    m=batch,
+                    n=layer.out_channels,
+                    k=layer.in_channels,
+                    w_bytes=layer.in_channels * layer.out_channels * b,
+                    o_bytes=batch * layer.out_channels * b,
+                )
+            )
             pooled = head_input_hw[0] * head_input_hw[1] * layer.in_channels
             records.append(_launch(1.0, o_bytes=batch * pooled * b))
         else:
             raise ValueError(f"unknown layer kind {layer.kind!r} of {layer.name}")
     return _stack(records)
-

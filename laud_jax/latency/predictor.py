@@ -109,9 +109,7 @@ def fixed_time(profile: HardwareProfile, engine: EngineModel, spec: NetworkSpec,
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _network_grid(profile, engine, spec, setting):
     shapes = BlockShape.from_specs(spec.blocks)
-    blocks = jax.vmap(
-        lambda s: jnp.sum(jax.vmap(lambda shape: block_time(profile, engine, shape, s))(shapes))
-    )(setting)
+    blocks = jax.vmap(lambda s: jnp.sum(jax.vmap(lambda shape: block_time(profile, engine, shape, s))(shapes)))(setting)
     fixed = jax.vmap(lambda batch, half: fixed_time(profile, engine, spec, batch, half))(setting.batch, setting.half)
     return blocks + fixed + profile.call_overhead
 
@@ -232,8 +230,5 @@ def predict(
         mac_ratio=(float(spec.fixed_macs) + dyn_macs.sum()) / total_dense,
         fixed_ms=1e3 * fixed,
         blocks=blocks,
-        settings={"batch": batch, "dtype": dtype, "arch": spec.config.arch,
-                  "image_shape": list(spec.image_shape)},
+        settings={"batch": batch, "dtype": dtype, "arch": spec.config.arch, "image_shape": list(spec.image_shape)},
     )
-
-

@@ -75,20 +75,17 @@ class HardwareProfile:
     sum_weight: Any
     dense_tiles: Any
 
-    def replace(self, **changes: Any) -> "HardwareProfile":
+    def replace(self, **changes: Any) -> HardwareProfile:
         return dataclasses.replace(self, **changes)
 
-    def as_arrays(self) -> "HardwareProfile":
+    def as_arrays(self) -> HardwareProfile:
         """Every field as a float32 array (what the jitted predictor receives)."""
         return HardwareProfile(
             **{f.name: jnp.asarray(getattr(self, f.name), jnp.float32) for f in dataclasses.fields(self)}
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: np.asarray(getattr(self, f.name), np.float64).tolist()
-            for f in dataclasses.fields(self)
-        }
+        return {f.name: np.asarray(getattr(self, f.name), np.float64).tolist() for f in dataclasses.fields(self)}
 
 
 PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(HardwareProfile))
@@ -118,25 +115,65 @@ def _gpu(**values: float) -> HardwareProfile:
 # TX2, where the FMA pipes, not the loads, bound a tile. mem_eff: copy bandwidth / peak.
 PRESETS: dict[str, HardwareProfile] = {
     "v100": _gpu(
-        flops_fp32=15.7e12, flops_half=125e12, dram_bw=900e9, l2_bw=2.1e12, l2_size=6 * 2**20,
-        cores=80.0, launch_overhead=4e-6, eff_dense=0.7, eff_sparse=0.56, mem_eff=0.85,
+        flops_fp32=15.7e12,
+        flops_half=125e12,
+        dram_bw=900e9,
+        l2_bw=2.1e12,
+        l2_size=6 * 2**20,
+        cores=80.0,
+        launch_overhead=4e-6,
+        eff_dense=0.7,
+        eff_sparse=0.56,
+        mem_eff=0.85,
     ),
     "rtx3090": _gpu(
-        flops_fp32=35.6e12, flops_half=71e12, dram_bw=936e9, l2_bw=2.0e12, l2_size=6 * 2**20,
-        cores=82.0, launch_overhead=4e-6, eff_dense=0.7, eff_sparse=0.56, mem_eff=0.85,
+        flops_fp32=35.6e12,
+        flops_half=71e12,
+        dram_bw=936e9,
+        l2_bw=2.0e12,
+        l2_size=6 * 2**20,
+        cores=82.0,
+        launch_overhead=4e-6,
+        eff_dense=0.7,
+        eff_sparse=0.56,
+        mem_eff=0.85,
     ),
     "jetson_tx2": _gpu(
-        flops_fp32=0.665e12, flops_half=1.33e12, dram_bw=59.7e9, l2_bw=150e9, l2_size=512 * 2**10,
-        cores=2.0, launch_overhead=10e-6, call_overhead=60e-6, eff_dense=0.7, eff_sparse=0.7,
+        flops_fp32=0.665e12,
+        flops_half=1.33e12,
+        dram_bw=59.7e9,
+        l2_bw=150e9,
+        l2_size=512 * 2**10,
+        cores=2.0,
+        launch_overhead=10e-6,
+        call_overhead=60e-6,
+        eff_dense=0.7,
+        eff_sparse=0.7,
         mem_eff=0.8,
     ),
     "a100": _gpu(
-        flops_fp32=156e12, flops_half=312e12, dram_bw=2039e9, l2_bw=5.0e12, l2_size=40 * 2**20,
-        cores=108.0, launch_overhead=3e-6, eff_dense=0.75, eff_sparse=0.6, mem_eff=0.88,
+        flops_fp32=156e12,
+        flops_half=312e12,
+        dram_bw=2039e9,
+        l2_bw=5.0e12,
+        l2_size=40 * 2**20,
+        cores=108.0,
+        launch_overhead=3e-6,
+        eff_dense=0.75,
+        eff_sparse=0.6,
+        mem_eff=0.88,
     ),
     "h100": _gpu(
-        flops_fp32=494.7e12, flops_half=989.4e12, dram_bw=3350e9, l2_bw=8.0e12, l2_size=50 * 2**20,
-        cores=132.0, launch_overhead=3e-6, eff_dense=0.81, eff_sparse=0.648, mem_eff=0.9,
+        flops_fp32=494.7e12,
+        flops_half=989.4e12,
+        dram_bw=3350e9,
+        l2_bw=8.0e12,
+        l2_size=50 * 2**20,
+        cores=132.0,
+        launch_overhead=3e-6,
+        eff_dense=0.81,
+        eff_sparse=0.648,
+        mem_eff=0.9,
     ),
 }
 
@@ -147,8 +184,7 @@ PRESET_NOTES: dict[str, str] = {
     "FP32 accumulate, 936 GB/s GDDR6X, 6 MB L2",
     "jetson_tx2": "Jetson TX2 (Pascal, no tensor cores): 2 SMs, 0.665 TFLOP/s FP32, 1.33 TFLOP/s "
     "FP16, 59.7 GB/s LPDDR4 shared with the CPU, 512 KB L2",
-    "a100": "A100 SXM4 80 GB: 108 SMs, 156 TFLOP/s TF32, 312 TFLOP/s bf16 dense, 2039 GB/s "
-    "HBM2e, 40 MB L2",
+    "a100": "A100 SXM4 80 GB: 108 SMs, 156 TFLOP/s TF32, 312 TFLOP/s bf16 dense, 2039 GB/s HBM2e, 40 MB L2",
     "h100": "H100 SXM5: 132 SMs, 495 TFLOP/s TF32, 989 TFLOP/s bf16 dense (eff 0.81 -> ~800 "
     "measured), 3.35 TB/s HBM3 (mem_eff 0.9 -> ~3.0 TB/s copy), 50 MB L2",
     "local": "fitted on this machine by `python -m laud_jax.latency calibrate`",
@@ -204,7 +240,9 @@ def profile_from_json(path: str) -> tuple[HardwareProfile, dict[str, Any]]:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path!r} is not valid JSON ({error})") from None
     if record.get("format") != PROFILE_FORMAT:
-        raise ValueError(f"{path!r} is not a laud_jax latency profile (format {record.get('format')!r}, expected {PROFILE_FORMAT!r})")
+        raise ValueError(
+            f"{path!r} is not a laud_jax latency profile (format {record.get('format')!r}, expected {PROFILE_FORMAT!r})"
+        )
     values = record["profile"]
     missing = sorted(set(PROFILE_FIELDS) - set(values))
     if missing:

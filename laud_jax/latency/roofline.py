@@ -53,7 +53,8 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
     peak = jnp.where(jnp.asarray(half) > 0.5, p.flops_half, p.flops_fp32)
     eff = jnp.select(
         [L.kind == KIND_GATHERED, L.kind == KIND_CONV, L.kind == KIND_GROUPED],
-        [p.eff_sparse, p.eff_conv, p.eff_grouped], p.eff_dense,
+        [p.eff_sparse, p.eff_conv, p.eff_grouped],
+        p.eff_dense,
     )
     slots = p.cores * p.tiles_per_core
     slot_rate = peak * eff / slots
@@ -75,8 +76,7 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
         waves = jnp.ceil(_safe_div(tiles_m * tiles_n, slots))
         # k / (k + k_half) efficiency: a tile's time grows with k + k_half
         compute = waves * _safe_div(2.0 * tile_m * tile_n * (L.k + p.k_half), slot_rate)
-        reread = (jnp.maximum(tiles_n - 1.0, 0.0) * L.a_bytes
-                  + jnp.maximum(tiles_m / batches - 1.0, 0.0) * L.w_bytes)
+        reread = jnp.maximum(tiles_n - 1.0, 0.0) * L.a_bytes + jnp.maximum(tiles_m / batches - 1.0, 0.0) * L.w_bytes
         memory = streamed + reread / p.l2_bw
         compute = jnp.where(is_matmul, compute, 0.0)
         memory = jnp.where(is_matmul, memory, streamed)

@@ -75,8 +75,13 @@ def _search(profile, engine, shapes, stage_onehot, valid, modes, sizes, groups, 
     network = fixed + jnp.sum(best_time, axis=0)  # (G,)
     best_group = jnp.argmin(network)
     return dict(
-        at_target=at_target, best=best, best_time=best_time, network=network, best_group=best_group,
-        stage_static=stage_static, static_network=fixed + jnp.sum(stage_static),
+        at_target=at_target,
+        best=best,
+        best_time=best_time,
+        network=network,
+        best_group=best_group,
+        stage_static=stage_static,
+        static_network=fixed + jnp.sum(stage_static),
     )
 
 
@@ -107,8 +112,7 @@ class SearchResult:
         return tuple(s["granularity"] for s in self.stages)
 
     def config_fragment(self) -> dict[str, Any]:
-        fragment = {"mode": self.modes[0] if len(set(self.modes)) == 1 else self.modes,
-                    "granularity": self.granularity}
+        fragment = {"mode": self.modes[0] if len(set(self.modes)) == 1 else self.modes, "granularity": self.granularity}
         if any(m in CHANNEL_MODES for m in self.modes):
             fragment["channel_granularity"] = self.channel_granularity
         return {"model": fragment}
@@ -163,10 +167,19 @@ def search(
     profile_arrays, engine_arrays = profile.as_arrays(), engine.as_arrays()
     fixed = fixed_time(profile_arrays, engine_arrays, spec, float(batch), half) + profile_arrays.call_overhead
     args = (
-        profile_arrays, engine_arrays, BlockShape.from_specs(spec.blocks), jnp.asarray(_stage_onehot(spec)),
-        jnp.asarray(valid), jnp.asarray([MODE_CODE[m] for m in modes], jnp.float32),
-        jnp.asarray(granularities, jnp.float32), jnp.asarray(channel_granularities, jnp.float32),
-        jnp.asarray(rates, jnp.float32), jnp.float32(target_rate), jnp.float32(batch), jnp.float32(half), fixed,
+        profile_arrays,
+        engine_arrays,
+        BlockShape.from_specs(spec.blocks),
+        jnp.asarray(_stage_onehot(spec)),
+        jnp.asarray(valid),
+        jnp.asarray([MODE_CODE[m] for m in modes], jnp.float32),
+        jnp.asarray(granularities, jnp.float32),
+        jnp.asarray(channel_granularities, jnp.float32),
+        jnp.asarray(rates, jnp.float32),
+        jnp.float32(target_rate),
+        jnp.float32(batch),
+        jnp.float32(half),
+        fixed,
     )
     start = time.perf_counter()
     out = jax.tree.map(np.asarray, _search(*args))
@@ -180,14 +193,16 @@ def search(
         mode = modes[m_index]
         stage_static = float(out["stage_static"][stage])
         stage_time = float(out["best_time"][stage, g])
-        stages.append({
-            "stage": stage + 1,
-            "mode": mode,
-            "granularity": int(granularities[s_index]) if mode in SPATIAL_MODES else 1,
-            "static_ms": 1e3 * stage_static,
-            "dynamic_ms": 1e3 * stage_time,
-            "latency_ratio": stage_time / stage_static,
-        })
+        stages.append(
+            {
+                "stage": stage + 1,
+                "mode": mode,
+                "granularity": int(granularities[s_index]) if mode in SPATIAL_MODES else 1,
+                "static_ms": 1e3 * stage_static,
+                "dynamic_ms": 1e3 * stage_time,
+                "latency_ratio": stage_time / stage_static,
+            }
+        )
     static = float(out["static_network"])
     dynamic = float(out["network"][g])
     ratio_table = out["at_target"][:, :, :, g] / out["stage_static"][:, None, None]
@@ -197,9 +212,19 @@ def search(
         "latency_ratio": np.where(np.isfinite(ratio_table), ratio_table, np.nan).tolist(),
     }
     return SearchResult(
-        arch=arch, hardware=hardware_name, engine=engine_name, target_rate=float(target_rate), batch=int(batch),
-        dtype=dtype, channel_granularity=int(channel_granularities[g]), stages=stages, static_ms=1e3 * static,
-        dynamic_ms=1e3 * dynamic, latency_ratio=dynamic / static, candidates=candidates, seconds=seconds,
+        arch=arch,
+        hardware=hardware_name,
+        engine=engine_name,
+        target_rate=float(target_rate),
+        batch=int(batch),
+        dtype=dtype,
+        channel_granularity=int(channel_granularities[g]),
+        stages=stages,
+        static_ms=1e3 * static,
+        dynamic_ms=1e3 * dynamic,
+        latency_ratio=dynamic / static,
+        candidates=candidates,
+        seconds=seconds,
     )
 
 

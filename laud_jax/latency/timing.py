@@ -81,10 +81,18 @@ def sample_configs(n: int, seed: int) -> list[TimingConfig]:
         batches = [b for b in BATCHES if b * block.h_in * block.w_in * block.in_channels <= MAX_INPUT_ELEMENTS]
         if not batches:
             continue
-        configs.append(TimingConfig(
-            arch=arch, image=image, block=index, mode=mode, granularity=int(rng.choice(sizes)),
-            rho=float(rng.uniform(0.1, 1.0)), batch=int(rng.choice(batches)), seed=int(rng.integers(2**31)),
-        ))
+        configs.append(
+            TimingConfig(
+                arch=arch,
+                image=image,
+                block=index,
+                mode=mode,
+                granularity=int(rng.choice(sizes)),
+                rho=float(rng.uniform(0.1, 1.0)),
+                batch=int(rng.choice(batches)),
+                seed=int(rng.integers(2**31)),
+            )
+        )
     return configs
 
 
@@ -147,7 +155,9 @@ def time_config(config: TimingConfig, repeats: int, backend: str = "xla", warmup
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
     params = _block_variables(spec, config.batch, key)
-    x = jax.nn.relu(jax.random.normal(jax.random.fold_in(key, 1), (config.batch, spec.h_in, spec.w_in, spec.in_channels)))
+    x = jax.nn.relu(
+        jax.random.normal(jax.random.fold_in(key, 1), (config.batch, spec.h_in, spec.w_in, spec.in_channels))
+    )
     gates = _random_gates(spec, config.batch, config.rho, rng)
     forced = {k: jnp.asarray(v) for k, v in gates.items()}
     if spec.mode == "static":
@@ -163,9 +173,9 @@ def time_config(config: TimingConfig, repeats: int, backend: str = "xla", warmup
     # the clock starts
     calls = max(1, warmup) + max(1, repeats)
     inputs = iter([jnp.array(x, copy=True).block_until_ready() for _ in range(calls)])
-    times = time_side_by_side(
-        {"block": lambda: step(ops, spec, plan, params, next(inputs), forced)}, repeats, warmup
-    )["block"]
+    times = time_side_by_side({"block": lambda: step(ops, spec, plan, params, next(inputs), forced)}, repeats, warmup)[
+        "block"
+    ]
     stats = stats_ms(times)
     return {
         **dataclasses.asdict(config),

@@ -77,19 +77,15 @@ class BlockGates(nn.Module):
         gates: dict[str, Any] = {"spatial": None, "channel": None, "layer": None}
         if spec.spatial:
             standardize = spec.masker_input == "standardized" and spec.mask_grid != (1, 1)
-            gates["spatial"] = SpatialMasker(
-                spec.mask_grid, spec.mask_groups, standardize, name="masker_spatial"
-            )(x, **kwargs)
-        if spec.channel:
-            gates["channel"] = ChannelMasker(spec.channel_groups, name="masker_channel")(
-                pooled, **kwargs
+            gates["spatial"] = SpatialMasker(spec.mask_grid, spec.mask_groups, standardize, name="masker_spatial")(
+                x, **kwargs
             )
+        if spec.channel:
+            gates["channel"] = ChannelMasker(spec.channel_groups, name="masker_channel")(pooled, **kwargs)
         if spec.layer:
             gates["layer"] = SpatialMasker((1, 1), 1, name="layer_gate")(x, **kwargs)[:, 0, 0, 0]
         if spec.mode == "lc":
-            gates["channel_scale"], gates["layer_scale"] = ScaleHead(
-                spec.channel_groups, name="scale_head"
-            )(pooled)
+            gates["channel_scale"], gates["layer_scale"] = ScaleHead(spec.channel_groups, name="scale_head")(pooled)
         for key, value in forced.items():
             if gates.get(key) is None:
                 raise ValueError(f"block {spec.name} (mode {spec.mode!r}) has no {key!r} gate to force")
@@ -97,7 +93,7 @@ class BlockGates(nn.Module):
         return gates
 
 
-def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: "BlockMasks", batch: int) -> dict[str, Any]:
+def block_record(spec: BlockSpec, gates: Mapping[str, Any], masks: BlockMasks, batch: int) -> dict[str, Any]:
     """The per-block aux record: hard masks, per-conv densities and MACs.
 
     ``density`` and ``macs`` are per sample. ``batch_macs`` is what the sparsity loss reads,

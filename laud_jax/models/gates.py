@@ -51,9 +51,7 @@ def _bias_init(execute: float, skip: float, groups: int):
     def init(key, shape, dtype=jnp.float32):
         del key
         assert shape == (2 * groups,), shape
-        return jnp.concatenate(
-            [jnp.full((groups,), execute, dtype), jnp.full((groups,), skip, dtype)]
-        )
+        return jnp.concatenate([jnp.full((groups,), execute, dtype), jnp.full((groups,), skip, dtype)])
 
     return init
 
@@ -157,9 +155,7 @@ class ScaleHead(nn.Module):
     @nn.compact
     def __call__(self, pooled):
         inverse_softplus_one = math.log(math.e - 1.0)
-        raw = nn.Dense(
-            self.groups + 1, bias_init=nn.initializers.constant(inverse_softplus_one)
-        )(pooled)
+        raw = nn.Dense(self.groups + 1, bias_init=nn.initializers.constant(inverse_softplus_one))(pooled)
         scales = jax.nn.softplus(raw)
         return scales[:, : self.groups], scales[:, self.groups]
 

@@ -66,7 +66,11 @@ class DynamicNet(nn.Module):
             x, record = block_cls(
                 block, dtype=dtype, zero_init_residual=self.config.zero_init_residual, name=block.name
             )(
-                x, train=train, tau=tau, gate_offset=gate_offset, forced=masks[i] if masks else None,
+                x,
+                train=train,
+                tau=tau,
+                gate_offset=gate_offset,
+                forced=masks[i] if masks else None,
                 noise=gumbel_noise,
             )
             records.append(record)

@@ -130,9 +130,7 @@ class ModelConfig:
         return dataclasses.replace(
             base,
             widths=tuple(widths),
-            out_channels=tuple(w * expansion for w in widths)
-            if self.stage_widths
-            else base.out_channels,
+            out_channels=tuple(w * expansion for w in widths) if self.stage_widths else base.out_channels,
             depths=tuple(self.stage_depths or base.depths),
             stem_width=self.stem_width or base.stem_width,
         )
@@ -220,15 +218,11 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
             config.mask_groups < 1 or width % config.mask_groups or out % config.mask_groups
         ):
             raise ValueError(
-                f"model.mask_groups={config.mask_groups} must divide stage {stage + 1}'s widths "
-                f"({width}, {out})"
+                f"model.mask_groups={config.mask_groups} must divide stage {stage + 1}'s widths ({width}, {out})"
             )
-        if stage_mode in CHANNEL_MODES and (
-            config.channel_granularity < 1 or width % config.channel_granularity
-        ):
+        if stage_mode in CHANNEL_MODES and (config.channel_granularity < 1 or width % config.channel_granularity):
             raise ValueError(
-                f"model.channel_granularity={config.channel_granularity} must divide stage "
-                f"{stage + 1}'s width {width}"
+                f"model.channel_granularity={config.channel_granularity} must divide stage {stage + 1}'s width {width}"
             )
     return config
 
@@ -313,9 +307,7 @@ class BlockSpec:
 
     @property
     def dense_macs(self) -> int:
-        return (
-            self.conv1_macs + self.conv2_macs + self.conv3_macs + self.downsample_macs + self.se_macs
-        )
+        return self.conv1_macs + self.conv2_macs + self.conv3_macs + self.downsample_macs + self.se_macs
 
     @property
     def masker_macs(self) -> int:
@@ -370,15 +362,22 @@ def _stem(arch: ArchDef, h: int, w: int, c: int) -> list[LayerSpec]:
     ho, wo = conv_out(h, kernel, 2, pad), conv_out(w, kernel, 2, pad)
     layers = [
         LayerSpec(
-            "stem_conv", "conv", c, arch.stem_width, kernel, 2, h, w, ho, wo,
+            "stem_conv",
+            "conv",
+            c,
+            arch.stem_width,
+            kernel,
+            2,
+            h,
+            w,
+            ho,
+            wo,
             conv_macs(ho, wo, c, arch.stem_width, kernel),
         )
     ]
     if arch.stem == "resnet":
         po, qo = conv_out(ho, 3, 2, 1), conv_out(wo, 3, 2, 1)
-        layers.append(
-            LayerSpec("stem_pool", "maxpool", arch.stem_width, arch.stem_width, 3, 2, ho, wo, po, qo, 0)
-        )
+        layers.append(LayerSpec("stem_pool", "maxpool", arch.stem_width, arch.stem_width, 3, 2, ho, wo, po, qo, 0))
     return layers
 
 

@@ -97,8 +97,20 @@ def _stem_step(ops, spec: NetworkSpec, first: BlockSpec, dtype, stem_params, gat
     return x, gates, routing, counts
 
 
-def _block_step(ops, spec: BlockSpec, plan: BlockPlan, following: BlockSpec | None, params, next_gate_params,
-                x, gates, routing, next_forced, gate_offset, head_params):
+def _block_step(
+    ops,
+    spec: BlockSpec,
+    plan: BlockPlan,
+    following: BlockSpec | None,
+    params,
+    next_gate_params,
+    x,
+    gates,
+    routing,
+    next_forced,
+    gate_offset,
+    head_params,
+):
     out = executor.run_block(ops, spec, plan, params, x, gates, routing)
     if following is None:
         return _head(head_params, out)
@@ -175,7 +187,9 @@ def _merge(have: BlockPlan, need: BlockPlan) -> BlockPlan:
         return have
     if _covers(need, have):
         return need
-    return dataclasses.replace(need, **{k: max(getattr(have, k), getattr(need, k)) for k in ("cells", "pixels", "groups", "samples")})
+    return dataclasses.replace(
+        need, **{k: max(getattr(have, k), getattr(need, k)) for k in ("cells", "pixels", "groups", "samples")}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +394,9 @@ class SparseEngine:
             counts = np.asarray(counts)
             needed = [plan_block(b, c, batch, self.capacity_steps) for b, c in zip(spec.blocks, counts)]
             if all(_covers(have, need) for have, need in zip(plans, needed)):
-                return logits, RunInfo("speculative", list(plans), [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)])
+                return logits, RunInfo(
+                    "speculative", list(plans), [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)]
+                )
         logits, info = self._stepwise(spec, folded, images, forced, offset)
         if plans is None:
             self._speculation[key] = tuple(info.plans)
@@ -416,9 +432,15 @@ class SparseEngine:
     def _stepwise(self, spec, folded, images, forced, offset, record: list | None = None) -> tuple[jax.Array, RunInfo]:
         blocks = spec.blocks
         x, gates, routing, counts = _stem_step(
-            self.ops, spec, _jit_key(blocks[0]), self.dtype,
-            {"stem_w": folded["stem_w"], "stem_b": folded["stem_b"]}, folded["blocks"][0].get("gates"),
-            images, forced[0], offset,
+            self.ops,
+            spec,
+            _jit_key(blocks[0]),
+            self.dtype,
+            {"stem_w": folded["stem_w"], "stem_b": folded["stem_b"]},
+            folded["blocks"][0].get("gates"),
+            images,
+            forced[0],
+            offset,
         )
         plans, count_log = [], []
         batch = images.shape[0]
@@ -435,9 +457,17 @@ class SparseEngine:
                 in_place = False  # keep the recorded input alive
             step = _block_step_in_place if in_place else _block_step_jit
             result = step(
-                self.ops, _jit_key(block), plan, _jit_key(following), folded["blocks"][i],
+                self.ops,
+                _jit_key(block),
+                plan,
+                _jit_key(following),
+                folded["blocks"][i],
                 None if last else folded["blocks"][i + 1].get("gates"),
-                x, gates, routing, None if last else forced[i + 1], offset,
+                x,
+                gates,
+                routing,
+                None if last else forced[i + 1],
+                offset,
                 {"fc_w": folded["fc_w"], "fc_b": folded["fc_b"]},
             )
             if last:

@@ -154,8 +154,14 @@ def _dense_conv12(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, branch:
         h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
     if branch.expand_const1 is not None:
         h = _expand(h, branch.channels, spec.width, branch.expand_const1)
-    h = ops.conv(h, branch.w2, p["b2"] if branch.expand_const1 is not None else branch.b2,
-                 stride=spec.stride, groups=branch.groups, relu=True)
+    h = ops.conv(
+        h,
+        branch.w2,
+        p["b2"] if branch.expand_const1 is not None else branch.b2,
+        stride=spec.stride,
+        groups=branch.groups,
+        relu=True,
+    )
     if branch.expand_const1 is not None:
         h = _take(h, branch.channels, -1)
     if branch.scale2 is not None:
@@ -209,7 +215,9 @@ def spatial_branch(
         # the write-back only on the active patches.
         full, se_extra = _dense_conv12(ops, spec, p, x, branch)
         size = spec.granularity
-        h = jax.vmap(lambda o: lax.dynamic_slice(full, (o[0], o[1], o[2], 0), (1, size, size, full.shape[-1]))[0])(starts)
+        h = jax.vmap(lambda o: lax.dynamic_slice(full, (o[0], o[1], o[2], 0), (1, size, size, full.shape[-1]))[0])(
+            starts
+        )
         bias = _conv3_bias(spec, p, branch, None if se_extra is None else se_extra[0])
         return ops.conv3_scatter(h, branch.w3, bias, identity, base, starts, cell_count, in_place=in_place)
     h1, w1_ = spec.conv1_hw
@@ -235,7 +243,13 @@ def spatial_branch(
         return ops.scatter_residual(h, identity, base, starts, cell_count, in_place=in_place)
     grouped = branch.expand_const1 is not None
     h = ops.patch_conv(
-        rows, coords, starts, branch.w2, p["b2"] if grouped else branch.b2, groups=branch.groups, relu=True,
+        rows,
+        coords,
+        starts,
+        branch.w2,
+        p["b2"] if grouped else branch.b2,
+        groups=branch.groups,
+        relu=True,
         **geometry,
     )
     if grouped:
@@ -246,12 +260,14 @@ def spatial_branch(
     if spec.se_channels:
         sample = starts[:, 0]
         valid = (jnp.arange(plan.cells) < cell_count).astype(jnp.float32)
-        sums = jnp.zeros((batch + 1, h.shape[-1]), jnp.float32).at[sample].add(
-            jnp.sum(h.astype(jnp.float32), axis=(1, 2)) * valid[:, None], mode="drop"
-        )[:batch]
-        pixels_on = jnp.zeros((batch + 1,), jnp.float32).at[sample].add(
-            valid * spec.granularity**2, mode="drop"
-        )[:batch]
+        sums = (
+            jnp.zeros((batch + 1, h.shape[-1]), jnp.float32)
+            .at[sample]
+            .add(jnp.sum(h.astype(jnp.float32), axis=(1, 2)) * valid[:, None], mode="drop")[:batch]
+        )
+        pixels_on = (
+            jnp.zeros((batch + 1,), jnp.float32).at[sample].add(valid * spec.granularity**2, mode="drop")[:batch]
+        )
         scale, se_extra = _squeeze_excite(spec, p, branch, sums / jnp.maximum(pixels_on, 1.0)[:, None])
         h = h * jnp.take(scale, sample, axis=0, mode="clip")[:, None, None, :].astype(h.dtype)
         if se_extra is not None:
@@ -294,7 +310,13 @@ def _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, b) -> jax
 
 
 def run_block(
-    ops, spec: BlockSpec, plan: BlockPlan, p: dict[str, Any], x: jax.Array, gates: dict[str, Any], routing: dict[str, Any]
+    ops,
+    spec: BlockSpec,
+    plan: BlockPlan,
+    p: dict[str, Any],
+    x: jax.Array,
+    gates: dict[str, Any],
+    routing: dict[str, Any],
 ) -> jax.Array:
     """One block's output, executing only what ``plan`` and the routing leave active.
 

@@ -75,9 +75,7 @@ def fold_block(spec: BlockSpec, params: Mapping[str, Any], stats: Mapping[str, A
     out: dict[str, Any] = {}
     if spec.kind == "bottleneck":
         out["w1"], out["b1"] = fold_conv_bn(p, s, "conv1", "bn1", (1, 1, spec.in_channels, spec.width), scope)
-        out["w2"], out["b2"] = fold_conv_bn(
-            p, s, "conv2", "bn2", (3, 3, spec.width // spec.groups, spec.width), scope
-        )
+        out["w2"], out["b2"] = fold_conv_bn(p, s, "conv2", "bn2", (3, 3, spec.width // spec.groups, spec.width), scope)
         out["w3"], out["b3"] = fold_conv_bn(p, s, "conv3", "bn3", (1, 1, spec.width, spec.out_channels), scope)
     else:
         out["w1"], out["b1"] = fold_conv_bn(p, s, "conv1", "bn1", (3, 3, spec.in_channels, spec.width), scope)
@@ -173,14 +171,14 @@ def fold_network(spec: NetworkSpec, variables: Mapping[str, Any]) -> dict[str, A
     extra = sorted(k for k in params if k.startswith("layer") and k not in {b.name for b in spec.blocks})
     if extra:
         raise ValueError(
-            f"variables have blocks {extra} that the model config does not: they belong to a deeper "
-            "architecture"
+            f"variables have blocks {extra} that the model config does not: they belong to a deeper architecture"
         )
     return folded
 
 
 def cast_weights(folded: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
     """Cast conv/dense weights to the compute dtype; gate parameters stay float32."""
+
     def cast(path, leaf):
         if any(getattr(key, "key", None) == "gates" for key in path):
             return leaf

@@ -73,7 +73,15 @@ class PallasOps(XlaOps):
                 rows, coords, starts, w, b, grid=grid, size=size, stride=stride, groups=groups, relu=relu
             )
         return patch_conv(
-            rows, coords, starts, w, b, grid=grid, size=size, stride=stride, relu=relu,
+            rows,
+            coords,
+            starts,
+            w,
+            b,
+            grid=grid,
+            size=size,
+            stride=stride,
+            relu=relu,
             implementation=self._kernels(),
         )
 
@@ -84,6 +92,12 @@ class PallasOps(XlaOps):
         grid_h, grid_w = -(-identity.shape[1] // size), -(-identity.shape[2] // size)
         patches = (starts[:, 0] * grid_h + starts[:, 1] // size) * grid_w + starts[:, 2] // size
         return conv1x1_scatter_add(
-            h, patches.astype(jnp.int32), count, w, b, identity,
-            base=None if in_place else base, implementation=self._kernels(),
+            h,
+            patches.astype(jnp.int32),
+            count,
+            w,
+            b,
+            identity,
+            base=None if in_place else base,
+            implementation=self._kernels(),
         )

@@ -122,8 +122,10 @@ def active_first(flags: jax.Array) -> tuple[jax.Array, jax.Array]:
     size = flags.shape[0]
     rank = _inclusive_count(flags)
     slot = jnp.where(flags, rank - 1, size)
-    index = jnp.full((size,), size, jnp.int32).at[slot].set(
-        jnp.arange(size, dtype=jnp.int32), mode="drop", unique_indices=True
+    index = (
+        jnp.full((size,), size, jnp.int32)
+        .at[slot]
+        .set(jnp.arange(size, dtype=jnp.int32), mode="drop", unique_indices=True)
     )
     return index, rank[-1]
 

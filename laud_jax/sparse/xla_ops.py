@@ -59,7 +59,11 @@ class XlaOps:
             y = jnp.dot(jnp.concatenate(cols, axis=-1), w.reshape(-1, w.shape[-1]))
         else:
             y = lax.conv_general_dilated(
-                x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_NHWC,
+                x,
+                w,
+                (stride, stride),
+                ((pad, pad), (pad, pad)),
+                dimension_numbers=_NHWC,
                 feature_group_count=groups,
             )
         return _act(y + b, relu)
@@ -87,7 +91,8 @@ class XlaOps:
 
         ``rows`` (N, C): conv1's output at ``coords`` (N, 3) = (sample, row, col) of a
         ``grid`` = (B, H1, W1) map that is zero elsewhere; entries with sample >= B are
-        padding. ``coords`` None: the rows are the whole grid in row-major order. ``starts`` (P, 3): (sample, row, col) of each patch's first output pixel.
+        padding. ``coords`` None: the rows are the whole grid in row-major order. ``starts`` (P, 3):
+        (sample, row, col) of each patch's first output pixel.
         """
         batch, height, width = grid
         channels = rows.shape[-1]
@@ -98,9 +103,9 @@ class XlaOps:
             canvas = jnp.zeros((batch, height + 2, width + 2, channels), rows.dtype)
             canvas = canvas.at[coords[:, 0], coords[:, 1] + 1, coords[:, 2] + 1].set(rows, mode="drop")
         origin = starts * jnp.asarray([1, stride, stride], starts.dtype)
-        windows = jax.vmap(
-            lambda o: lax.dynamic_slice(canvas, (o[0], o[1], o[2], 0), (1, span, span, channels))[0]
-        )(origin)
+        windows = jax.vmap(lambda o: lax.dynamic_slice(canvas, (o[0], o[1], o[2], 0), (1, span, span, channels))[0])(
+            origin
+        )
         if groups == 1 and size <= 2:
             taps = [
                 windows[:, dy : dy + stride * (size - 1) + 1 : stride, dx : dx + stride * (size - 1) + 1 : stride, :]
