@@ -58,8 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
         dict(  # laud_jax.models.model_config keys
             arch="resnet50",
             num_classes=0,  # 0 = take it from the dataset
-            mode="spatial",  # one mode, or a tuple with one per stage
-            granularity=ml_collections.config_dict.placeholder(tuple),  # S per stage
+            mode="spatial",  # one mode, comma-separated per stage, or 'auto' (the latency search)
+            # S per stage (a tuple), one S for every stage, or 'auto' (the latency search)
+            granularity=ml_collections.FieldReference(None, field_type=object),
             mask_groups=1,
             channel_granularity=2,
             channel_mask_position="post_act",
@@ -118,6 +119,16 @@ def base_config() -> ml_collections.ConfigDict:
             num_epochs=10.0,  # teacher phase ('train' only)
             optimizer=optimizer_config(),
             init_student=True,  # initialize the student from the teacher's weights
+        )
+    )
+    config.latency = ml_collections.ConfigDict(
+        dict(  # the latency search that resolves model.mode / model.granularity = 'auto'
+            hardware="local",  # preset (v100, a100, ...), 'local' (fitted: latency calibrate) or profile .json
+            fallback_hardware="v100",  # preset used, with a warning, when 'local' has no fitted profile
+            engine="",  # engine model: '' = the hardware's (xla for local, pallas for GPU presets)
+            batch=0,  # images per call the search assumes (0 = eval_batch_size)
+            modes=("spatial", "channel", "layer"),  # candidate modes for model.mode='auto'
+            granularities=(1, 2, 4, 7, 8, 14),  # candidate S for model.granularity='auto'
         )
     )
     config.init_from = ""  # workdir of a trained model to initialize from
@@ -183,6 +194,42 @@ def imagenet_config(
     config.log_every_steps = 100
     config.eval_every_steps = 12510
     return config
+
+
+AUTO = "auto"  # model.mode / model.granularity: chosen by the latency search before training
+AUTO_FIELDS = ("mode", "granularity")
+
+
+def _mentions_auto(value: Any) -> bool:
+    if isinstance(value, str):
+        return AUTO in (part.strip() for part in value.split(","))
+    return isinstance(value, (tuple, list)) and AUTO in value
+
+
+def _check_auto(config: ml_collections.ConfigDict) -> None:
+    """'auto' only as the whole value of model.mode / model.granularity; latency fields sane."""
+    for key, value in config.model.items():
+        if key not in AUTO_FIELDS and _mentions_auto(value):
+            raise ConfigError(
+                f"model.{key}={value!r}: only model.mode and model.granularity can be 'auto' "
+                "(chosen by the latency search before training); set a value."
+            )
+        if key in AUTO_FIELDS and value != AUTO and _mentions_auto(value):
+            raise ConfigError(
+                f"model.{key}={value!r}: 'auto' stands for the whole field (every stage); "
+                f"set model.{key}='auto' or give every stage a value."
+            )
+    latency = config.latency
+    _require(bool(latency.hardware), "latency.hardware is empty; name a preset, 'local' or a profile .json.")
+    _require(latency.batch >= 0, f"latency.batch={latency.batch} must be >= 0 (0 = eval_batch_size).")
+    _require(
+        len(latency.modes) > 0 and all(isinstance(m, str) for m in latency.modes),
+        f"latency.modes={latency.modes!r} must be a non-empty list of modes, e.g. spatial,channel,layer.",
+    )
+    _require(
+        len(latency.granularities) > 0 and all(isinstance(s, int) and s > 0 for s in latency.granularities),
+        f"latency.granularities={latency.granularities!r} must be a non-empty list of positive ints, e.g. 1,2,4,7.",
+    )
 
 
 def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -257,6 +304,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1, num_proces
             f"'{TEACHER_TRAIN}' or a trained workdir, or set loss.kd_alpha=0."
         )
     _require(config.model.num_classes >= 0, "model.num_classes must be >= 0 (0 = from data).")
+    _check_auto(config)
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int, num_epochs: float | None = None) -> int:
@@ -494,7 +542,7 @@ def parse_command_line(parser: ArgumentParser, argv: Sequence[str] | None, name:
     the help (code 0) or a one-line error (code 2)."""
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv, name)
     args = parser.parse_args(rest)
-    path = getattr(args, name)
+    path = getattr(args, name, None)  # None too for a subcommand without --NAME
     if path is None:
         if overrides:
             parser.error(f"{overrides[0].flag} overrides a field of the config file: give --{name} CONFIG.py too")

@@ -6,6 +6,11 @@ is moved to DIR/checkpoints_unreadable). With `teacher.source=train`
 (the quickstart) a static teacher is trained first in DIR/teacher, then the dynamic model
 in DIR with knowledge distillation from it. At the end DIR/summary.json holds top1,
 mac_ratio, per-stage density, steps and teacher_top1.
+
+`model.mode=auto` and/or `model.granularity=auto`: before any model is built, the latency
+search (`laud_jax.latency`, on `latency.hardware`) chooses them at `loss.target_rate`; the
+choice and its predicted latency ratio go to DIR/search.json (a resumed run reuses it) and
+to summary.json (`latency_search`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from laud_jax.training import steps as steps_lib
 from laud_jax.training.metrics_log import MetricsLog
 
 SUMMARY_FILE = "summary.json"
+SEARCH_FILE = "search.json"  # the latency search's choice for the 'auto' model fields
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,6 +65,87 @@ def resolve_model_config(config: ml_collections.ConfigDict, info: data.DatasetIn
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
     return cfg
+
+
+def resolve_auto_fields(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, workdir: str
+) -> tuple[ml_collections.ConfigDict, dict[str, Any] | None]:
+    """The config with model.mode / model.granularity 'auto' replaced by the latency search's
+    choice, and the search record (None without 'auto'). The choice is written to
+    WORKDIR/search.json; when that file exists (a resumed run) it is reused, not searched again."""
+    from laud_jax.latency import search as search_lib
+
+    fields = search_lib.auto_fields(config.model)
+    if not fields:
+        return config, None
+    path = os.path.join(workdir, SEARCH_FILE)
+    record = _read_json(path)
+    if record is not None and sorted(record.get("model_update", {})) == sorted(fields):
+        if jax.process_index() == 0:
+            print(f"[latency search] reusing the choice recorded in {path}", flush=True)
+    else:
+        record = _search_record(config, info, fields)
+        if jax.process_count() > 1:  # every process takes process 0's choice (shared workdir)
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                os.makedirs(workdir, exist_ok=True)
+                checkpointing.write_json(path, record)
+            multihost_utils.sync_global_devices("laud_jax.train: latency search recorded")
+            record = _read_json(path) or record
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            checkpointing.write_json(path, record)
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        for field, value in record["model_update"].items():
+            resolved.model[field] = tuple(value) if isinstance(value, list) else value
+    return resolved, record
+
+
+def _search_record(config: ml_collections.ConfigDict, info: data.DatasetInfo, fields: tuple[str, ...]) -> dict:
+    """Runs the latency search for the 'auto' model `fields`; prints and returns its record."""
+    from laud_jax.latency import search as search_lib
+
+    where = f"latency search for model.{'/'.join(fields)}='auto'"
+    latency = config.latency
+    try:
+        hardware = search_lib.resolve_hardware(latency.hardware, latency.engine, latency.fallback_hardware)
+        result = search_lib.search_config(config, info.image_shape, info.num_classes, hardware)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    is_main = jax.process_index() == 0
+    if hardware.note and is_main:
+        print(f"warning: latency.hardware={latency.hardware!r}: {hardware.note}", file=sys.stderr, flush=True)
+    update = search_lib.model_update(result, fields)
+    record = {
+        **result.to_dict(),
+        "requested_hardware": latency.hardware,
+        "hardware_note": hardware.note,
+        "model_update": update,
+    }
+    if is_main:
+        chosen = ", ".join(f"model.{k}={v if isinstance(v, str) else ','.join(map(str, v))}" for k, v in update.items())
+        print(
+            f"[latency search] {hardware.name} ({hardware.engine} engine), batch {result.batch}, target MAC rate "
+            f"{result.target_rate:g}: {chosen}; predicted latency ratio {result.latency_ratio:.3f} "
+            f"({result.seconds:.1f} s with compilation)",
+            flush=True,
+        )
+    return record
+
+
+def search_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The latency search's fields of summary.json: what was chosen, for which hardware, and
+    its predicted static / dynamic latency."""
+    keys = ("hardware", "engine", "batch", "target_rate", "latency_ratio", "static_ms", "dynamic_ms")
+    return {
+        **{k: record[k] for k in keys},
+        "mode": [s["mode"] for s in record["stages"]],
+        "granularity": [s["granularity"] for s in record["stages"]],
+        "model_update": record["model_update"],
+        "file": SEARCH_FILE,
+    }
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -170,8 +257,10 @@ def train_phase(
     label: str,
     teacher: PhaseResult | None = None,
     pretrained: tuple[dict[str, Any], str] | None = None,
+    summary_fields: dict[str, Any] | None = None,
 ) -> PhaseResult:
-    """Trains one model to the end (resuming from WORKDIR's checkpoints) and evaluates it."""
+    """Trains one model to the end (resuming from WORKDIR's checkpoints) and evaluates it;
+    `summary_fields` are added to its summary.json."""
     from tqdm import tqdm
 
     from laud_jax import models
@@ -306,7 +395,7 @@ def train_phase(
             iterator.close()
 
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    previous = _read_summary(summary_path)
+    previous = _read_json(summary_path)
     if previous and previous.get("steps") == total_steps and start == total_steps:
         summary = previous  # finished before: reuse its evaluation
     else:
@@ -321,6 +410,7 @@ def train_phase(
         )
         if teacher is not None:
             summary["teacher_top1"] = teacher.summary["top1"]
+        summary.update(summary_fields or {})
         log.write(total_steps, "eval", {"top1": summary["top1"], "mac_ratio": summary["mac_ratio"]})
         if is_main:
             checkpointing.write_json(summary_path, summary)
@@ -335,8 +425,8 @@ def _eval_fn(model: Any, mesh: jax.sharding.Mesh) -> Any:
     )
 
 
-def _read_summary(path: str) -> dict[str, Any] | None:
-    """The summary.json a finished phase wrote; None if absent or damaged (it is recomputed)."""
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A JSON record this trainer wrote (summary.json, search.json); None if absent or damaged."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -349,7 +439,7 @@ def load_teacher(path: str, mesh: jax.sharding.Mesh) -> PhaseResult:
     from laud_jax import models
 
     variables, run_config = checkpointing.load_variables(path)
-    summary = _read_summary(os.path.join(path, SUMMARY_FILE)) or {"top1": float("nan")}
+    summary = _read_json(os.path.join(path, SUMMARY_FILE)) or {"top1": float("nan")}
     return PhaseResult(models.build_model(run_config["model"]), distributed.replicate(variables, mesh), summary)
 
 
@@ -357,6 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Validates, runs the teacher phase (if configured) and the main phase; returns the summary."""
     config_utils.validate(config, jax.device_count(), jax.process_count())
     info = data.dataset_info(config.data)
+    config, search_record = resolve_auto_fields(config, info, workdir)
     model_cfg = resolve_model_config(config, info)
     mesh = distributed.data_mesh()
     teacher = None
@@ -374,7 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         variables, _ = checkpointing.load_variables(config.init_from)
         pretrained = (variables, config.init_from)
     label = "dynamic" if any(m != "static" for m in _modes(model_cfg)) else "static"
-    result = train_phase(config, workdir, model_cfg, info, mesh, label, teacher, pretrained)
+    fields = {"latency_search": search_summary(search_record)} if search_record else None
+    result = train_phase(config, workdir, model_cfg, info, mesh, label, teacher, pretrained, fields)
     return result.summary
 
 
@@ -398,6 +490,12 @@ def format_table(summary: dict[str, Any], summary_path: str) -> str:
     lines += [f"{name:<20} {100 * top1:>15.2f}% {ratio:>10.3f}" for name, top1, ratio in rows]
     density = ", ".join(f"{k} {v:.2f}" for k, v in summary.get("density", {}).items())
     lines.append(f"per-stage density: {density}")
+    search = summary.get("latency_search")
+    if search:
+        lines.append(
+            f"latency search ({search['hardware']}): modes {','.join(search['mode'])}, S "
+            f"{','.join(map(str, search['granularity']))}, predicted latency ratio {search['latency_ratio']:.3f}"
+        )
     lines.append(f"summary: {summary_path}")
     return "\n".join(lines)
 

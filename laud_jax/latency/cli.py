@@ -1,4 +1,8 @@
-"""Command line: ``python -m laud_jax.latency predict|search|calibrate``."""
+"""Command line: ``python -m laud_jax.latency predict|search|calibrate``.
+
+``search --exp CONFIG.py [--exp.a.b=value ...]`` searches the model of an experiment config
+(the trainer's flag syntax, ``config_utils.parse_command_line``).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,28 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from laud_jax.config_utils import ConfigError, add_config_argument, parse_command_line, validate
 from laud_jax.latency.launches import ENGINES
 from laud_jax.latency.predictor import default_engine, predict
 from laud_jax.latency.profiles import HARDWARE_NAMES, get_profile, local_profile_path
-from laud_jax.latency.search import CHANNEL_GRANULARITIES, GRANULARITIES, NUM_RATES, SEARCH_MODES, default_rates, search
+from laud_jax.latency.search import (
+    AUTO,
+    AUTO_FIELDS,
+    CHANNEL_GRANULARITIES,
+    GRANULARITIES,
+    NUM_RATES,
+    SEARCH_MODES,
+    SearchResult,
+    auto_fields,
+    default_rates,
+    model_update,
+    resolve_hardware,
+    search,
+    search_config,
+)
 from laud_jax.models.specs import ARCHS, MODE_ALIASES, MODES, SPATIAL_MODES, network_spec
 
 SMALL_ARCHS = ("resnet_small", "resnet_tiny")
@@ -40,12 +59,38 @@ def _rate(text: str) -> float:
     return value
 
 
+# Defaults of the flags that describe the network; with `search --exp` the config sets them.
+DEFAULTS = {
+    "hardware": "v100",
+    "arch": "resnet101",
+    "batch": 1,
+    "dtype": "float32",
+    "num_classes": 1000,
+    "rate": 0.5,
+    "mode": SEARCH_MODES,
+    "granularity": GRANULARITIES,
+    "channel_granularity": CHANNEL_GRANULARITIES,
+}
+# Flags `search --exp` refuses, with the config field that takes their place.
+EXP_FIELDS = {
+    "arch": "model.arch",
+    "image_size": "data.image_size",
+    "num_classes": "model.num_classes",
+    "dtype": "model.dtype",
+    "rate": "loss.target_rate",
+    "mode": "latency.modes",  # the candidates (model.mode fixes it)
+    "granularity": "latency.granularities",
+    "channel_granularity": "model.channel_granularity",
+}
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hardware",
-        default="v100",
+        default=None,
         help=f"a preset ({', '.join(HARDWARE_NAMES)}; local = the fitted profile at "
-        f"{local_profile_path()}) or a profile .json file (default: v100)",
+        f"{local_profile_path()}) or a profile .json file (default: v100; with --exp the config's "
+        "latency.hardware)",
     )
     parser.add_argument(
         "--engine",
@@ -54,21 +99,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="engine model: xla (CPU path), pallas (GPU kernels), pallas_nchw, halo "
         "(default: xla for local/.json profiles, pallas for GPU presets)",
     )
-    parser.add_argument("--arch", default="resnet101", choices=sorted(ARCHS), help="network (default: resnet101)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), help="network (default: resnet101)")
     parser.add_argument(
         "--image-size",
         type=int,
         default=None,
         help="input side in pixels (default: 64 for resnet_small/tiny, else 224)",
     )
-    parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
+    parser.add_argument("--batch", type=int, help="images per call (default: 1; with --exp the config's)")
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
-        default="float32",
-        help="activation and weight dtype (bfloat16 = fp16 tensor cores on V100)",
+        help="activation and weight dtype (bfloat16 = fp16 tensor cores on V100; default float32)",
     )
-    parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: 1000)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")
 
 
@@ -99,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(4, 4, 2, 1),
         help="patch size S, one or one per stage (default 4,4,2,1)",
     )
-    p.add_argument("--rate", type=_rate, default=0.5, help="activation rate rho of every gate (default 0.5)")
+    p.add_argument("--rate", type=_rate, help="activation rate rho of every gate (default 0.5)")
     p.add_argument("--channel-granularity", type=int, default=2, help="channels per channel-mask group (default 2)")
     p.add_argument("--mask-groups", type=int, default=1, help="spatial mask groups G (default 1)")
 
@@ -108,27 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose mode and S per stage at a target MAC rate",
         description="For every stage, evaluate each candidate (mode, S, channel group size) over a "
         "grid of activation rates in one jitted call and pick the fastest at the target "
-        "MAC rate; print a config fragment for laud_jax.train.",
+        "MAC rate; print a config fragment for laud_jax.train. With --exp CONFIG.py: the "
+        "exact model of the experiment config (shape overrides, dataset image size and classes, "
+        "eval batch, dtype, loss.target_rate, latency.* candidates); its model fields set to "
+        "'auto' are searched, both when neither is.",
     )
     _common(s)
-    s.add_argument("--rate", type=_rate, default=0.5, help="target dynamic/dense MAC rate (default 0.5)")
+    add_config_argument(s, "Search the model of this experiment config (configs/*.py).")
+    s.add_argument("--rate", type=_rate, help="target dynamic/dense MAC rate (default 0.5)")
     s.add_argument(
         "--mode",
         type=_str_list,
-        default=SEARCH_MODES,
         help=f"candidate modes, comma-separated (default {','.join(SEARCH_MODES)})",
     )
     s.add_argument(
         "--granularity",
         type=_int_list,
-        default=GRANULARITIES,
         help=f"candidate S (default {','.join(map(str, GRANULARITIES))}; those not dividing a "
         "stage's feature map are skipped there)",
     )
     s.add_argument(
         "--channel-granularity",
         type=_int_list,
-        default=CHANNEL_GRANULARITIES,
         help=f"candidate channel group sizes (default {','.join(map(str, CHANNEL_GRANULARITIES))})",
     )
     s.add_argument("--num-rates", type=int, default=NUM_RATES, help=f"activation-rate grid size (default {NUM_RATES})")
@@ -184,12 +229,19 @@ def _write_json(path: str | None, record: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def _apply_defaults(args) -> None:
+    for name, value in DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def _check_batch(args) -> None:
     if args.batch < 1:
         raise SystemExit(f"error: --batch must be >= 1, got {args.batch}")
 
 
 def run_predict(args) -> dict[str, Any]:
+    _apply_defaults(args)
     _check_batch(args)
     bad = [m for m in args.mode if m not in MODES and m not in MODE_ALIASES]
     if bad:
@@ -233,9 +285,12 @@ def run_predict(args) -> dict[str, Any]:
 
 
 def run_search(args) -> dict[str, Any]:
-    _check_batch(args)
     if args.num_rates < 2:
         raise SystemExit(f"error: --num-rates must be >= 2, got {args.num_rates}")
+    if args.exp is not None:
+        return _run_config_search(args)
+    _apply_defaults(args)
+    _check_batch(args)
     try:
         profile = get_profile(args.hardware)
     except (ValueError, FileNotFoundError) as error:
@@ -254,14 +309,94 @@ def run_search(args) -> dict[str, Any]:
         hardware_name=args.hardware,
         engine_name=engine,
     )
-    try:
-        search(args.arch, profile, ENGINES[engine], **kwargs)  # compiles
-        result = search(args.arch, profile, ENGINES[engine], **kwargs)  # timed, compiled
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    result = _timed(lambda: search(args.arch, profile, ENGINES[engine], **kwargs))
     print(
         f"{args.arch}, batch {args.batch}, {args.dtype}, {args.hardware} ({engine} engine), target MAC rate {args.rate}"
     )
+    record = result.to_dict()
+    _report(result, args.json, record)
+    return record
+
+
+def _run_config_search(args) -> dict[str, Any]:
+    """`search --exp CONFIG.py`: the config's model, data, batch, dtype and target rate."""
+    given = [name for name in EXP_FIELDS if getattr(args, name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise SystemExit(f"error: {flag} is set by the --exp config: use --exp.{EXP_FIELDS[given[0]]}=... instead")
+    if args.batch is not None:
+        _check_batch(args)
+    config = args.exp
+    fields = auto_fields(config.model)
+    if not fields:
+        fields = AUTO_FIELDS
+        print(
+            "model.mode and model.granularity are fixed in the config: searching both (latency.modes x granularities)"
+        )
+        config.model.mode = AUTO
+        config.model.granularity = AUTO
+    try:
+        validate(config)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    image_shape, num_classes = _config_data(config)
+    try:
+        if args.hardware:  # asked for on the command line: no fallback
+            hardware = resolve_hardware(args.hardware, args.engine or "")
+        else:
+            latency = config.latency
+            hardware = resolve_hardware(latency.hardware, args.engine or latency.engine, latency.fallback_hardware)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if hardware.note:
+        print(f"warning: latency.hardware={config.latency.hardware!r}: {hardware.note}", file=sys.stderr)
+    result = _timed(
+        lambda: search_config(
+            config, image_shape, num_classes, hardware, batch=args.batch, rates=default_rates(args.num_rates)
+        )
+    )
+    h, w, c = result.image_shape
+    print(
+        f"{result.arch} {h}x{w}x{c}, {config.model.num_classes or num_classes} classes, batch {result.batch}, "
+        f"{result.dtype}, {hardware.name} ({hardware.engine} engine), target MAC rate "
+        f"{result.target_rate:g}; searched: model.{', model.'.join(fields)}"
+    )
+    record = {**result.to_dict(), "model_update": model_update(result, fields)}
+    _report(result, args.json, record)
+    return record
+
+
+def _config_data(config) -> tuple[tuple[int, int, int], int]:
+    """The image shape and classes of the config's dataset (as the trainer resolves them); a
+    tfds dataset not prepared here: 3 channels and model.num_classes (1000 when 0), noted."""
+    from laud_jax import data
+
+    try:
+        info = data.dataset_info(config.data)
+    except FileNotFoundError:
+        classes = config.model.num_classes or 1000
+        size = int(config.data.image_size)
+        print(
+            f"note: dataset {config.data.name!r} is not prepared here: assuming {size}x{size}x3 images and "
+            f"{classes} classes (set --exp.model.num_classes to change)",
+            file=sys.stderr,
+        )
+        return (size, size, 3), classes
+    except ValueError as error:
+        raise SystemExit(f"error: data: {error}") from None
+    return tuple(info.image_shape), info.num_classes
+
+
+def _timed(run: Callable[[], SearchResult]) -> SearchResult:
+    """Runs a search twice: the first call compiles, the second is timed."""
+    try:
+        run()
+        return run()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _report(result: SearchResult, json_path: str | None, record: dict[str, Any]) -> None:
     sizes, modes = result.candidates["granularities"], result.candidates["modes"]
     print("latency ratio at the target rate per stage (rows: S; '-' = not a valid choice):")
     for stage, table in enumerate(result.candidates["latency_ratio"]):
@@ -291,14 +426,7 @@ def run_search(args) -> dict[str, Any]:
     print(f"search time after compilation: {1e3 * result.seconds:.1f} ms")
     print("config fragment:", json.dumps(result.config_fragment()))
     print(f"train with: python -m laud_jax.train --exp CONFIG {result.flags()}")
-    if not isinstance(result.config_fragment()["model"]["mode"], str):
-        print(
-            "  (per-stage modes: in a config file set config.model.mode = "
-            f"{tuple(result.modes)!r}; the flag form needs comma-separated modes support in model_config)"
-        )
-    record = result.to_dict()
-    _write_json(args.json, record)
-    return record
+    _write_json(json_path, record)
 
 
 def run_calibrate(args) -> dict[str, Any]:
@@ -330,7 +458,7 @@ def run_calibrate(args) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)  # argparse + --exp CONFIG.py --exp.a.b=value
     commands = {"predict": run_predict, "search": run_search, "calibrate": run_calibrate}
     return commands[args.command](args)
 
