@@ -27,18 +27,22 @@ jitted and vmapped too). ``ENGINES``:
   back (batch 1: the branch runs or not). Dense 3x3 convs use im2col (a strided slice per
   tap) for maps of at most 256 pixels, XLA's convolution otherwise (grouped: its grouped
   convolution). Bias and relu are separate elementwise passes.
-- ``pallas``: the same driver with the Pallas GPU kernels of ``pallas_kernels/``:
-  ``gather_conv1x1`` (conv1 + bias + relu on the dilated pixel list, into a
-  full-resolution buffer), ``gather_conv3x3`` (3x3 conv reading each patch window with
-  halo straight from that buffer), ``conv1x1_scatter_add`` (conv3 + bias + residual +
-  relu into the aliased identity), ``channel_gather_matmul`` (conv1 and conv3 on the
-  active channel groups of each sample, weights gathered in-kernel); conv2 of channel
-  mode on gathered weights; kernels stop at the active count.
+- ``pallas``: the same driver and executor with ``backend='pallas'`` on a GPU
+  (``laud_jax.sparse.pallas_ops``): conv1 on the dilated pixel list is ``gather_matmul``
+  (gather + conv1 + bias + relu, compact rows out), conv2 is ``patch_conv`` (3x3 on the
+  active patches, reading each window with halo from those compact rows through a
+  per-pixel row map that XLA builds first), conv3 is ``conv1x1_scatter_add`` (conv3 + bias
+  + residual + relu written into the aliased block output, tiles past the active count
+  exit). Everything else stays on the xla primitives: dense convs, a grouped conv2, the
+  channel path (the executor gathers the active channels' weights, ``select_branch``, and
+  runs ordinary convs on them, one sample after another at batch > 1), the layer path's
+  write-back loop. Index lists are padded to the same capacity ladder as ``xla``.
 - ``pallas_nchw``: ``pallas`` on NCHW activations (PyTorch's layout): a gathered run is
   one channel of consecutive pixels, so small S wastes most of every DRAM sector.
-- ``halo``: a single-program engine that recomputes conv1 on each patch's gathered
-  window with halo ((S+2)^2 pixels per S^2 at stride 1), then runs 3x3 on the compact
-  windows and a fused conv3 + scatter-add.
+- ``halo``: a hypothetical single-program engine (LASNet's formulation) that recomputes
+  conv1 on each patch's gathered window with halo ((S+2)^2 pixels per S^2 at stride 1),
+  then runs 3x3 on the compact windows and a fused conv3 + scatter-add; channel-gated
+  conv1 / conv3 gather their weights in-kernel (``channel_gather_matmul``); no padding.
 """
 
 from __future__ import annotations
@@ -83,8 +87,12 @@ class EngineModel:
 
     conv1_on_halo: conv1 runs on each patch's gathered window with halo (recomputed where
       windows overlap); 0: on the list of dilated-mask pixels.
-    fuse_gather: gathers happen inside the consuming kernel; 0: a gather op writes a copy.
-    fuse_scatter: conv3 + residual + scatter is one kernel.
+    fuse_gather: spatial gathers (conv1's pixels, conv2's windows) happen inside the
+      consuming kernel; 0: a gather op writes a copy.
+    channel_weights_in_kernel: conv1 / conv3 of channel-gated blocks read the active
+      channels' weights in-kernel (``channel_gather_matmul``); 0: the executor gathers them
+      first (``select_branch``) and the convs run on the smaller weights.
+    fuse_scatter: a bottleneck's conv3 + residual + scatter is one kernel.
     fuse_masker: the maskers' pooling is fused into the previous block (input not re-read).
     fused_epilogue: dense convs apply bias, relu and the residual in their epilogue;
       0: separate elementwise passes.
@@ -93,9 +101,10 @@ class EngineModel:
     dense_im2col_pixels: dense 3x3 convs use im2col on maps of at most this many pixels.
     capacity_steps: index lists are padded to the engine's capacity ladder with this many
       steps (``laud_jax.sparse.routing.capacity``, called by :func:`ladder_capacity`);
-      0: kernels stop at the active count.
+      0: no padding (kernels stop at the active count).
     scatter_loop: the spatial / layer scatter is a loop with one step per active patch or
-      sample (each step pays the per-op overhead); 0: one kernel.
+      sample (each step pays the per-op overhead); 0: one kernel. A fused scatter
+      (``fuse_scatter``) replaces the spatial loop.
     per_sample_loop: channel-gated blocks at batch > 1 run one sample after another.
     block_calls: host round trips per dynamic block (the stepwise driver reads counts).
     index_ops: ops to build one index list.
@@ -106,6 +115,7 @@ class EngineModel:
 
     conv1_on_halo: Any
     fuse_gather: Any
+    channel_weights_in_kernel: Any
     fuse_scatter: Any
     fuse_masker: Any
     fused_epilogue: Any
@@ -131,6 +141,7 @@ ENGINES: dict[str, EngineModel] = {
     "xla": EngineModel(
         conv1_on_halo=0.0,
         fuse_gather=0.0,
+        channel_weights_in_kernel=0.0,
         fuse_scatter=0.0,
         fuse_masker=0.0,
         fused_epilogue=0.0,
@@ -145,26 +156,32 @@ ENGINES: dict[str, EngineModel] = {
         sparse_tile_n=16.0,
         channels_last=1.0,
     ),
+    # The engine with backend='pallas': the executor's channel, layer and write-back code is
+    # the xla backend's (weights gathered outside the kernels, per-sample and write-back
+    # loops, the capacity ladder); the kernels' tile is pallas_kernels' tuned_tiles
+    # (64 rows x at most 64 output channels).
     "pallas": EngineModel(
         conv1_on_halo=0.0,
         fuse_gather=1.0,
+        channel_weights_in_kernel=0.0,
         fuse_scatter=1.0,
         fuse_masker=0.0,
         fused_epilogue=1.0,
         im2col_max_size=0.0,
         dense_im2col_pixels=0.0,
-        capacity_steps=0.0,
-        scatter_loop=0.0,
-        per_sample_loop=0.0,
+        capacity_steps=float(DEFAULT_CAPACITY_STEPS),
+        scatter_loop=1.0,
+        per_sample_loop=1.0,
         block_calls=1.0,
         index_ops=3.0,
         sparse_tile_m=64.0,
-        sparse_tile_n=128.0,
+        sparse_tile_n=64.0,
         channels_last=1.0,
     ),
     "halo": EngineModel(
         conv1_on_halo=1.0,
         fuse_gather=1.0,
+        channel_weights_in_kernel=1.0,
         fuse_scatter=1.0,
         fuse_masker=0.0,
         fused_epilogue=1.0,
@@ -325,6 +342,7 @@ LAUNCH_NAMES = (
     "conv1",
     "conv1_epilogue",  # bias + relu pass (unfused epilogues)
     "gather_conv2",  # separate window gather / im2col before conv2
+    "conv2_row_map",  # per-pixel row map of conv1's compact rows (Pallas patch_conv)
     "channel_weight_cols",  # gathers of the active channels' weights along an output axis
     "channel_weight_rows",  # ... and along an input axis (whole rows)
     "channel_expand",  # kept channels scattered to full width and back (grouped conv2)
@@ -360,11 +378,6 @@ def _stack(records: Sequence[dict[str, Any]]) -> Launches:
     return Launches(
         **{field: jnp.stack([jnp.asarray(r[field], jnp.float32) for r in records], axis=-1) for field in LAUNCH_FIELDS}
     )
-
-
-def bucket(count):
-    """Power-of-two capacity bucket holding ``count`` entries (at least 1)."""
-    return 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(jnp.ceil(count - 1e-4), 1.0)))
 
 
 def _engine_capacities(counts: np.ndarray, totals: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -479,7 +492,10 @@ class _BlockExecution:
     taps1: Any
     size: Any
     window: Any
+    conv1_gathered: Any
+    pixel_list: Any
     gathered: Any
+    channel_in_kernel: Any
     residual_fused: Any
     identity_rows: Any
     channels_last: Any
@@ -511,7 +527,6 @@ def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineMod
     executing = rho_l * batch
     compacted = layer & multi_sample
     branch_batch = jnp.where(compacted, jnp.maximum(ladder_capacity(executing, batch, steps), 1.0), batch)
-    branch_batch = jnp.where(compacted & (steps == 0), jnp.maximum(bucket(executing), 1.0), branch_batch)
     branch_batch = jnp.where(sample_loop, executing, jnp.minimum(branch_batch, batch))
     compacting = compacted & ~sample_loop & (branch_batch < batch)
     # nothing active: the engine skips the branch altogether
@@ -537,9 +552,14 @@ def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineMod
     window = (size - 1.0) * stride1 + 3.0  # conv2's input window side per patch
     rho_in = jnp.where(setting.rho_conv1 >= 0.0, setting.rho_conv1, dilated_density(rho_s, size, stride1, h1, w1))
     pixels = ladder_capacity(rho_in * branch_batch * conv1_pixels, branch_batch * conv1_pixels, steps)
-    conv1_rows = jnp.where(engine.conv1_on_halo > 0.5, patches * window * window, pixels)
+    on_halo = engine.conv1_on_halo > 0.5
+    conv1_rows = jnp.where(on_halo, patches * window * window, pixels)
+    # a pixel capacity covering the whole grid runs conv1 densely, without gather or row map
+    # (``spatial_branch``: plan.pixels == batch * h1 * w1)
+    pixel_list = spatial & ~on_halo & (pixels < branch_batch * conv1_pixels)
     rows2 = jnp.where(spatial, patches * size * size, branch_batch * (shape.h_out * shape.w_out))
     fuse_gather = engine.fuse_gather > 0.5
+    channel_in_kernel = channel & (engine.channel_weights_in_kernel > 0.5)
     return _BlockExecution(
         bytes_per_element=bytes_per_element,
         spatial=spatial,
@@ -571,12 +591,17 @@ def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineMod
         taps1=jnp.where(bottleneck, 1.0, 9.0),
         size=size,
         window=window,
-        # conv1 / conv3 are gathered-tile kernels where the engine fuses the gathers (spatial
-        # patches, or per-sample channel groups); otherwise dense library calls.
-        gathered=(spatial | channel) & fuse_gather,
+        conv1_gathered=(pixel_list | (spatial & on_halo)) & fuse_gather | channel_in_kernel,
+        pixel_list=pixel_list,
+        # conv3 is a gathered-tile kernel where the engine fuses the spatial gathers or reads
+        # channel groups' weights in-kernel; otherwise a dense library call.
+        gathered=(spatial & fuse_gather) | channel_in_kernel,
+        channel_in_kernel=channel_in_kernel,
+        # the fused scatter is conv3's (conv1x1_scatter_add): a basic block's spatial
+        # write-back stays the engine's scatter loop
         residual_fused=jnp.where(
             spatial,
-            engine.fuse_scatter > 0.5,
+            (engine.fuse_scatter > 0.5) & bottleneck,
             ~(channel | compacting) & (engine.fused_epilogue > 0.5),
         ),
         identity_rows=rows2 * shape.out_channels * bytes_per_element,
@@ -650,11 +675,14 @@ def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     p_in = shape.h_in * shape.w_in
     rows1, taps1, loop = block.rows1, block.taps1, block.loop
     fuse_gather = engine.fuse_gather > 0.5
-    gather_seg = block.run_bytes(jnp.where(engine.conv1_on_halo > 0.5, block.window, 1.0), cin)
-    input_bytes = jnp.where(block.spatial, rows1 * taps1 * cin * b, block.branch_batch * p_in * cin * b)
+    on_halo = engine.conv1_on_halo > 0.5
+    # conv1 reads listed rows (dilated pixels or halo windows); otherwise the whole input
+    listed = block.pixel_list | (block.spatial & on_halo)
+    gather_seg = block.run_bytes(jnp.where(on_halo, block.window, 1.0), cin)
+    input_bytes = jnp.where(listed, rows1 * taps1 * cin * b, block.branch_batch * p_in * cin * b)
     # basic blocks' dense 3x3 conv1: im2col + GEMM on small maps, a direct conv otherwise
     direct = (
-        ~block.gathered & ~block.spatial & ~block.bottleneck & (shape.h_out * shape.w_out > engine.dense_im2col_pixels)
+        ~block.conv1_gathered & ~listed & ~block.bottleneck & (shape.h_out * shape.w_out > engine.dense_im2col_pixels)
     )
     return dict(
         layer_compact=_launch(
@@ -664,27 +692,27 @@ def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             o_bytes=block.branch_batch * p_in * cin * b,
         ),
         gather_x=_launch(
-            _when(block.spatial & ~fuse_gather, block.branch_weight),
+            _when(listed & ~fuse_gather, block.branch_weight),
             a_bytes=rows1 * taps1 * cin * b,
             a_seg=gather_seg,
             o_bytes=rows1 * taps1 * cin * b,
         ),
         conv1=_launch(
             block.branch_weight * loop,
-            jnp.where(direct, KIND_CONV, jnp.where(block.gathered, KIND_GATHERED, KIND_DENSE)),
+            jnp.where(direct, KIND_CONV, jnp.where(block.conv1_gathered, KIND_GATHERED, KIND_DENSE)),
             m=rows1 / loop,
             n=block.width_c,
             k=taps1 * cin,
             batches=block.gemms,
             a_bytes=input_bytes / loop,
-            a_seg=_when(block.spatial & fuse_gather, gather_seg),
+            a_seg=_when(listed & fuse_gather, gather_seg),
             w_bytes=block.weight_copies / loop * taps1 * cin * block.width_c * b,
-            w_seg=_when(fuse_gather, block.weight_seg),
+            w_seg=_when(block.channel_in_kernel, block.weight_seg),
             o_bytes=rows1 * block.width_c * b / loop,
             **_tile(engine, block.width_c),
         ),
         conv1_epilogue=_launch(
-            _when((engine.fused_epilogue < 0.5) & ~block.gathered, block.branch_weight * loop),
+            _when((engine.fused_epilogue < 0.5) & ~block.conv1_gathered, block.branch_weight * loop),
             o_bytes=2.0 * rows1 * block.width_c * b / loop,
         ),
     )
@@ -694,14 +722,15 @@ def _channel_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecu
     """Active-channel weights gathered outside the kernels, and a grouped conv2's channels
     scattered to full width and back (``executor.select_branch``, ``executor._expand``).
 
-    conv2's weights are always gathered (no Pallas kernel for it), conv1's and conv3's too
-    where the engine does not gather in-kernel. Gathers along a weight's last (output) axis
-    pick runs of one group; along an input axis, whole rows.
+    conv2's weights are always gathered, conv1's and conv3's too unless the engine reads
+    them in-kernel (``channel_weights_in_kernel``: ``channel_gather_matmul``, which the
+    engine's executor does not call). Gathers along a weight's last (output) axis pick runs
+    of one group; along an input axis, whole rows.
     """
     b = block.bytes_per_element
     cin, width, cout, groups = shape.in_channels, shape.width, shape.out_channels, shape.groups
     width_c, loop = block.width_c, block.loop
-    unfused = engine.fuse_gather < 0.5
+    unfused = ~block.channel_in_kernel
     expanded = (groups > 1.5) & block.channel
     conv2_input_width = jnp.where(block.bottleneck, width, cout)
     column_elems = (
@@ -756,9 +785,13 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     dense_im2col = ~block.spatial & (p_out <= engine.dense_im2col_pixels) & ~grouped
     im2col = patch_im2col | dense_im2col
     # Without fused gathers the windows (or im2col rows) are gathered first; halo engines
-    # already hold compact windows; Pallas reads them in-kernel.
-    window_gather = block.spatial & ~fuse_gather & ~on_halo
-    in_kernel_gather = block.spatial & fuse_gather & ~on_halo
+    # already hold compact windows; Pallas (patch_conv, groups 1 only) reads them in-kernel,
+    # through a per-pixel row map where conv1 wrote a pixel list.
+    in_kernel_gather = block.spatial & fuse_gather & ~on_halo & ~grouped
+    window_gather = block.spatial & ~on_halo & ~in_kernel_gather
+    row_map = in_kernel_gather & block.pixel_list
+    map_entries = block.branch_batch * block.conv1_pixels
+    row_map_reads = _when(row_map, block.patches * block.window * block.window * 4.0)
     # dense im2col: one strided slice per tap and a concatenation; on patches: one gather
     gather_ops = jnp.where(dense_im2col, 10.0, 1.0)
     input_bytes = jnp.where(
@@ -782,6 +815,12 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             a_seg=_when(block.spatial, block.run_bytes(block.window, width_c)),
             o_bytes=jnp.where(im2col, im2col_bytes, window_bytes) / loop / gather_ops,
         ),
+        # patch_conv's wrapper: an int32 map of every conv1-grid pixel filled with "no row",
+        # then each listed pixel's row index scattered in (its coordinates read)
+        conv2_row_map=_launch(
+            _when(row_map, 2.0 * block.branch_weight),
+            o_bytes=(map_entries * 4.0 + block.rows1 * 16.0) / 2.0,
+        ),
         conv2=_launch(
             block.branch_weight * loop,
             kind,
@@ -789,7 +828,7 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             n=n2,
             k=9.0 * conv2_width / groups,
             batches=block.gemms,
-            a_bytes=input_bytes / loop,
+            a_bytes=(input_bytes + row_map_reads) / loop,
             a_seg=_when(in_kernel_gather, block.run_bytes(block.window, width_c)),
             w_bytes=block.weight_copies / loop * 9.0 * conv2_width * n2 / groups * b,
             o_bytes=rows2 * n2 * b / loop + fused_residual_bytes,
@@ -816,17 +855,20 @@ def _conv3_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     looped = (engine.scatter_loop > 0.5) & (block.spatial | block.compacting)
     loop_units = jnp.where(block.spatial, block.active_patches, jnp.where(block.compacting, block.executing, loop))
     scatter_steps = jnp.where(looped, loop_units, loop)
+    # a fused conv3 + scatter kernel skips the padding slots past the active count
+    exits_early = block.spatial & residual_fused
+    rows3 = jnp.where(exits_early, jnp.minimum(rows2, jnp.ceil(block.active_patches - 1e-4) * block.size**2), rows2)
     return dict(
         conv3=_launch(
             _when(block.bottleneck, block.branch_weight * loop),
             jnp.where(block.gathered, KIND_GATHERED, KIND_DENSE),
-            m=rows2 / loop,
+            m=rows3 / loop,
             n=cout,
             k=block.width_c,
             batches=block.gemms,
-            a_bytes=rows2 * block.width_c * b / loop,
+            a_bytes=rows3 * block.width_c * b / loop,
             w_bytes=block.weight_copies / loop * block.width_c * cout * b,
-            o_bytes=block.identity_rows * jnp.where(residual_fused, 2.0, 1.0) / loop,
+            o_bytes=rows3 * cout * b * jnp.where(residual_fused, 2.0, 1.0) / loop,
             o_seg=_when(block.spatial & residual_fused, scattered),
             **_tile(engine, cout),
         ),
