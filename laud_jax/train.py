@@ -73,9 +73,9 @@ def resolve_auto_fields(
     """The config with model.mode / model.granularity 'auto' replaced by the latency search's
     choice, and the search record (None without 'auto'). The choice is written to
     WORKDIR/search.json; when that file exists (a resumed run) it is reused, not searched again."""
-    from laud_jax.latency import search as search_lib
+    from laud_jax.latency.search import auto_fields
 
-    fields = search_lib.auto_fields(config.model)
+    fields = auto_fields(config.model)
     if not fields:
         return config, None
     path = os.path.join(workdir, SEARCH_FILE)
@@ -105,19 +105,19 @@ def resolve_auto_fields(
 
 def _search_record(config: ml_collections.ConfigDict, info: data.DatasetInfo, fields: tuple[str, ...]) -> dict:
     """Runs the latency search for the 'auto' model `fields`; prints and returns its record."""
-    from laud_jax.latency import search as search_lib
+    from laud_jax.latency.search import model_update, resolve_hardware, search_config
 
     where = f"latency search for model.{'/'.join(fields)}='auto'"
     latency = config.latency
     try:
-        hardware = search_lib.resolve_hardware(latency.hardware, latency.engine, latency.fallback_hardware)
-        result = search_lib.search_config(config, info.image_shape, info.num_classes, hardware)
+        hardware = resolve_hardware(latency.hardware, latency.engine, latency.fallback_hardware)
+        result = search_config(config, info.image_shape, info.num_classes, hardware)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{where}: {e}") from None
     is_main = jax.process_index() == 0
     if hardware.note and is_main:
         print(f"warning: latency.hardware={latency.hardware!r}: {hardware.note}", file=sys.stderr, flush=True)
-    update = search_lib.model_update(result, fields)
+    update = model_update(result, fields)
     record = {
         **result.to_dict(),
         "requested_hardware": latency.hardware,

@@ -20,7 +20,7 @@ from laud_jax.latency.launches import (
 from laud_jax.latency.predictor import Prediction, block_time, grid_block_times, grid_network_times, predict
 from laud_jax.latency.profiles import PRESETS, HardwareProfile, get_profile, profile_from_json, profile_to_json
 from laud_jax.latency.roofline import launch_times, total_time
-from laud_jax.latency.search import SearchResult, search
+from laud_jax.latency.search import Hardware, SearchResult, resolve_hardware, search, search_config
 
 __all__ = [
     "ENGINES",
@@ -28,6 +28,7 @@ __all__ = [
     "BlockSetting",
     "BlockShape",
     "EngineModel",
+    "Hardware",
     "HardwareProfile",
     "Prediction",
     "SearchResult",
@@ -43,6 +44,8 @@ __all__ = [
     "predict",
     "profile_from_json",
     "profile_to_json",
+    "resolve_hardware",
     "search",
+    "search_config",
     "total_time",
 ]
