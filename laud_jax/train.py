@@ -85,17 +85,14 @@ def resolve_auto_fields(
             print(f"[latency search] reusing the choice recorded in {path}", flush=True)
     else:
         record = _search_record(config, info, fields)
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            checkpointing.write_json(path, record)
         if jax.process_count() > 1:  # every process takes process 0's choice (shared workdir)
             from jax.experimental import multihost_utils
 
-            if jax.process_index() == 0:
-                os.makedirs(workdir, exist_ok=True)
-                checkpointing.write_json(path, record)
             multihost_utils.sync_global_devices("laud_jax.train: latency search recorded")
             record = _read_json(path) or record
-        else:
-            os.makedirs(workdir, exist_ok=True)
-            checkpointing.write_json(path, record)
     resolved = copy.deepcopy(config)
     with resolved.unlocked():
         for field, value in record["model_update"].items():
@@ -129,7 +126,7 @@ def _search_record(config: ml_collections.ConfigDict, info: data.DatasetInfo, fi
         print(
             f"[latency search] {hardware.name} ({hardware.engine} engine), batch {result.batch}, target MAC rate "
             f"{result.target_rate:g}: {chosen}; predicted latency ratio {result.latency_ratio:.3f} "
-            f"({result.seconds:.1f} s with compilation)",
+            f"(search call {result.seconds:.1f} s)",
             flush=True,
         )
     return record
