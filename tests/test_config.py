@@ -21,7 +21,7 @@ TINY = os.path.join(REPO_ROOT, "configs", "tiny.py")
 def test_every_config_file_is_valid(path):
     config = config_utils.load_config_file(path)
     config_utils.validate(config)
-    cfg = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    cfg = {k: v for k, v in config.model.to_dict().items() if v is not None and v != config_utils.AUTO}
     cfg["num_classes"] = 1000 if config.data.name != "cluttered_mnist" else 10
     spec = models.network_spec(models.model_config(cfg), (config.data.image_size, config.data.image_size, 3))
     assert spec.dense_macs > 0
