@@ -7,7 +7,7 @@
 ``--checkpoint``: a ``laud_jax.train`` work directory, a directory written by
 ``laud_jax.convert``, or a PyTorch ``.pth``/``.pth.tar`` file (converted on the fly). The
 data come from ``--exp`` (any config; ``--exp.data.name=...`` picks the dataset) or, for a
-training work directory, from the config it recorded. ``--gate_offset`` shifts every gate's
+training work directory, from the config it recorded. ``--gate-offset`` shifts every gate's
 threshold (execute iff logit_execute - logit_skip >= offset): a positive offset skips more
 work and runs faster, without retraining.
 
@@ -416,6 +416,29 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --gate-offset and --image-size: how evaluate and visualize load a model."""
+    parser.add_argument(
+        "--checkpoint", metavar="PATH", help="Training work dir, converted dir, or PyTorch .pth/.pth.tar file."
+    )
+    parser.add_argument(
+        "--gate-offset",
+        "--gate_offset",
+        metavar="X",
+        type=float,
+        default=0.0,
+        help="Gate threshold offset: execute iff l_exec - l_skip >= offset (> 0 skips more).",
+    )
+    parser.add_argument(
+        "--image-size",
+        "--image_size",
+        metavar="N",
+        type=int,
+        default=0,
+        help="For .pth files: input size the granularity is checked against.",
+    )
+
+
 def build_parser() -> config_utils.ArgumentParser:
     """The flags of `python -m laud_jax.evaluate`."""
     parser = config_utils.ArgumentParser("evaluate", __doc__)
@@ -424,17 +447,9 @@ def build_parser() -> config_utils.ArgumentParser:
         "Experiment config (configs/*.py) for the data; --exp.data.name=... picks the dataset. "
         "Default: the config a training work directory recorded.",
     )
+    add_checkpoint_arguments(parser)
     parser.add_argument(
-        "--checkpoint", metavar="PATH", help="Training work dir, converted dir, or PyTorch .pth/.pth.tar file."
-    )
-    parser.add_argument(
-        "--gate_offset",
-        metavar="X",
-        type=float,
-        default=0.0,
-        help="Gate threshold offset: execute iff l_exec - l_skip >= offset (> 0 skips more).",
-    )
-    parser.add_argument(
+        "--max-examples",
         "--max_examples",
         metavar="N",
         type=int,
@@ -442,6 +457,7 @@ def build_parser() -> config_utils.ArgumentParser:
         help="Evaluate at most this many examples (0 = the whole split).",
     )
     parser.add_argument(
+        "--batch-size",
         "--batch_size",
         metavar="N",
         type=int,
@@ -461,6 +477,7 @@ def build_parser() -> config_utils.ArgumentParser:
         help="Measure static vs dynamic latency on this device.",
     )
     parser.add_argument(
+        "--latency-batch",
         "--latency_batch",
         metavar="N",
         type=int,
@@ -475,13 +492,6 @@ def build_parser() -> config_utils.ArgumentParser:
         metavar="NAME",
         default="v100",
         help="Hardware profile for the predicted latency (preset, 'local', a .json; '' to skip).",
-    )
-    parser.add_argument(
-        "--image_size",
-        metavar="N",
-        type=int,
-        default=0,
-        help="For .pth files: input size the granularity is checked against.",
     )
     parser.add_argument("--json", metavar="FILE", help="Also write the full report as JSON to this file.")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show a progress bar.")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from laud_jax import config_utils
+from laud_jax.evaluate import add_checkpoint_arguments, data_config, load_checkpoint
 from laud_jax.models import build_model, network_spec
 
 EXECUTED_COLOR = np.array([1.0, 0.45, 0.0])  # orange tint on executed pixels
@@ -187,7 +188,7 @@ def build_parser() -> config_utils.ArgumentParser:
     config_utils.add_config_argument(
         parser, "Experiment config for the data (default: the config a training work dir recorded)."
     )
-    parser.add_argument("--checkpoint", metavar="PATH", help="Training work dir, converted dir, or PyTorch .pth file.")
+    add_checkpoint_arguments(parser)
     parser.add_argument(
         "--images",
         nargs="+",
@@ -199,16 +200,6 @@ def build_parser() -> config_utils.ArgumentParser:
     parser.add_argument(
         "--num", metavar="N", type=int, default=6, help="Number of dataset images when --images is not given."
     )
-    parser.add_argument(
-        "--gate_offset", metavar="X", type=float, default=0.0, help="Gate threshold offset (as in laud_jax.evaluate)."
-    )
-    parser.add_argument(
-        "--image_size",
-        metavar="N",
-        type=int,
-        default=0,
-        help="For .pth files: input size the granularity is checked against.",
-    )
     parser.add_argument("--out", metavar="FILE", default="masks.png", help="PNG file to write.")
     return parser
 
@@ -218,7 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     from laud_jax import data
-    from laud_jax.evaluate import data_config, load_checkpoint
 
     try:
         args = config_utils.parse_command_line(build_parser(), argv)

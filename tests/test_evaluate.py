@@ -98,7 +98,7 @@ def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
     code = evaluate.main(
         [
             f"--checkpoint={tiny_dir}",
-            "--max_examples=100",
+            "--max-examples=100",
             "--no-latency",
             "--hardware=",
             f"--json={out}",
@@ -117,7 +117,7 @@ def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
     assert evaluate.main([f"--checkpoint={tiny_dir}", "--hardware=abacus"]) == 1
     assert "unknown hardware 'abacus'" in capsys.readouterr().err
     assert evaluate.main(["--help"]) == 0
-    assert "--gate_offset" in capsys.readouterr().out
+    assert "--gate-offset" in capsys.readouterr().out
 
 
 def test_gate_offset_sweep_script(tiny_dir, tmp_path, capsys):
@@ -183,7 +183,7 @@ def test_evaluate_reports_mask_coverage_on_the_embedded_dataset(tiny_dir, tmp_pa
                 "--hardware=",
                 f"--exp={os.path.join(REPO_ROOT, 'configs', 'tiny.py')}",
                 "--exp.data.num_clutter=2",
-                "--max_examples=250",
+                "--max-examples=250",
                 f"--json={out}",
                 "--no-progress",
             ]

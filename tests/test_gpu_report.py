@@ -1,4 +1,4 @@
-"""GPU build report (issue 8): the shipped kernel configurations hold the bar on sm_90,
+"""GPU build report: the shipped kernel configurations hold the bar on sm_90,
 and the report's parsing of the NVIDIA tools is right on kernels of known resource use."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Calibration timing harness against the sparse engine (runs once laud_jax.sparse is present)."""
+"""Calibration timing harness: its plans, shapes and timings agree with the sparse engine."""
 
 import dataclasses
 import inspect
