@@ -34,7 +34,14 @@ from laud_jax.models.specs import SPATIAL_MODES, BlockSpec, ModelConfig, Network
 from laud_jax.sparse import executor
 from laud_jax.sparse.backends import BACKENDS, get_ops
 from laud_jax.sparse.folding import cast_weights, fold_network
-from laud_jax.sparse.routing import COUNT_KEYS, DEFAULT_CAPACITY_STEPS, BlockPlan, block_routing, plan_block
+from laud_jax.sparse.routing import (
+    COUNT_KEYS,
+    DEFAULT_CAPACITY_STEPS,
+    BlockPlan,
+    ExecutionChooser,
+    block_routing,
+    plan_block,
+)
 
 EXECUTIONS = ("auto", "planned", "speculative", "stepwise")
 GATE_KEYS = ("spatial", "channel", "layer")
@@ -176,6 +183,8 @@ def _covers(have: BlockPlan, need: BlockPlan) -> bool:
     """Whether a block run under ``have`` computes exactly what ``need`` asks for."""
     if need.run == "skip" or have.run == "dense":
         return have.run != "skip" or need.run == "skip"
+    if need.run == "dense":  # the chooser's choice (or a static block): only dense covers it
+        return False
     if have.run != "sparse" or have.per_sample != need.per_sample:
         return False
     return all(getattr(have, k) >= getattr(need, k) for k in ("cells", "pixels", "groups", "samples"))
@@ -229,6 +238,17 @@ class RunInfo:
     plans: list[BlockPlan]
     counts: list[dict[str, int] | None]
 
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """Per block how it ran: ``sparse``, ``dense`` (gated blocks: computed densely, then
+        masked) or ``skip``."""
+        return tuple(plan.run for plan in self.plans)
+
+    def gated_runs(self) -> dict[str, int]:
+        """How many gated (non-static) blocks ran ``sparse``, ``dense`` and ``skip``."""
+        gated = [plan.run for plan, counts in zip(self.plans, self.counts) if counts is not None]
+        return {run: gated.count(run) for run in ("sparse", "dense", "skip")}
+
 
 class SparseEngine:
     """Sparse inference for a trained dynamic model (``variables`` from ``model.init``/training).
@@ -237,6 +257,11 @@ class SparseEngine:
     wired in) or ``dense`` (computes everything and multiplies by the masks: the reference).
     ``capacity_steps``: index lists are padded to a ladder of capacities whose padding is at
     most 1/capacity_steps of the dense work (see ``routing.capacity_ladder``).
+    ``latency_profile``: a hardware profile (preset name, ``"local"``, a profile JSON or a
+    ``HardwareProfile``) for choosing, per block and plan, between sparse execution and the
+    dense block with its masks applied, whichever the latency predictor says is faster
+    (``routing.ExecutionChooser``; ``latency_engine`` names the engine model, default the
+    backend's). None: every gated block with work runs sparse.
     """
 
     def __init__(
@@ -247,6 +272,8 @@ class SparseEngine:
         backend: str = "xla",
         capacity_steps: int = DEFAULT_CAPACITY_STEPS,
         image_shape: Sequence[int] | None = None,
+        latency_profile: Any = None,
+        latency_engine: str | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -263,6 +290,9 @@ class SparseEngine:
         self.ops = get_ops(backend)
         self.capacity_steps = int(capacity_steps)
         self.dtype = jnp.dtype(self.config.dtype)
+        self.chooser = None
+        if latency_profile is not None and backend != "dense":
+            self.chooser = ExecutionChooser(latency_profile, latency_engine or backend, self.config.dtype)
         self._variables = variables
         self._networks: dict[tuple[int, ...], tuple[NetworkSpec, dict[str, Any]]] = {}
         self._speculation: dict[tuple, tuple[BlockPlan, ...]] = {}
@@ -393,7 +423,7 @@ class SparseEngine:
             logits, counts = _planned_network(self.ops, spec, plans, self.dtype, folded, images, forced, offset)
             counts = np.asarray(counts)
             needed = [plan_block(b, c, batch, self.capacity_steps) for b, c in zip(spec.blocks, counts)]
-            if all(_covers(have, need) for have, need in zip(plans, needed)):
+            if all(_covers(have, need) for have, need in zip(plans, needed)):  # dense covers any masks
                 return logits, RunInfo(
                     "speculative", list(plans), [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)]
                 )
@@ -401,7 +431,10 @@ class SparseEngine:
         if plans is None:
             self._speculation[key] = tuple(info.plans)
         else:
-            self._speculation[key] = tuple(_merge(have, need) for have, need in zip(plans, info.plans))
+            self._speculation[key] = tuple(
+                self._choose(block, _merge(have, need), batch)
+                for block, have, need in zip(spec.blocks, plans, info.plans)
+            )
         return logits, info
 
     def plan_masks(self, masks: Sequence[Mapping[str, Any]], image_shape: Sequence[int], batch: int) -> MaskPlan:
@@ -420,8 +453,12 @@ class SparseEngine:
         if not binary.all():
             i = int(np.argmin(binary))
             raise ValueError(f"masks[{i}] must hold hard 0/1 values")
-        plans = tuple(plan_block(b, c, batch, self.capacity_steps) for b, c in zip(spec.blocks, counts))
+        plans = tuple(plan_block(b, c, batch, self.capacity_steps, self.chooser) for b, c in zip(spec.blocks, counts))
         return MaskPlan(spec, batch, forced, plans, [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)])
+
+    def _choose(self, spec: BlockSpec, plan: BlockPlan, batch: int) -> BlockPlan:
+        """``plan``, or dense where the chooser predicts the dense block faster than it."""
+        return plan if self.chooser is None else self.chooser.choose(spec, plan, batch)
 
     @staticmethod
     def _count_dict(spec: BlockSpec, counts) -> dict[str, int] | None:
@@ -446,7 +483,7 @@ class SparseEngine:
         batch = images.shape[0]
         for i, block in enumerate(blocks):
             host_counts = None if block.mode == "static" else np.asarray(counts)  # the host round trip
-            plan = plan_block(block, host_counts, batch, self.capacity_steps)
+            plan = plan_block(block, host_counts, batch, self.capacity_steps, self.chooser)
             plans.append(plan)
             count_log.append(self._count_dict(block, host_counts) if host_counts is not None else None)
             last = i + 1 == len(blocks)

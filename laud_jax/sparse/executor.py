@@ -1,7 +1,8 @@
 """Block executors: run one residual block on BN-folded weights, doing only the unmasked work.
 
 ``run_block`` executes a block under a static :class:`~laud_jax.sparse.routing.BlockPlan`
-with the backend's primitives; ``dense_masked_block`` is the reference that computes
+with the backend's primitives (plan ``dense`` on a gated block: the whole block, then the
+gates applied, see :func:`masked_branch`); ``dense_masked_block`` is the reference that computes
 everything and multiplies by the masks (what the training-form model does).
 """
 
@@ -329,8 +330,9 @@ def run_block(
         identity, base, x = lax.optimization_barrier((identity, base, x))
     if plan.run == "skip":
         return base
-    if plan.run == "dense":
-        return jax.nn.relu(identity + dense_branch(ops, spec, p, x, full_branch(spec, p)))
+    if plan.run == "dense":  # gated blocks: computed densely, then masked (exact for any masks)
+        branch = masked_branch(ops, spec, p, x, gates) if gates else dense_branch(ops, spec, p, x, full_branch(spec, p))
+        return jax.nn.relu(identity + branch)
     batch = x.shape[0]
     if spec.channel:
         if not plan.per_sample:
@@ -368,6 +370,30 @@ def run_block(
 
 def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, gates: dict[str, Any]) -> jax.Array:
     """The training-form computation on folded weights: everything computed, then masked."""
+    identity, _ = _identity(ops, spec, p, x)
+    return jax.nn.relu(identity + _reference_branch(ops, spec, p, x, gates))
+
+
+def masked_branch(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, gates: dict[str, Any]) -> jax.Array:
+    """The residual branch computed densely and gated as ``model.apply`` gates it in eval.
+
+    Without channel gates or SE pooling over the executed pixels, the plain dense branch
+    times the upsampled spatial mask and the layer gate is exact (an executed output never
+    reads a masked inner value); otherwise every stage is masked as in the reference.
+    """
+    masked_pool = spec.spatial and bool(spec.se_channels) and spec.se_pool != "dense"
+    if spec.channel or masked_pool:
+        return _reference_branch(ops, spec, p, x, gates)
+    h = dense_branch(ops, spec, p, x, full_branch(spec, p))
+    if spec.spatial:
+        h = apply_group_mask(h, upsample_nearest(gates["spatial"], spec.granularity))
+    if spec.layer:
+        h = h * gates["layer"][:, None, None, None].astype(h.dtype)
+    return h
+
+
+def _reference_branch(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, gates: dict[str, Any]) -> jax.Array:
+    """The residual branch with every gate applied where the training-form model applies it."""
     pre_bn = spec.channel_mask_position == "pre_bn"
     channel = None if gates.get("channel") is None else expand_groups(gates["channel"], spec.width)[:, None, None, :]
     # Output channel group g is kept where mask g executes; the inner convs run on the union
@@ -414,5 +440,4 @@ def dense_masked_block(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array, ga
     if gates.get("layer") is not None:
         scale = gates["layer"] * gates["layer_scale"] if spec.mode == "lc" else gates["layer"]
         h = h * scale[:, None, None, None].astype(h.dtype)
-    identity, _ = _identity(ops, spec, p, x)
-    return jax.nn.relu(identity + h)
+    return h

@@ -1,0 +1,149 @@
+"""The engine's per-block choice between sparse execution and the dense block with its masks.
+
+Whatever a block gets, the logits equal ``model.apply``'s; the choice follows the latency
+predictor (dense where gathers are expensive, sparse where compute dominates); without a
+profile the plans are today's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from laud_jax.latency import PRESETS
+from laud_jax.models import build_model, network_spec
+from laud_jax.sparse import BlockPlan, ExecutionChooser, SparseEngine, capacity
+from laud_jax.sparse.synthetic import random_masks, random_variables
+
+IMAGE = (32, 48, 3)  # every map and mask grid has H != W
+MIXED = {
+    "arch": "resnet_tiny",
+    "num_classes": 7,
+    "mode": ("spatial", "spatial+channel", "layer", "lc"),
+    "granularity": (4, 2, 2, 1),
+}
+# Every stage a bottleneck with spatial gates (the blocks whose dense fallback only masks the output).
+SPATIAL = {**MIXED, "mode": "spatial"}
+# Gathers and scatters a million times slower than streaming: sparse execution never pays.
+GATHER_BOUND = PRESETS["v100"].replace(gather_eff=1e-6, eff_sparse=1e-6)
+# Compute a million times slower on one core running one tile at a time (no wave rounding
+# hides the rows saved), no per-op or per-loop-step cost: MACs decide.
+COMPUTE_BOUND = PRESETS["v100"].replace(
+    flops_fp32=15.7e6,
+    flops_half=125e6,
+    cores=1.0,
+    tiles_per_core=1.0,
+    launch_overhead=0.0,
+    loop_overhead=0.0,
+    call_overhead=0.0,
+)
+
+
+@functools.cache
+def setup(cfg_items: tuple):
+    cfg = dict(cfg_items)
+    model = build_model(cfg)
+    return cfg, model, random_variables(model, IMAGE, seed=1, random_bn=True)
+
+
+def reference(model, variables, x, masks=None):
+    return jax.jit(lambda v, x, m: model.apply(v, x, masks=m, train=False, gate_offset=0.0))(variables, x, masks)[0]
+
+
+def assert_close(out, ref):
+    scale = float(np.max(np.abs(np.asarray(ref))))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=2e-5 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("position", ["post_act", "pre_bn"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_logits_equal_model_apply_for_every_mix_of_sparse_and_masked_dense(position, batch):
+    cfg, model, variables = setup(tuple(sorted({**MIXED, "channel_mask_position": position}.items())))
+    spec = network_spec(cfg, IMAGE)
+    masks = random_masks(spec, batch, 0.5, seed=batch)
+    x = jax.random.normal(jax.random.key(3), (batch, *IMAGE))
+    expected = reference(model, variables, x, masks)
+    engine = SparseEngine(cfg, variables)
+    planned = engine.plan_masks(masks, IMAGE, batch)
+    n = len(spec.blocks)
+    mixes = {
+        "as planned": [False] * n,
+        "every block dense": [True] * n,
+        "even blocks dense": [i % 2 == 0 for i in range(n)],
+        "odd blocks dense": [i % 2 == 1 for i in range(n)],
+    }
+    for name, dense in mixes.items():
+        plans = tuple(BlockPlan("dense") if d and p.run == "sparse" else p for d, p in zip(dense, planned.plans))
+        logits, info = engine.apply(x, masks=dataclasses.replace(planned, plans=plans))
+        assert info.runs == tuple(p.run for p in plans), name
+        assert_close(logits, expected)
+
+
+def test_every_block_masked_dense_with_live_gates_stepwise_and_speculative():
+    """A chooser that never picks sparse: stepwise and speculative runs on the model's own gates."""
+    cfg, model, variables = setup(tuple(sorted(MIXED.items())))
+    x = jax.random.normal(jax.random.key(5), (2, *IMAGE))
+    expected = reference(model, variables, x)
+    engine = SparseEngine(cfg, variables, latency_profile=GATHER_BOUND)
+    for execution in ("stepwise", "speculative"):
+        logits, info = engine.apply(x)
+        assert info.execution == execution
+        assert set(info.runs) <= {"dense", "skip"} and "dense" in info.runs
+        assert_close(logits, expected)
+
+
+@pytest.mark.parametrize(
+    "profile,expected_run", [(GATHER_BOUND, "dense"), (COMPUTE_BOUND, "sparse")], ids=["gather-bound", "compute-bound"]
+)
+def test_decisions_follow_the_profile(profile, expected_run):
+    cfg, model, variables = setup(tuple(sorted(SPATIAL.items())))
+    spec = network_spec(cfg, IMAGE)
+    masks = random_masks(spec, 1, 0.5, seed=7)
+    engine = SparseEngine(cfg, variables, latency_profile=profile)
+    plan = engine.plan_masks(masks, IMAGE, 1)
+    assert set(p.run for p in plan.plans) == {expected_run}
+    x = jax.random.normal(jax.random.key(4), (1, *IMAGE))
+    logits, info = engine.apply(x, masks=plan)
+    assert info.gated_runs()[expected_run] == len(spec.blocks)
+    assert_close(logits, reference(model, variables, x, masks))
+
+
+def test_the_decision_flips_where_the_predicted_times_cross():
+    """Sweeping the gather efficiency: the sparse block's predicted time falls as gathers
+    get cheaper, the dense block's stays, and the plan is dense exactly where sparse is
+    predicted no faster: one flip, at the crossing."""
+    spec = network_spec(SPATIAL, IMAGE).blocks[0]
+    cells = capacity(12, spec.mask_grid[0] * spec.mask_grid[1], 32)
+    h1, w1 = spec.conv1_hw
+    sparse_plan = BlockPlan("sparse", cells=cells, pixels=capacity(h1 * w1 * 3 // 4, h1 * w1, 32))
+    sparse_ms, dense_ms, runs = [], [], []
+    for efficiency in np.logspace(-10, 0, 11):
+        chooser = ExecutionChooser(COMPUTE_BOUND.replace(gather_eff=efficiency, eff_sparse=efficiency), "xla")
+        sparse, dense = chooser.predicted_ms(spec, sparse_plan, 1)
+        sparse_ms.append(sparse)
+        dense_ms.append(dense)
+        runs.append(chooser.choose(spec, sparse_plan, 1).run)
+    assert np.all(np.diff(sparse_ms) <= 1e-9) and np.ptp(dense_ms) < 1e-6 * dense_ms[0]
+    assert runs == ["sparse" if s < d else "dense" for s, d in zip(sparse_ms, dense_ms)]
+    assert runs[0] == "dense" and runs[-1] == "sparse"
+    assert runs == sorted(runs)  # "dense" < "sparse": a single flip
+
+
+def test_without_a_profile_the_plans_are_todays():
+    """Every gated block with work runs sparse, at the ladder capacity of its mask's counts."""
+    cfg, _, variables = setup(tuple(sorted(SPATIAL.items())))
+    spec = network_spec(cfg, IMAGE)
+    masks = random_masks(spec, 2, 0.5, seed=8)
+    engine = SparseEngine(cfg, variables)
+    assert engine.chooser is None
+    plan = engine.plan_masks(masks, IMAGE, 2)
+    for block, block_plan, mask in zip(spec.blocks, plan.plans, masks):
+        cells = int(np.sum(mask["spatial"]))
+        assert block_plan.run == "sparse"
+        assert block_plan.cells == capacity(cells, 2 * block.mask_grid[0] * block.mask_grid[1], 32)
+    # A profile under which sparse always wins changes nothing.
+    assert SparseEngine(cfg, variables, latency_profile=COMPUTE_BOUND).plan_masks(masks, IMAGE, 2).plans == plan.plans
