@@ -432,6 +432,31 @@ def test_presets_agree_with_the_published_analysis():
         assert _ratio("jetson_tx2", "pallas", "spatial", size, 1).latency_ratio < 1.0, size
 
 
+def test_granularity_trend_of_the_published_analysis():
+    """LASNet: per-pixel masks (S = 1) pay off on a weak device at batch 1 (Jetson TX2) but
+    lose to the static network on a V100 at batch 128, where coarse S gains. Our engine
+    reproduces it with the V100 on its fp16 tensor cores; in fp32 (LASNet's predictor) the
+    V100 is compute-bound and S = 1 still gains (docs/latency.md, "Granularity trend")."""
+    edge = _ratio("jetson_tx2", "pallas", "spatial", 1, 1)
+    server = _ratio("v100", "pallas", "spatial", 1, 128, "bfloat16")
+    # direction: S = 1 gains on the edge device and loses on the server
+    assert edge.latency_ratio < 1.0 < server.latency_ratio
+    # scale: the edge device, compute-bound, gains no more than the MACs allow (maskers and
+    # index lists cost); the server loses by tens of percent, not by multiples
+    assert edge.mac_ratio < edge.latency_ratio < 0.95
+    assert server.latency_ratio < 1.3
+    # coarse patches beat S = 1 on the server in either dtype, and beat the static network
+    for dtype in ("bfloat16", "float32"):
+        fine = _ratio("v100", "pallas", "spatial", 1, 128, dtype).latency_ratio
+        for coarse in ((7, 7, 7, 7), (8, 4, 7, 7)):
+            assert _ratio("v100", "pallas", "spatial", coarse, 128, dtype).latency_ratio < min(fine, 1.0), (
+                dtype,
+                coarse,
+            )
+    with pytest.raises(ValueError, match="does not divide"):
+        _ratio("v100", "pallas", "spatial", (8, 8, 7, 7), 128)
+
+
 # ----------------------------------------------------------------------------- search
 
 

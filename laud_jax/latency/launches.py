@@ -106,7 +106,8 @@ class EngineModel:
       sample (each step pays the per-op overhead); 0: one kernel. A fused scatter
       (``fuse_scatter``) replaces the spatial loop.
     per_sample_loop: channel-gated blocks at batch > 1 run one sample after another.
-    block_calls: host round trips per dynamic block (the stepwise driver reads counts).
+    block_calls: host round trips per dynamic block (the stepwise driver reads counts);
+      0: the speculative driver's single program.
     index_ops: ops to build one index list.
     sparse_tile_m / sparse_tile_n: tile of the gathered kernels (n capped at the next
       power of two of N).
@@ -159,7 +160,9 @@ ENGINES: dict[str, EngineModel] = {
     # The engine with backend='pallas': the executor's channel, layer and write-back code is
     # the xla backend's (weights gathered outside the kernels, per-sample and write-back
     # loops, the capacity ladder); the kernels' tile is pallas_kernels' tuned_tiles
-    # (64 rows x at most 64 output channels).
+    # (64 rows x at most 64 output channels). No per-block host round trip: in steady state
+    # the engine's default driver (speculative) runs the whole network as one program and
+    # reads every block's counts once at the end (the network's call).
     "pallas": EngineModel(
         conv1_on_halo=0.0,
         fuse_gather=1.0,
@@ -172,7 +175,7 @@ ENGINES: dict[str, EngineModel] = {
         capacity_steps=float(DEFAULT_CAPACITY_STEPS),
         scatter_loop=1.0,
         per_sample_loop=1.0,
-        block_calls=1.0,
+        block_calls=0.0,
         index_ops=3.0,
         sparse_tile_m=64.0,
         sparse_tile_n=64.0,
@@ -652,6 +655,7 @@ def _gate_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
             m=batch * block.grid_h * block.grid_w,
             n=2.0 * setting.mask_groups,
             k=cin,
+            a_bytes=batch * block.grid_h * block.grid_w * cin * b,  # the pooled grid (all of x at S=1)
             w_bytes=cin * 2.0 * setting.mask_groups * b,
         ),
         gate_fc=_launch(
