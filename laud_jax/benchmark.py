@@ -30,7 +30,7 @@ from laud_jax.checkpointing import load_variables
 from laud_jax.models import MODES, build_model, network_spec
 from laud_jax.models.specs import ARCHS
 from laud_jax.sparse import BACKENDS, SparseEngine
-from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS
+from laud_jax.sparse.routing import COUNT_KEYS, DEFAULT_CAPACITY_STEPS, plan_block
 from laud_jax.sparse.synthetic import random_masks, random_variables
 from laud_jax.timing import stats_ms, time_side_by_side
 
@@ -62,6 +62,7 @@ class BenchmarkSettings:
     block_repeats: int = 15
     warmup: int = 3
     capacity_steps: int = DEFAULT_CAPACITY_STEPS
+    latency_profile: str | None = None
     seed: int = 0
     blocks: bool = True
     masked: bool = True
@@ -147,7 +148,13 @@ def run_benchmark(settings: BenchmarkSettings | None = None, /, **overrides: Any
     images = jnp.asarray(_inputs(args, run_config, image_shape))
     image_shape = tuple(images.shape[1:])
 
-    engine = SparseEngine(model.config, variables, backend=args.backend, capacity_steps=args.capacity_steps)
+    engine = SparseEngine(
+        model.config,
+        variables,
+        backend=args.backend,
+        capacity_steps=args.capacity_steps,
+        latency_profile=args.latency_profile,
+    )
     apply = jax.jit(lambda v, x, m, o: model.apply(v, x, masks=m, gate_offset=o))
     if args.checkpoint:
         reference, aux = apply(variables, images, None, args.gate_offset)
@@ -186,6 +193,7 @@ def run_benchmark(settings: BenchmarkSettings | None = None, /, **overrides: Any
         "rate": None if args.checkpoint else args.rate,
         "backend": engine.backend,
         "execution": execution,
+        "latency_profile": args.latency_profile if engine.chooser is not None else None,
         "dense_ms": float(1e3 * np.median(dense_t)),
         "dynamic_ms": float(1e3 * np.median(dyn_t)),
         "latency_ratio": float(np.median(dyn_t) / np.median(dense_t)),
@@ -202,6 +210,11 @@ def run_benchmark(settings: BenchmarkSettings | None = None, /, **overrides: Any
         },
     }
     result["efficiency"] = result["latency_ratio"] / mac_ratio if mac_ratio > 0 else None
+    if engine.backend != "dense":
+        masks_for = plan if execution == "planned" else source
+        info = engine.apply(images, masks=masks_for, gate_offset=args.gate_offset, execution=execution)[1]
+        result["runs"] = list(info.runs)  # per block: sparse, dense (then masked) or skip
+        result["gated_runs"] = info.gated_runs()
     if args.blocks and engine.backend != "dense":
         result["blocks"] = _block_table(engine, spec, images, plan if not args.checkpoint else None, aux, args)
     result["machine"] = {
@@ -225,17 +238,26 @@ def _block_table(engine, spec, images, plan, aux, args) -> list[dict[str, Any]]:
 
         iterator = tqdm(traces, desc="blocks", leave=False, file=sys.stderr)
     for trace, record in zip(iterator, aux["blocks"]):
-        times = time_side_by_side(
-            {"dense": engine.block_program(trace, dense=True), "dynamic": engine.block_program(trace)},
-            args.block_repeats,
-            args.warmup,
-        )
+        programs = {"dense": engine.block_program(trace, dense=True), "dynamic": engine.block_program(trace)}
+        predicted = None
+        if engine.chooser is not None and trace.counts is not None:
+            # The plan without the choice: its predicted times, and timed too where dense was chosen.
+            counts = np.asarray([trace.counts[k] for k in COUNT_KEYS])
+            sparse_plan = plan_block(trace.spec, counts, images.shape[0], engine.capacity_steps)
+            if sparse_plan.run == "sparse":
+                sparse_ms, dense_ms = engine.chooser.predicted_ms(trace.spec, sparse_plan, images.shape[0])
+                predicted = {"sparse_ms": sparse_ms, "dense_ms": dense_ms}
+            if sparse_plan != trace.plan:
+                programs["sparse"] = engine.block_program(dataclasses.replace(trace, plan=sparse_plan))
+        times = time_side_by_side(programs, args.block_repeats, args.warmup)
         dense_t, dyn_t = np.asarray(times["dense"]), np.asarray(times["dynamic"])
         rows.append(
             {
                 "name": trace.spec.name,
                 "mode": trace.spec.mode,
                 "plan": trace.plan.run,
+                "predicted": predicted,
+                "sparse": stats_ms(np.asarray(times["sparse"])) if "sparse" in times else None,
                 "capacities": {k: getattr(trace.plan, k) for k in ("cells", "pixels", "groups", "samples")},
                 "counts": trace.counts,
                 "dense_ms": float(1e3 * np.median(dense_t)),
@@ -255,25 +277,40 @@ def format_table(result: dict[str, Any]) -> str:
     def span(stats):
         return f"{stats['median_ms']:8.2f} [{stats['min_ms']:.2f}-{stats['max_ms']:.2f}]"
 
+    chosen = result.get("latency_profile") is not None
     header = (
-        f"{'':12s} {'dense ms (median [min-max])':>30s} {'dynamic ms (median [min-max])':>30s} "
+        f"{'':12s} {'plan':>6s} {'dense ms (median [min-max])':>30s} {'dynamic ms (median [min-max])':>30s} "
         f"{'latency':>8s} {'MACs':>6s}"
     )
+    if chosen:
+        header += f" {'sparse ms if dense chosen':>30s} {'predicted sparse/dense ms':>26s}"
     lines = [header, "-" * len(header)]
     for row in result.get("blocks", []):
-        lines.append(
-            f"{row['name']:12s} {span(row['dense']):>30s} {span(row['dynamic']):>30s} "
+        line = (
+            f"{row['name']:12s} {row['plan']:>6s} {span(row['dense']):>30s} {span(row['dynamic']):>30s} "
             f"{row['latency_ratio']:8.3f} {row['mac_ratio']:6.3f}"
         )
+        if chosen:
+            sparse = span(row["sparse"]) if row.get("sparse") else ""
+            predicted = row.get("predicted")
+            guess = f"{predicted['sparse_ms']:.3f} / {predicted['dense_ms']:.3f}" if predicted else ""
+            line += f" {sparse:>30s} {guess:>26s}"
+        lines.append(line)
     if result.get("blocks"):
         lines.append("-" * len(header))
     lines.append(
-        f"{'network':12s} {span(result['dense']):>30s} {span(result['dynamic']):>30s} "
+        f"{'network':12s} {'':>6s} {span(result['dense']):>30s} {span(result['dynamic']):>30s} "
         f"{result['latency_ratio']:8.3f} {result['mac_ratio']:6.3f}"
     )
     for name, stats in result["others"].items():
-        lines.append(f"{'  ' + name:12s} {'':>30s} {span(stats):>30s} {stats['latency_ratio']:8.3f}")
+        lines.append(f"{'  ' + name:12s} {'':>6s} {'':>30s} {span(stats):>30s} {stats['latency_ratio']:8.3f}")
     machine = result["machine"]
+    if "gated_runs" in result:
+        runs = result["gated_runs"]
+        lines.append(
+            f"gated blocks ({result.get('latency_profile') or 'always sparse'}): {runs['sparse']} sparse, "
+            f"{runs['dense']} dense then masked, {runs['skip']} skipped"
+        )
     lines.append(
         f"{result['model']['arch']} mode={','.join(sorted(set(result['model']['mode'])))} "
         f"S={'-'.join(map(str, result['model']['granularity']))} batch={result['batch']} "
@@ -338,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--block-repeats", type=int, help="timed runs of each block alone")
     run.add_argument("--warmup", type=int)
     run.add_argument("--capacity-steps", type=int, help="index-list padding at most 1/steps of the dense work")
+    run.add_argument(
+        "--latency-profile",
+        help="choose per block between sparse and dense-then-masked execution, whichever the latency predictor "
+        "says is faster on this hardware profile (preset, 'local', or a profile .json); default: always sparse",
+    )
     run.add_argument("--seed", type=int)
     run.add_argument("--no-blocks", dest="blocks", action="store_false", help="skip the per-block table")
     run.add_argument(

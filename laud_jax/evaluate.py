@@ -218,18 +218,24 @@ def measure_latency(
     gate_offset: float = 0.0,
     repeats: int = 20,
     warmup: int = 3,
+    latency_profile: str | None = None,
 ) -> dict[str, Any]:
     """Static (dense) and dynamic (sparse) latency of one batch with the sparse engine.
 
     Both run in the same process on the same device, alternating after ``warmup`` calls
     each (compilation included there); median, min and max of ``repeats`` timed calls are reported,
-    with the largest logit difference between the engine and ``model.apply``.
+    with the largest logit difference between the engine and ``model.apply`` and how many
+    gated blocks ran sparse, dense (then masked) or were skipped. ``latency_profile``: the
+    engine chooses per block between sparse and masked-dense execution with this hardware
+    profile (``SparseEngine(latency_profile=...)``); None: always sparse.
     """
     from laud_jax.sparse import SparseEngine
 
     backend = default_backend() if backend == "auto" else backend
     images = jnp.asarray(images, jnp.float32)
-    engine = SparseEngine(model_cfg, variables, backend=backend, image_shape=images.shape[1:])
+    engine = SparseEngine(
+        model_cfg, variables, backend=backend, image_shape=images.shape[1:], latency_profile=latency_profile
+    )
     offset = float(gate_offset)
     times = time_side_by_side(
         {"dense": lambda: engine.apply_static(images), "sparse": lambda: engine(images, gate_offset=offset)},
@@ -237,7 +243,8 @@ def measure_latency(
         warmup,
     )
     reference, _ = build_model(model_cfg).apply(variables, images, train=False, gate_offset=offset)
-    difference = float(jnp.max(jnp.abs(engine(images, gate_offset=offset) - reference)))
+    logits, info = engine.apply(images, gate_offset=offset)
+    difference = float(jnp.max(jnp.abs(logits - reference)))
     dense, sparse = stats_ms(times["dense"]), stats_ms(times["sparse"])
     return {
         "backend": backend,
@@ -252,6 +259,8 @@ def measure_latency(
         "sparse_ms_min": sparse["min_ms"],
         "sparse_ms_max": sparse["max_ms"],
         "max_logit_difference": difference,
+        "latency_profile": latency_profile,
+        "gated_runs": info.gated_runs(),
     }
 
 
@@ -407,6 +416,12 @@ def format_table(result: Mapping[str, Any]) -> str:
             f"measured     {lat['backend']} on {lat['device']}, batch {lat['batch']}, median of {lat['repeats']}: "
             f"static {lat['dense_ms']:.3f} ms, dynamic {lat['sparse_ms']:.3f} ms, speed-up {lat['speedup']:.2f}x",
         ]
+        if "gated_runs" in lat:
+            runs, choice = lat["gated_runs"], lat.get("latency_profile") or "always sparse"
+            lines.append(
+                f"             gated blocks ({choice}): {runs['sparse']} sparse, "
+                f"{runs['dense']} dense then masked, {runs['skip']} skipped"
+            )
     if "predicted" in result:
         pred = result["predicted"]
         lines.append(

@@ -147,3 +147,29 @@ def test_without_a_profile_the_plans_are_todays():
         assert block_plan.cells == capacity(cells, 2 * block.mask_grid[0] * block.mask_grid[1], 32)
     # A profile under which sparse always wins changes nothing.
     assert SparseEngine(cfg, variables, latency_profile=COMPUTE_BOUND).plan_masks(masks, IMAGE, 2).plans == plan.plans
+
+
+def test_benchmark_and_evaluate_report_the_choice(tmp_path, capsys):
+    """``--latency-profile`` (a profile JSON here) reaches the engine; the per-block table
+    shows each block's plan and both report the count of sparse / dense / skipped blocks."""
+    from laud_jax import benchmark, evaluate
+    from laud_jax.latency import profile_to_json
+
+    path = str(tmp_path / "gather_bound.json")
+    profile_to_json(GATHER_BOUND, path, name="gather_bound")
+    args = ["--arch", "resnet_tiny", "--image-size", "32", "--num-classes", "7", "--mode", "spatial"]
+    args += ["--granularity", "2,2,1,1", "--rate", "0.5", "--repeats", "2", "--block-repeats", "2", "--warmup", "1"]
+    result = benchmark.main(args + ["--no-progress", "--skip-masked", "--skip-stepwise", "--latency-profile", path])
+    blocks = len(result["blocks"])
+    assert result["runs"] == ["dense"] * blocks and result["gated_runs"] == {"sparse": 0, "dense": blocks, "skip": 0}
+    assert [row["plan"] for row in result["blocks"]] == ["dense"] * blocks
+    assert all(row["predicted"]["sparse_ms"] >= row["predicted"]["dense_ms"] for row in result["blocks"])
+    assert all(row["sparse"]["median_ms"] > 0 for row in result["blocks"])  # the sparse plan timed beside it
+    assert result["max_abs_diff_vs_model"]["dynamic"] < 1e-4
+    assert f"{blocks} dense then masked" in capsys.readouterr().out
+
+    cfg, model, variables = setup(tuple(sorted(SPATIAL.items())))
+    x = np.asarray(jax.random.normal(jax.random.key(6), (1, *IMAGE)))
+    latency = evaluate.measure_latency(cfg, variables, x, backend="xla", repeats=2, warmup=1, latency_profile=path)
+    assert latency["gated_runs"]["dense"] + latency["gated_runs"]["skip"] == len(network_spec(cfg, IMAGE).blocks)
+    assert latency["max_logit_difference"] < 1e-3

@@ -60,8 +60,9 @@ def capacity(count: int, total: int, steps: int) -> int:
 class BlockPlan:
     """Static execution choices for one block call (hashable: part of the jit cache key).
 
-    ``run``: ``"dense"`` (no gate limits the work), ``"skip"`` (nothing of the residual
-    branch runs) or ``"sparse"``. Capacities are slot counts for active mask cells,
+    ``run``: ``"dense"`` (the whole block; a gated block then applies its gates, exact for
+    any masks: static blocks, or where an :class:`ExecutionChooser` predicts it faster),
+    ``"skip"`` (nothing of the residual branch runs) or ``"sparse"``. Capacities are slot counts for active mask cells,
     conv1 pixels, channel groups and samples. ``per_sample``: channel-gated blocks at
     batch > 1 loop over samples, each with its own channel set.
     """
