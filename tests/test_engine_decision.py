@@ -26,6 +26,16 @@ MIXED = {
     "mode": ("spatial", "spatial+channel", "layer", "lc"),
     "granularity": (4, 2, 2, 1),
 }
+# RegNetY (SE, group conv): SE pooling over the executed pixels masks every stage of the
+# dense fallback; over every pixel only the output is masked.
+REGNET = {
+    "arch": "regnety_400mf",
+    "num_classes": 7,
+    "stage_depths": (1, 2, 1, 1),
+    "mode": ("spatial", "spatial+channel", "lc", "spatial"),
+    "granularity": (2, 2, 1, 1),
+}
+REGNET_IMAGE = (64, 96, 3)
 # Every stage a bottleneck with spatial gates (the blocks whose dense fallback only masks the output).
 SPATIAL = {**MIXED, "mode": "spatial"}
 # Gathers and scatters a million times slower than streaming: sparse execution never pays.
@@ -44,10 +54,10 @@ COMPUTE_BOUND = PRESETS["v100"].replace(
 
 
 @functools.cache
-def setup(cfg_items: tuple):
+def setup(cfg_items: tuple, image: tuple = IMAGE):
     cfg = dict(cfg_items)
     model = build_model(cfg)
-    return cfg, model, random_variables(model, IMAGE, seed=1, random_bn=True)
+    return cfg, model, random_variables(model, image, seed=1, random_bn=True)
 
 
 def reference(model, variables, x, masks=None):
@@ -59,16 +69,27 @@ def assert_close(out, ref):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=2e-5 * max(scale, 1.0))
 
 
-@pytest.mark.parametrize("position", ["post_act", "pre_bn"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_logits_equal_model_apply_for_every_mix_of_sparse_and_masked_dense(position, batch):
-    cfg, model, variables = setup(tuple(sorted({**MIXED, "channel_mask_position": position}.items())))
-    spec = network_spec(cfg, IMAGE)
+MIXES = [
+    ({**MIXED, "channel_mask_position": "post_act"}, IMAGE, 1),
+    ({**MIXED, "channel_mask_position": "post_act"}, IMAGE, 2),
+    ({**MIXED, "channel_mask_position": "pre_bn"}, IMAGE, 1),
+    ({**MIXED, "channel_mask_position": "pre_bn"}, IMAGE, 2),
+    ({**REGNET, "se_pool": "masked"}, REGNET_IMAGE, 2),
+    ({**REGNET, "se_pool": "dense", "channel_mask_position": "pre_bn"}, REGNET_IMAGE, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "cfg,image,batch", MIXES, ids=["post_act-b1", "post_act-b2", "pre_bn-b1", "pre_bn-b2", "regnet-se-masked", "regnet"]
+)
+def test_logits_equal_model_apply_for_every_mix_of_sparse_and_masked_dense(cfg, image, batch):
+    cfg, model, variables = setup(tuple(sorted(cfg.items())), image)
+    spec = network_spec(cfg, image)
     masks = random_masks(spec, batch, 0.5, seed=batch)
-    x = jax.random.normal(jax.random.key(3), (batch, *IMAGE))
+    x = jax.random.normal(jax.random.key(3), (batch, *image))
     expected = reference(model, variables, x, masks)
     engine = SparseEngine(cfg, variables)
-    planned = engine.plan_masks(masks, IMAGE, batch)
+    planned = engine.plan_masks(masks, image, batch)
     n = len(spec.blocks)
     mixes = {
         "as planned": [False] * n,
