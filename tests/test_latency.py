@@ -259,6 +259,10 @@ def test_channel_blocks_cost_the_weight_gathers_the_executor_makes(batch):
             assert (float(launches.kind[conv]) == KIND_GATHERED) == in_kernel, engine
         # conv1 in-kernel reads runs of one group per weight row; gathered copies are contiguous
         assert (float(launches.w_seg[conv1]) > 0) == in_kernel, engine
+        # the gathers take whole slabs of the group-major conv2 copy (G_out, G_in, 3, 3, cg, cg)
+        slabs = params["w2g"].shape
+        assert float(launches.a_seg[gathers[0]]) == 4 * np.prod(slabs[1:]), engine
+        assert float(launches.a_seg[gathers[1]]) == 4 * np.prod(slabs[2:]), engine
 
 
 def test_block_macs_follow_the_model_spec():

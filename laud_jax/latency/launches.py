@@ -461,8 +461,10 @@ class _BlockExecution:
 
     Booleans are traced arrays. ``branch_batch``: samples the branch runs on; ``loop``:
     launches per conv (one per sample in a per-sample loop); ``gemms``: independent GEMMs
-    per launch; ``width_c``: kept channels of conv1 / conv2; ``rows1`` / ``rows2``: conv1 and
-    conv2 / conv3 output rows; ``residual_fused``: the residual joins the last conv.
+    per launch; ``group``: channels per channel-mask group; ``width_c``: kept channels of
+    conv1 / conv2; ``rows1`` / ``rows2``: conv1 and conv2 / conv3 output rows;
+    ``pixel_list``: conv1 runs on a gathered pixel list (not the whole grid);
+    ``residual_fused``: the residual joins the last conv.
     """
 
     bytes_per_element: Any
@@ -480,9 +482,9 @@ class _BlockExecution:
     branch_weight: Any
     per_sample: Any
     n_groups: Any
+    group: Any
     width_c: Any
     weight_copies: Any
-    weight_seg: Any
     loop: Any
     gemms: Any
     grid_h: Any
@@ -579,9 +581,9 @@ def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineMod
         branch_weight=branch_weight,
         per_sample=per_sample,
         n_groups=n_groups,
+        group=group,
         width_c=jnp.maximum(active_groups, 1.0) * group,
         weight_copies=jnp.where(per_sample, branch_batch, 1.0),
-        weight_seg=_when(channel, group * bytes_per_element),
         loop=loop,
         gemms=jnp.where(channel, branch_batch, 1.0) / loop,
         grid_h=grid_h,
@@ -711,7 +713,7 @@ def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             a_bytes=input_bytes / loop,
             a_seg=_when(listed & fuse_gather, gather_seg),
             w_bytes=block.weight_copies / loop * taps1 * cin * block.width_c * b,
-            w_seg=_when(block.channel_in_kernel, block.weight_seg),
+            w_seg=_when(block.channel_in_kernel, block.group * b),  # runs of one group per row
             o_bytes=rows1 * block.width_c * b / loop,
             **_tile(engine, block.width_c),
         ),
@@ -728,37 +730,48 @@ def _channel_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecu
 
     conv2's weights are always gathered, conv1's and conv3's too unless the engine reads
     them in-kernel (``channel_weights_in_kernel``: ``channel_gather_matmul``, which the
-    engine's executor does not call). Gathers along a weight's last (output) axis pick runs
-    of one group; along an input axis, whole rows.
+    engine's executor does not call). The executor gathers from the group-major copies of
+    ``folding.group_major``, so a gathered piece is a contiguous slab: one column gather
+    per conv selecting output groups (conv1's ``w1g``, a bottleneck conv2's first take), one
+    row gather selecting input groups (conv2's second take, conv3's rows of ``w3``). A
+    slot's run length is its conv2 gather's (the larger one) where conv2 is gathered.
     """
     b = block.bytes_per_element
     cin, width, cout, groups = shape.in_channels, shape.width, shape.out_channels, shape.groups
-    width_c, loop = block.width_c, block.loop
+    width_c, loop, group = block.width_c, block.loop, block.group
     unfused = ~block.channel_in_kernel
     expanded = (groups > 1.5) & block.channel
-    conv2_input_width = jnp.where(block.bottleneck, width, cout)
-    column_elems = (
-        _when(unfused, block.taps1 * cin * width_c)  # conv1: output channels
-        + _when(~expanded & block.bottleneck, 9.0 * width_c * width_c / groups)
-    )  # conv2 (bottleneck)
-    row_elems = (
-        _when(~expanded, 9.0 * width_c * conv2_input_width / groups)  # conv2 inputs
-        + _when(unfused & block.bottleneck, width_c * cout)
-    )  # conv3: input channels
-    column_gathers = _count(unfused) + _count(~expanded & block.bottleneck)
-    row_gathers = _count(~expanded) + _count(unfused & block.bottleneck)
+    conv2_gathered = ~expanded
+    bottleneck2 = conv2_gathered & block.bottleneck
+    # folding.conv2_group_layout: (G_out, G_in, 3, 3, cg, cg) for kernels up to 2**20
+    # elements / 9, else (G_in, 3, 3, cg, G_out, cg)
+    out_major = 9.0 * width * width <= 2.0**20
+    column_elems = _when(unfused, block.taps1 * cin * width_c) + _when(bottleneck2, 9.0 * width * width_c)
+    row_elems = _when(conv2_gathered, 9.0 * width_c * jnp.where(block.bottleneck, width_c, cout)) + _when(
+        unfused & block.bottleneck, width_c * cout
+    )
+    column_seg = jnp.where(bottleneck2, jnp.where(out_major, 9.0 * width * group, group), block.taps1 * cin * group)
+    row_seg = jnp.where(
+        conv2_gathered,
+        jnp.where(
+            block.bottleneck, jnp.where(out_major, 9.0 * group * group, 9.0 * group * width_c), 9.0 * group * cout
+        ),
+        cout,
+    )
+    column_gathers = _count(unfused) + _count(bottleneck2)
+    row_gathers = _count(conv2_gathered) + _count(unfused & block.bottleneck)
     column_bytes = block.weight_copies * column_elems * b / jnp.maximum(column_gathers, 1.0) / loop
     row_bytes = block.weight_copies * row_elems * b / jnp.maximum(row_gathers, 1.0) / loop
     return dict(
         channel_weight_cols=_launch(
             _when(block.channel, block.branch_weight * column_gathers * loop),
-            a_seg=block.weight_seg,
+            a_seg=column_seg * b,
             a_bytes=column_bytes,
             o_bytes=column_bytes,
         ),
         channel_weight_rows=_launch(
             _when(block.channel, block.branch_weight * row_gathers * loop),
-            a_seg=conv2_input_width * b,
+            a_seg=row_seg * b,
             a_bytes=row_bytes,
             o_bytes=row_bytes,
         ),
