@@ -320,8 +320,13 @@ def evaluate_checkpoint(
     hardware: str | None = "v100",
     image_size: int | None = None,
     progress: bool = True,
+    latency_profile: str | None = None,
 ) -> dict[str, Any]:
-    """Everything ``python -m laud_jax.evaluate`` reports, as a dict."""
+    """Everything ``python -m laud_jax.evaluate`` reports, as a dict.
+
+    ``latency_profile`` (a preset, ``local`` or a profile .json): the sparse engine runs each
+    gated block sparse or densely-then-masked, whichever that profile predicts faster.
+    """
     from laud_jax import data
 
     if hardware:
@@ -363,7 +368,13 @@ def evaluate_checkpoint(
     if latency:
         first = next(iter(data.eval_batches(data_cfg, latency_batch)))
         result["latency"] = measure_latency(
-            model_cfg, variables, first["image"], backend=backend, gate_offset=gate_offset, repeats=repeats
+            model_cfg,
+            variables,
+            first["image"],
+            backend=backend,
+            gate_offset=gate_offset,
+            repeats=repeats,
+            latency_profile=latency_profile,
         )
     if hardware:
         result["predicted"] = predict_latency(model_cfg, result, hardware, batch=latency_batch)
@@ -508,6 +519,13 @@ def build_parser() -> config_utils.ArgumentParser:
         default="v100",
         help="Hardware profile for the predicted latency (preset, 'local', a .json; '' to skip).",
     )
+    parser.add_argument(
+        "--latency-profile",
+        metavar="NAME",
+        default="",
+        help="Let the sparse engine run each gated block sparse or dense-then-masked, whichever this "
+        "profile (preset, 'local', a .json) predicts faster ('' = always sparse).",
+    )
     parser.add_argument("--json", metavar="FILE", help="Also write the full report as JSON to this file.")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show a progress bar.")
     return parser
@@ -538,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hardware=args.hardware or None,
             image_size=args.image_size or None,
             progress=args.progress,
+            latency_profile=args.latency_profile or None,
         )
     except (ValueError, FileNotFoundError, convert.ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)

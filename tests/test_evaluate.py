@@ -80,8 +80,13 @@ def test_gate_offset_trades_work_for_nothing_else():
 
 
 def test_evaluate_checkpoint_reports_everything(tiny_dir):
-    result = evaluate.evaluate_checkpoint(tiny_dir, max_examples=300, repeats=2, hardware="v100", progress=False)
+    result = evaluate.evaluate_checkpoint(
+        tiny_dir, max_examples=300, repeats=2, hardware="v100", progress=False, latency_profile="v100"
+    )
     assert result["examples"] == 300 and result["data"]["name"] == "cluttered_mnist"
+    # The engine chose per gated block (v100 profile); every gated block is counted once.
+    gated = sum(1 for b in network_spec(result["model"], tuple(result["image_shape"])).blocks if b.mode != "static")
+    assert result["latency"]["latency_profile"] == "v100" and sum(result["latency"]["gated_runs"].values()) == gated
     assert 0 <= result["top1"] <= result["top5"] <= 1
     latency = result["latency"]
     assert latency["backend"] == "xla" and latency["dense_ms"] > 0 and latency["sparse_ms"] > 0
