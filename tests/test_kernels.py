@@ -443,157 +443,82 @@ def test_jit_and_shard_map():
     np.testing.assert_allclose(sharded(*placed), expected, rtol=1e-5, atol=1e-5)
 
 
+def _gather_matmul_call(**changes):
+    """A valid small gather_matmul call (interpret mode) with ``changes`` applied."""
+    args = (
+        dict(
+            src=jnp.ones((16, 8)),
+            taps=jnp.zeros((4, 1), jnp.int32),
+            w=jnp.ones((8, 8)),
+            b=jnp.ones(8),
+            implementation="interpret",
+        )
+        | changes
+    )
+    return lambda: gather_matmul(**args)
+
+
+def _patch_conv_call(**changes):
+    """A valid small patch_conv call on a whole 1x4x8 grid with ``changes`` applied."""
+    args = (
+        dict(
+            rows=jnp.ones((32, 8)),
+            coords=None,
+            starts=jnp.zeros((4, 3), jnp.int32),
+            w=jnp.ones((3, 3, 8, 8)),
+            b=jnp.ones(8),
+            grid=(1, 4, 8),
+            size=2,
+            stride=1,
+            implementation="interpret",
+        )
+        | changes
+    )
+    return lambda: patch_conv(**args)
+
+
+def _scatter_call(**changes):
+    """A valid small conv1x1_scatter_add call with ``changes`` applied."""
+    args = (
+        dict(
+            h=jnp.ones((4, 2, 2, 8)),
+            patch_indices=jnp.zeros(4, jnp.int32),
+            patch_count=1,
+            w=jnp.ones((8, 8)),
+            b=jnp.ones(8),
+            identity=jnp.ones((1, 4, 4, 8)),
+            implementation="interpret",
+        )
+        | changes
+    )
+    return lambda: conv1x1_scatter_add(**args)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
+        (_gather_matmul_call(src=jnp.ones((4, 4, 8))), r"src must be 2-D \(R, C\) rows.*\(4, 4, 8\)"),
         (
-            lambda: gather_matmul(
-                jnp.ones((4, 4, 8)),
-                jnp.zeros((4, 1), jnp.int32),
-                jnp.ones((8, 8)),
-                jnp.ones(8),
-                implementation="interpret",
-            ),
-            r"src must be 2-D \(R, C\) rows.*\(4, 4, 8\)",
-        ),
-        (
-            lambda: gather_matmul(
-                jnp.ones((16, 8)),
-                jnp.zeros((4, 9), jnp.int32),
-                jnp.ones((8, 8)),
-                jnp.ones(8),
-                implementation="interpret",
-            ),
+            _gather_matmul_call(taps=jnp.zeros((4, 9), jnp.int32)),
             r"w.shape=\(8, 8\) has 8 rows, expected K \* C = 9 \* 8",
         ),
+        (_gather_matmul_call(taps=jnp.zeros((4, 1), jnp.int16)), r"taps.dtype=int16, expected int32"),
         (
-            lambda: gather_matmul(
-                jnp.ones((16, 8)),
-                jnp.zeros((4, 1), jnp.int16),
-                jnp.ones((8, 8)),
-                jnp.ones(8),
-                implementation="interpret",
-            ),
-            r"taps.dtype=int16, expected int32",
-        ),
-        (
-            lambda: gather_matmul(
-                jnp.ones((16, 8), jnp.float16),
-                jnp.zeros((4, 1), jnp.int32),
-                jnp.ones((8, 8), jnp.float16),
-                jnp.ones(8),
-                implementation="interpret",
-            ),
+            _gather_matmul_call(src=jnp.ones((16, 8), jnp.float16), w=jnp.ones((8, 8), jnp.float16)),
             r"src.dtype=float16; supported: float32, bfloat16",
         ),
+        (_gather_matmul_call(implementation="cuda"), r"choose one of"),
+        (_patch_conv_call(stride=3), r"stride=3"),
+        (_patch_conv_call(w=jnp.ones((1, 1, 8, 8))), r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)"),
+        (_patch_conv_call(rows=jnp.ones((30, 8))), r"coords=None needs rows for all 1x4x8 pixels, got 30"),
         (
-            lambda: patch_conv(
-                jnp.ones((32, 8)),
-                None,
-                jnp.zeros((4, 3), jnp.int32),
-                jnp.ones((3, 3, 8, 8)),
-                jnp.ones(8),
-                grid=(1, 4, 8),
-                size=2,
-                stride=3,
-                implementation="interpret",
-            ),
-            r"stride=3",
-        ),
-        (
-            lambda: patch_conv(
-                jnp.ones((32, 8)),
-                None,
-                jnp.zeros((4, 3), jnp.int32),
-                jnp.ones((1, 1, 8, 8)),
-                jnp.ones(8),
-                grid=(1, 4, 8),
-                size=2,
-                stride=1,
-                implementation="interpret",
-            ),
-            r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)",
-        ),
-        (
-            lambda: patch_conv(
-                jnp.ones((30, 8)),
-                None,
-                jnp.zeros((4, 3), jnp.int32),
-                jnp.ones((3, 3, 8, 8)),
-                jnp.ones(8),
-                grid=(1, 4, 8),
-                size=2,
-                stride=1,
-                implementation="interpret",
-            ),
-            r"coords=None needs rows for all 1x4x8 pixels, got 30",
-        ),
-        (
-            lambda: patch_conv(
-                jnp.ones((5, 8)),
-                jnp.zeros((5, 2), jnp.int32),
-                jnp.zeros((4, 3), jnp.int32),
-                jnp.ones((3, 3, 8, 8)),
-                jnp.ones(8),
-                grid=(1, 4, 8),
-                size=2,
-                stride=1,
-                implementation="interpret",
-            ),
+            _patch_conv_call(rows=jnp.ones((5, 8)), coords=jnp.zeros((5, 2), jnp.int32)),
             r"coords.shape=\(5, 2\), expected \(5, 3\)",
         ),
-        (
-            lambda: patch_conv(
-                jnp.ones((32, 8)),
-                None,
-                jnp.zeros((4, 3), jnp.int16),
-                jnp.ones((3, 3, 8, 8)),
-                jnp.ones(8),
-                grid=(1, 4, 8),
-                size=2,
-                stride=1,
-                implementation="interpret",
-            ),
-            r"starts.dtype=int16, expected int32",
-        ),
-        (
-            lambda: patch_conv(
-                jnp.ones((32, 8)),
-                None,
-                jnp.zeros((4, 3), jnp.int32),
-                jnp.ones((3, 3, 8, 8)),
-                jnp.ones(8),
-                grid=(1, 4, 8),
-                size=0,
-                stride=1,
-                implementation="interpret",
-            ),
-            r"size=0; must be an int >= 1",
-        ),
-        (
-            lambda: conv1x1_scatter_add(
-                jnp.ones((4, 2, 2, 8)),
-                jnp.zeros(4, jnp.int32),
-                1,
-                jnp.ones((8, 16)),
-                jnp.ones(16),
-                jnp.ones((1, 4, 4, 8)),
-                implementation="interpret",
-            ),
-            r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)",
-        ),
-        (
-            lambda: conv1x1_scatter_add(
-                jnp.ones((4, 2, 3, 8)),
-                jnp.zeros(4, jnp.int32),
-                1,
-                jnp.ones((8, 8)),
-                jnp.ones(8),
-                jnp.ones((1, 4, 4, 8)),
-                implementation="interpret",
-            ),
-            r"patches must be square S x S",
-        ),
+        (_patch_conv_call(starts=jnp.zeros((4, 3), jnp.int16)), r"starts.dtype=int16, expected int32"),
+        (_patch_conv_call(size=0), r"size=0; must be an int >= 1"),
+        (_scatter_call(w=jnp.ones((8, 16)), b=jnp.ones(16)), r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)"),
+        (_scatter_call(h=jnp.ones((4, 2, 3, 8))), r"patches must be square S x S"),
         (
             lambda: channel_gather_matmul(
                 jnp.ones((1, 4, 10)),
@@ -611,12 +536,6 @@ def test_jit_and_shard_map():
                 jnp.ones((1, 4, 8)), jnp.ones((8, 8)), jnp.ones(8), group_size=2, implementation="pallas"
             ),
             r"implementation='pallas' compiles a Triton GPU kernel",
-        ),
-        (
-            lambda: gather_matmul(
-                jnp.ones((16, 8)), jnp.zeros((4, 1), jnp.int32), jnp.ones((8, 8)), jnp.ones(8), implementation="cuda"
-            ),
-            r"choose one of",
         ),
         (lambda: TileConfig(block_m=48), r"block_m=48: must be a power of two >= 16"),
         (lambda: TileConfig(block_k=8), r"block_k=8"),
