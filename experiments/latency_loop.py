@@ -64,6 +64,7 @@ ALONE_DROPPED = OVERHEAD_SLOTS
 # Slots the planned whole-network program does not run: no host round trip per block, and
 # forced masks replace the maskers' decisions (their work is dead code). Index lists stay.
 NETWORK_DROPPED = ("host_sync", "masker_pool", "masker_conv", "gate_fc")
+TIE = 0.05  # a choice table calls measured sparse / dense within this of 1 a tie (single-block timing noise)
 READING_OPEN, READING_CLOSE = "<!-- reading -->", "<!-- /reading -->"
 
 
@@ -167,10 +168,11 @@ def build_cases(
         modes = tuple(s["mode"] for s in stages)
         sizes = tuple(int(s["granularity"]) for s in stages)
         picked = ", ".join(f"{m}" + (f" S={s}" if m == "spatial" else "") for m, s in zip(modes, sizes))
+        if "channel" in modes:
+            picked += f"; channel groups of {search_record['channel_granularity']}"
         cases["search"] = Case(
             "search",
-            f"{big_arch}, batch 1, searched on `{profile}` ({picked}; channel groups of "
-            f"{search_record['channel_granularity']}), rate 0.5",
+            f"{big_arch}, batch 1, searched on `{profile}` ({picked}), rate 0.5",
             {
                 **common,
                 **big,
@@ -473,10 +475,12 @@ def choice_table(result: dict[str, Any], base: dict[str, Any] | None) -> list[st
             lines.append(f"| {r['name']} | {r['plan']} | {guess} | - | {r['measured_dense_ms']:.2f} | - | - |")
             continue
         ratio = sparse_ms / r["measured_dense_ms"]
-        right = (ratio >= 1.0) == (r["plan"] == "dense")
+        right = "yes" if (ratio >= 1.0) == (r["plan"] == "dense") else "no"
+        if abs(ratio - 1.0) < TIE:
+            right = f"tie (within {100 * TIE:.0f}%)"
         lines.append(
             f"| {r['name']} | {r['plan']} | {guess} | {sparse_ms:.2f} | {r['measured_dense_ms']:.2f} | "
-            f"{ratio:.3f} | {'yes' if right else 'no'} |"
+            f"{ratio:.3f} | {right} |"
         )
     n = result["network"]
     lines.append("")
@@ -575,7 +579,7 @@ def render_markdown(report: dict[str, Any], reading: str) -> str:
             lines += ["", f"### With `latency_profile` ({report['profile']})", ""]
             lines += choice_table(choice, r)
             lines += ["", "Predicted vs measured in that run:", ""] + case_table(choice)
-    lines += ["", "Figures: `docs/latency_loop.json` (every benchmark record, prediction and slot time)."]
+    lines += ["", "Every benchmark record, prediction and per-slot predicted time: the JSON beside this file."]
     if report.get("plot"):
         lines += ["", f"![predicted vs measured block ratios]({report['plot']})"]
     return "\n".join(lines) + "\n"
@@ -602,9 +606,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
         if r["base"] is not None:
             continue
         rows = [x for x in r["rows"] if x["plan"] != "skip"]
-        ax.scatter([x["measured_ratio"] for x in rows], [x["predicted_ratio"] for x in rows], s=18, label=r["name"])
+        dots = ax.scatter(
+            [x["measured_ratio"] for x in rows], [x["predicted_ratio"] for x in rows], s=18, label=r["name"]
+        )
         n = r["network"]
-        ax.scatter([n["measured_ratio"]], [n["predicted_ratio"]], marker="*", s=140, edgecolor="k")
+        ax.scatter(
+            [n["measured_ratio"]],
+            [n["predicted_ratio"]],
+            marker="*",
+            s=160,
+            color=dots.get_facecolor()[0],
+            edgecolor="k",
+        )
     lo, hi = ax.get_xlim()[0], ax.get_xlim()[1]
     lo, hi = min(lo, ax.get_ylim()[0]), max(hi, ax.get_ylim()[1])
     grid = np.linspace(lo, hi, 2)
@@ -668,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     profile_path = local_profile_path() if args.profile == "local" else args.profile
     fit = ""
     if profile_path.endswith(".json") and os.path.exists(profile_path):
-        meta = profile_from_json(profile_path)[1]
+        meta = profile_from_json(profile_path)[1].get("meta", {})
         held = meta.get("held_out") or {}
         if "median_abs_rel_error" in held:
             fit = (
@@ -676,8 +689,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{100 * held['within_20pct']:.0f}% within 20%, {held['count']} blocks"
             )
     report: dict[str, Any] = {
-        "command": "PYTHONPATH=. python experiments/latency_loop.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(
+            ["PYTHONPATH=. python experiments/latency_loop.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "started": started,
         "profile": args.profile,
         "profile_path": os.path.relpath(profile_path, REPO) if os.path.isabs(profile_path) else profile_path,
