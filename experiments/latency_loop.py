@@ -26,7 +26,6 @@ markdown is kept when the file is rewritten.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -35,10 +34,9 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +50,7 @@ from laud_jax.latency.launches import LAUNCH_NAMES, OVERHEAD_SLOTS, ladder_capac
 from laud_jax.latency.predictor import block_launch_times, fixed_time
 from laud_jax.latency.profiles import local_profile_path, profile_from_json
 from laud_jax.latency.search import SEARCH_MODES
-from laud_jax.models import build_model, network_spec
+from laud_jax.models import network_spec
 from laud_jax.models.specs import MODEL_CONFIG_KEYS, BlockSpec, NetworkSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,25 +196,9 @@ def build_cases(
     return [cases[n] for n in names if n in cases]
 
 
-@contextlib.contextmanager
-def model_fields(extra: dict[str, Any] | None) -> Iterator[None]:
-    """Let ``run_benchmark`` build a model with config keys it has no flag for (the demo's
-    widths, depths, stem, masker input): its ``build_model`` gets them merged in."""
-    if not extra:
-        yield
-        return
-
-    def build(cfg: Any = None, **overrides: Any):
-        return build_model({**extra, **dict(cfg or {})}, **overrides)
-
-    with mock.patch.object(benchmark, "build_model", build):
-        yield
-
-
 def measure(case: Case) -> dict[str, Any]:
     """The benchmark record of one case (dense vs dynamic, per block and network)."""
-    with model_fields(case.extra_model):
-        return benchmark.run_benchmark(**case.settings)
+    return benchmark.run_benchmark(**case.settings, model_overrides=case.extra_model or {})
 
 
 # ----------------------------------------------------------------------------- prediction

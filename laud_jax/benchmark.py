@@ -19,7 +19,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -64,6 +64,7 @@ class BenchmarkSettings:
     capacity_steps: int = DEFAULT_CAPACITY_STEPS
     latency_profile: str | None = None
     seed: int = 0
+    model_overrides: tuple[tuple[str, Any], ...] = ()  # other model config keys, e.g. (("stem_width", 32),)
     blocks: bool = True
     masked: bool = True
     stepwise: bool = True
@@ -122,6 +123,8 @@ def run_benchmark(settings: BenchmarkSettings | None = None, /, **overrides: Any
     ``run_benchmark(arch="resnet50", mode="channel", rate=0.3, batch=8)``: keyword arguments
     are ``BenchmarkSettings`` fields (bad values raise ValueError).
     """
+    if isinstance(overrides.get("model_overrides"), Mapping):
+        overrides["model_overrides"] = tuple(sorted(overrides["model_overrides"].items()))
     args = dataclasses.replace(settings or BenchmarkSettings(), **overrides)
     load_before = os.getloadavg()
     run_config = None
@@ -138,6 +141,7 @@ def run_benchmark(settings: BenchmarkSettings | None = None, /, **overrides: Any
             "mask_groups": args.mask_groups,
             "channel_granularity": args.channel_granularity,
             "dtype": args.dtype,
+            **dict(args.model_overrides),
         }
         image_size = args.image_size
     model = build_model(model_cfg)
