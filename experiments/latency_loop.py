@@ -16,7 +16,7 @@ capacity ladder (checked against the recorded capacities). Settings:
   dense-then-masked per block).
 
     PYTHONPATH=. python experiments/latency_loop.py                # docs/latency_loop.{md,json,png}
-    PYTHONPATH=. python experiments/latency_loop.py --quick --out /tmp/loop   # resnet_tiny, seconds
+    PYTHONPATH=. python experiments/latency_loop.py --quick --out runs/latency_loop   # resnet_tiny, seconds
     PYTHONPATH=. python experiments/latency_loop.py --from-json docs/latency_loop.json   # re-render only
 
 A hand-written reading between ``<!-- reading -->`` and ``<!-- /reading -->`` in the
