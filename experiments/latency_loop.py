@@ -46,12 +46,14 @@ from tqdm import tqdm
 from laud_jax import benchmark
 from laud_jax.config_utils import load_config_file
 from laud_jax.latency import ENGINES, BlockShape, block_setting, get_profile, search
+from laud_jax.latency.chooser import setting_at_counts
 from laud_jax.latency.launches import LAUNCH_NAMES, OVERHEAD_SLOTS, ladder_capacity, static_twin
 from laud_jax.latency.predictor import block_launch_times, fixed_time
 from laud_jax.latency.profiles import local_profile_path, profile_from_json
 from laud_jax.latency.search import SEARCH_MODES
 from laud_jax.models import network_spec
 from laud_jax.models.specs import MODEL_CONFIG_KEYS, BlockSpec, NetworkSpec
+from laud_jax.sparse.routing import count_totals
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "quickstart.py"
@@ -204,41 +206,12 @@ def measure(case: Case) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- prediction
 
 
-def _totals(block: BlockSpec, batch: int) -> dict[str, int]:
-    """Units each routing count is out of (the engine's ``plan_block`` totals)."""
-    units = 1 if (block.channel and batch > 1) else batch
-    totals = {"samples": batch}
-    if block.spatial:
-        totals["cells"] = units * block.mask_grid[0] * block.mask_grid[1]
-        totals["pixels"] = units * block.conv1_hw[0] * block.conv1_hw[1]
-    if block.channel:
-        totals["groups"] = block.channel_groups
-    return totals
-
-
 def executed_setting(block: BlockSpec, counts: dict[str, int] | None, batch: int, dtype: str):
-    """The predictor's setting for a block at the densities the engine executed: each
-    recorded count over its total (static blocks: the static setting)."""
+    """The predictor's setting for a block at the densities the engine executed (static
+    blocks: the static setting)."""
     if block.mode == "static" or counts is None:
         return block_setting("static", batch=batch, dtype=dtype)
-    totals = _totals(block, batch)
-    rates: dict[str, float] = {}
-    if block.spatial:
-        rates["rho_spatial"] = counts["cells"] / totals["cells"]
-        rates["rho_conv1"] = counts["pixels"] / totals["pixels"]
-    if block.channel:
-        rates["rho_channel"] = counts["groups"] / totals["groups"]
-    if block.layer:
-        rates["rho_layer"] = counts["samples"] / batch
-    return block_setting(
-        block.mode,
-        block.granularity,
-        channel_granularity=block.channel_granularity,
-        mask_groups=block.mask_groups,
-        batch=batch,
-        dtype=dtype,
-        **rates,
-    )
+    return setting_at_counts(block, counts, batch, dtype)
 
 
 def predicted_capacities(block: BlockSpec, counts: dict[str, int] | None, batch: int, steps: int) -> dict[str, int]:
@@ -246,7 +219,7 @@ def predicted_capacities(block: BlockSpec, counts: dict[str, int] | None, batch:
     times the total, as ``launches._block_execution`` does)."""
     if block.mode == "static" or counts is None:
         return {}
-    totals = _totals(block, batch)
+    totals = count_totals(block, batch)
     keys = [k for k in ("cells", "pixels", "groups") if k in totals]
     if block.layer and batch > 1:
         keys.append("samples")

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from laud_jax.latency import PRESETS
+from laud_jax.latency.chooser import ExecutionChooser
 from laud_jax.models import build_model, network_spec
-from laud_jax.sparse import BlockPlan, ExecutionChooser, SparseEngine, capacity
+from laud_jax.sparse import BlockPlan, SparseEngine, capacity
 from laud_jax.sparse.synthetic import random_masks, random_variables
 
 IMAGE = (32, 48, 3)  # every map and mask grid has H != W

@@ -2,12 +2,11 @@
 
 from laud_jax.sparse.backends import BACKENDS, get_ops
 from laud_jax.sparse.engine import MaskPlan, RunInfo, SparseEngine, gate_shapes
-from laud_jax.sparse.routing import BlockPlan, ExecutionChooser, capacity, capacity_ladder
+from laud_jax.sparse.routing import BlockPlan, capacity, capacity_ladder
 
 __all__ = [
     "BACKENDS",
     "BlockPlan",
-    "ExecutionChooser",
     "MaskPlan",
     "RunInfo",
     "SparseEngine",

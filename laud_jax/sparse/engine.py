@@ -38,7 +38,6 @@ from laud_jax.sparse.routing import (
     COUNT_KEYS,
     DEFAULT_CAPACITY_STEPS,
     BlockPlan,
-    ExecutionChooser,
     block_routing,
     plan_block,
 )
@@ -260,7 +259,7 @@ class SparseEngine:
     ``latency_profile``: a hardware profile (preset name, ``"local"``, a profile JSON or a
     ``HardwareProfile``) for choosing, per block and plan, between sparse execution and the
     dense block with its masks applied, whichever the latency predictor says is faster
-    (``routing.ExecutionChooser``; ``latency_engine`` names the engine model, default the
+    (``laud_jax.latency.chooser.ExecutionChooser``; ``latency_engine`` names the engine model, default the
     backend's). None: every gated block with work runs sparse.
     """
 
@@ -292,6 +291,8 @@ class SparseEngine:
         self.dtype = jnp.dtype(self.config.dtype)
         self.chooser = None
         if latency_profile is not None and backend != "dense":
+            from laud_jax.latency.chooser import ExecutionChooser  # the predictor imports this package
+
             self.chooser = ExecutionChooser(latency_profile, latency_engine or backend, self.config.dtype)
         self._variables = variables
         self._networks: dict[tuple[int, ...], tuple[NetworkSpec, dict[str, Any]]] = {}

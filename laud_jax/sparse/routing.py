@@ -61,7 +61,7 @@ class BlockPlan:
     """Static execution choices for one block call (hashable: part of the jit cache key).
 
     ``run``: ``"dense"`` (the whole block; a gated block then applies its gates, exact for
-    any masks: static blocks, or where an :class:`ExecutionChooser` predicts it faster),
+    any masks: static blocks, or where ``latency.chooser.ExecutionChooser`` predicts it faster),
     ``"skip"`` (nothing of the residual branch runs) or ``"sparse"``. Capacities are slot counts for active mask cells,
     conv1 pixels, channel groups and samples. ``per_sample``: channel-gated blocks at
     batch > 1 loop over samples, each with its own channel set.
@@ -76,12 +76,13 @@ class BlockPlan:
 
 
 def plan_block(
-    spec: BlockSpec, counts: np.ndarray | None, batch: int, steps: int, chooser: ExecutionChooser | None = None
+    spec: BlockSpec, counts: np.ndarray | None, batch: int, steps: int, chooser: Any | None = None
 ) -> BlockPlan:
     """Choose the block's execution and capacities from its routing counts (host side).
 
-    With a ``chooser``, a block planned ``sparse`` runs ``dense`` (the whole block, then
-    masked) where the chooser predicts that faster at these capacities.
+    With a ``chooser`` (``laud_jax.latency.chooser.ExecutionChooser``), a block planned
+    ``sparse`` runs ``dense`` (the whole block, then masked) where the chooser predicts that
+    faster at these capacities.
     """
     plan = _sparse_plan(spec, counts, batch, steps)
     return plan if chooser is None else chooser.choose(spec, plan, batch)
@@ -94,111 +95,30 @@ def _sparse_plan(spec: BlockSpec, counts: np.ndarray | None, batch: int, steps: 
     per_sample = spec.channel and batch > 1
     if samples == 0 or (spec.spatial and cells == 0):
         return BlockPlan("skip", per_sample=per_sample)
+    totals = count_totals(spec, batch)
     kw: dict[str, Any] = {"per_sample": per_sample}
     if spec.layer:
-        kw["samples"] = capacity(samples, batch, steps)
+        kw["samples"] = capacity(samples, totals["samples"], steps)
     if spec.spatial:
-        grid = spec.mask_grid
-        h1, w1 = spec.conv1_hw
-        units = 1 if per_sample else batch
-        kw["cells"] = capacity(cells, units * grid[0] * grid[1], steps)
-        kw["pixels"] = capacity(pixels, units * h1 * w1, steps)
+        kw["cells"] = capacity(cells, totals["cells"], steps)
+        kw["pixels"] = capacity(pixels, totals["pixels"], steps)
     if spec.channel:
         # At least one slot: a block whose every group is off still adds its biases.
-        kw["groups"] = max(1, capacity(groups, spec.channel_groups, steps))
+        kw["groups"] = max(1, capacity(groups, totals["groups"], steps))
     return BlockPlan("sparse", **kw)
 
 
-class ExecutionChooser:
-    """Sparse or masked-dense per block, from the latency predictor (``laud_jax.latency``).
-
-    A block runs sparse where the predicted time of its sparse execution at the planned
-    capacities is below that of its static (dense) twin. The maskers, gates and index lists
-    run in either case (the drivers need the counts), so they are left out of the sparse
-    side. Predictions are made on the host CPU and cached per (block shape, plan, batch):
-    the capacity ladder keeps the number of distinct queries small.
-
-    ``profile``: a ``HardwareProfile``, a preset name, ``"local"`` (the fitted profile) or a
-    profile JSON path. ``engine``: the engine model's name (``laud_jax.latency.ENGINES``).
-    """
-
-    def __init__(self, profile: Any, engine: str, dtype: str = "float32"):
-        # Imported here: laud_jax.latency imports this module (the capacity ladder).
-        from laud_jax.latency.launches import get_engine
-        from laud_jax.latency.profiles import get_profile
-
-        self.profile = get_profile(profile) if isinstance(profile, str) else profile
-        self.engine = get_engine(engine)
-        self.engine_name = engine
-        self.dtype = str(dtype)
-        self._times: dict[tuple, tuple[float, float]] = {}
-
-    def predicted_ms(self, spec: BlockSpec, plan: BlockPlan, batch: int) -> tuple[float, float]:
-        """(sparse, dense) predicted milliseconds of the block's work under ``plan`` (cached)."""
-        key = (dataclasses.replace(spec, name="block", index=0, stage=0), plan, int(batch))
-        if key not in self._times:
-            from laud_jax.latency import BlockShape
-
-            with jax.default_device(jax.devices("cpu")[0]):  # never a round trip to an accelerator
-                setting = _planned_setting(spec, plan, int(batch), self.dtype)
-                sparse, dense = _sparse_and_dense_times(
-                    self.profile.as_arrays(), self.engine.as_arrays(), BlockShape.from_specs([spec]), setting
-                )
-                self._times[key] = (1e3 * float(sparse[0]), 1e3 * float(dense[0]))
-        return self._times[key]
-
-    def choose(self, spec: BlockSpec, plan: BlockPlan, batch: int) -> BlockPlan:
-        """``plan``, or ``dense`` where a ``sparse`` plan is predicted no faster than dense."""
-        if plan.run != "sparse":
-            return plan
-        sparse, dense = self.predicted_ms(spec, plan, batch)
-        return plan if sparse < dense else BlockPlan("dense")
-
-
-def _planned_setting(spec: BlockSpec, plan: BlockPlan, batch: int, dtype: str):
-    """The predictor's setting whose ladder-padded counts are the plan's capacities.
-
-    Each rate is (capacity - 1/2) / total: the predictor rounds an expected count up to a
-    whole unit and pads it to the ladder, which maps a ladder value to itself.
-    """
-    from laud_jax.latency import block_setting
-
-    def rate(slots: int, total: int) -> float:
-        return min(1.0, max(0.0, (slots - 0.5) / total))
-
-    units = 1 if plan.per_sample else batch
-    rates: dict[str, float] = {}
+def count_totals(spec: BlockSpec, batch: int) -> dict[str, int]:
+    """The number of units each routing count of a dynamic block is out of (per sample for
+    channel-gated blocks at batch > 1, which run one sample at a time)."""
+    units = 1 if (spec.channel and batch > 1) else batch
+    totals = {"samples": batch}
     if spec.spatial:
-        rates["rho_spatial"] = rate(plan.cells, units * spec.mask_grid[0] * spec.mask_grid[1])
-        rates["rho_conv1"] = rate(plan.pixels, units * spec.conv1_hw[0] * spec.conv1_hw[1])
+        totals["cells"] = units * spec.mask_grid[0] * spec.mask_grid[1]
+        totals["pixels"] = units * spec.conv1_hw[0] * spec.conv1_hw[1]
     if spec.channel:
-        rates["rho_channel"] = rate(plan.groups, spec.channel_groups)
-    if spec.layer:  # at batch 1 the predictor reads the layer rate as the odds of running
-        rates["rho_layer"] = 1.0 if batch == 1 else rate(plan.samples, batch)
-    setting = block_setting(
-        spec.mode,
-        spec.granularity,
-        channel_granularity=spec.channel_granularity,
-        mask_groups=spec.mask_groups,
-        batch=batch,
-        dtype=dtype,
-        **rates,
-    )
-    return jax.tree.map(lambda leaf: leaf[None], setting)
-
-
-@jax.jit
-def _sparse_and_dense_times(profile, engine, shapes, settings):
-    """Per block: predicted seconds of the sparse execution without the maskers, gates and
-    index lists (run either way), and of the static block (the same setting, mode 0)."""
-    from laud_jax.latency.predictor import block_masker_time, block_time
-
-    def one(shape, setting):
-        static = dataclasses.replace(setting, mode=jnp.zeros_like(setting.mode))
-        sparse = block_time(profile, engine, shape, setting) - block_masker_time(profile, engine, shape, setting)
-        return sparse, block_time(profile, engine, shape, static)
-
-    return jax.vmap(one)(shapes, settings)
+        totals["groups"] = spec.channel_groups
+    return totals
 
 
 _ROW = 128
