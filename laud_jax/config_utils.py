@@ -200,6 +200,13 @@ AUTO = "auto"  # model.mode / model.granularity: chosen by the latency search be
 AUTO_FIELDS = ("mode", "granularity")
 
 
+def model_dict(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """``config.model`` as a dict: unset fields dropped, ``num_classes`` from the data when 0."""
+    model = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    model["num_classes"] = model.get("num_classes") or num_classes
+    return model
+
+
 def _mentions_auto(value: Any) -> bool:
     if isinstance(value, str):
         return AUTO in (part.strip() for part in value.split(","))

@@ -57,9 +57,7 @@ def resolve_model_config(config: ml_collections.ConfigDict, info: data.DatasetIn
     """The model config with num_classes from the data; validated with the network spec."""
     from laud_jax import models
 
-    cfg = {k: v for k, v in config.model.to_dict().items() if v is not None}
-    if not cfg.get("num_classes"):
-        cfg["num_classes"] = info.num_classes
+    cfg = config_utils.model_dict(config, info.num_classes)
     try:
         models.network_spec(models.model_config(cfg), info.image_shape)
     except ValueError as e:

@@ -14,13 +14,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from laud_jax.config_utils import ConfigError, add_config_argument, parse_command_line, validate
+from laud_jax.config_utils import AUTO, AUTO_FIELDS, ConfigError, add_config_argument, parse_command_line, validate
 from laud_jax.latency.launches import ENGINES
 from laud_jax.latency.predictor import default_engine, predict
 from laud_jax.latency.profiles import HARDWARE_NAMES, get_profile, local_profile_path
 from laud_jax.latency.search import (
-    AUTO,
-    AUTO_FIELDS,
     CHANNEL_GRANULARITIES,
     GRANULARITIES,
     NUM_RATES,

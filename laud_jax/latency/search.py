@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from laud_jax.config_utils import AUTO, AUTO_FIELDS, model_dict
 from laud_jax.latency.launches import ENGINES, MODE_CODE, BlockSetting, BlockShape, EngineModel, block_macs, static_twin
 from laud_jax.latency.predictor import block_time, default_engine, fixed_time
 from laud_jax.latency.profiles import HardwareProfile, get_profile, local_profile_path
@@ -41,8 +42,6 @@ SEARCH_MODES = ("spatial", "channel", "layer")
 GRANULARITIES = (1, 2, 4, 7, 8, 14)
 CHANNEL_GRANULARITIES = (2, 4, 8)
 NUM_RATES = 20
-AUTO = "auto"  # config.model.mode / config.model.granularity value: chosen by the search
-AUTO_FIELDS = ("mode", "granularity")
 SEARCHABLE_MODES = tuple(m for m in MODES if m != "static")
 
 
@@ -328,11 +327,10 @@ def search_config(
     S; the channel group size stays ``model.channel_granularity``. ``image_shape`` and
     ``num_classes`` are the dataset's. Raises ValueError naming the config field.
     """
-    model = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    model = model_dict(config, num_classes)
     fields = auto_fields(model)
     if not fields:
         raise ValueError("neither model.mode nor model.granularity is 'auto': there is nothing to search")
-    model["num_classes"] = model.get("num_classes") or num_classes
     shape = {k: v for k, v in model.items() if k not in AUTO_FIELDS}
     if "mode" in fields:
         candidates = [MODE_ALIASES.get(m, m) for m in config.latency.modes]
