@@ -48,8 +48,3 @@ def stats_ms(times: Sequence[float]) -> dict[str, float]:
     """Median, min and max of wall seconds, in milliseconds."""
     ms = 1e3 * np.asarray(times, dtype=np.float64)
     return {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
-
-
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
-    """Median milliseconds of one callable (``time_side_by_side`` with one entry)."""
-    return stats_ms(time_side_by_side({"fn": fn}, repeats, warmup)["fn"])["median_ms"]
