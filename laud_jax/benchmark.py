@@ -71,6 +71,8 @@ class BenchmarkSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.model_overrides, Mapping):
+            object.__setattr__(self, "model_overrides", tuple(sorted(self.model_overrides.items())))
         if isinstance(self.mode, str) and "," in self.mode:
             object.__setattr__(self, "mode", tuple(m.strip() for m in self.mode.split(",")))
         if not self.checkpoint and not 0.0 <= self.rate <= 1.0:
@@ -123,8 +125,6 @@ def run_benchmark(settings: BenchmarkSettings | None = None, /, **overrides: Any
     ``run_benchmark(arch="resnet50", mode="channel", rate=0.3, batch=8)``: keyword arguments
     are ``BenchmarkSettings`` fields (bad values raise ValueError).
     """
-    if isinstance(overrides.get("model_overrides"), Mapping):
-        overrides["model_overrides"] = tuple(sorted(overrides["model_overrides"].items()))
     args = dataclasses.replace(settings or BenchmarkSettings(), **overrides)
     load_before = os.getloadavg()
     run_config = None
