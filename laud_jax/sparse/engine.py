@@ -454,7 +454,9 @@ class SparseEngine:
         if not binary.all():
             i = int(np.argmin(binary))
             raise ValueError(f"masks[{i}] must hold hard 0/1 values")
-        plans = tuple(plan_block(b, c, batch, self.capacity_steps, self.chooser) for b, c in zip(spec.blocks, counts))
+        plans = tuple(
+            self._choose(b, plan_block(b, c, batch, self.capacity_steps), batch) for b, c in zip(spec.blocks, counts)
+        )
         return MaskPlan(spec, batch, forced, plans, [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)])
 
     def _choose(self, spec: BlockSpec, plan: BlockPlan, batch: int) -> BlockPlan:
@@ -484,7 +486,7 @@ class SparseEngine:
         batch = images.shape[0]
         for i, block in enumerate(blocks):
             host_counts = None if block.mode == "static" else np.asarray(counts)  # the host round trip
-            plan = plan_block(block, host_counts, batch, self.capacity_steps, self.chooser)
+            plan = self._choose(block, plan_block(block, host_counts, batch, self.capacity_steps), batch)
             plans.append(plan)
             count_log.append(self._count_dict(block, host_counts) if host_counts is not None else None)
             last = i + 1 == len(blocks)

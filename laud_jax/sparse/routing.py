@@ -75,20 +75,8 @@ class BlockPlan:
     per_sample: bool = False
 
 
-def plan_block(
-    spec: BlockSpec, counts: np.ndarray | None, batch: int, steps: int, chooser: Any | None = None
-) -> BlockPlan:
-    """Choose the block's execution and capacities from its routing counts (host side).
-
-    With a ``chooser`` (``laud_jax.latency.chooser.ExecutionChooser``), a block planned
-    ``sparse`` runs ``dense`` (the whole block, then masked) where the chooser predicts that
-    faster at these capacities.
-    """
-    plan = _sparse_plan(spec, counts, batch, steps)
-    return plan if chooser is None else chooser.choose(spec, plan, batch)
-
-
-def _sparse_plan(spec: BlockSpec, counts: np.ndarray | None, batch: int, steps: int) -> BlockPlan:
+def plan_block(spec: BlockSpec, counts: np.ndarray | None, batch: int, steps: int) -> BlockPlan:
+    """Choose the block's execution and capacities from its routing counts (host side)."""
     if spec.mode == "static":
         return BlockPlan("dense")
     cells, pixels, groups, samples = (int(c) for c in np.asarray(counts))
