@@ -1,12 +1,15 @@
 """Quickstart: embedded cluttered MNIST (64x64), resnet_small, CPU, minutes on 2 cores.
 
-Phase 1 trains a static teacher (WORKDIR/teacher). Phase 2 trains the spatially dynamic
-model at target MAC rate t = 0.5 (WORKDIR), initialized from the teacher and distilled
-from it.
+Before training, the latency search picks the dynamic mode and granularity per stage for
+this machine at batch 1 (the local profile; fitted first when missing, ~1 min). Phase 1
+trains a static teacher (WORKDIR/teacher). Phase 2 trains the dynamic model at target MAC
+rate t = 0.5 (WORKDIR), initialized from the teacher and distilled from it.
   python -m laud_jax.train --exp configs/quickstart.py --workdir runs/quickstart
+  python -m laud_jax.latency search --exp configs/quickstart.py   # the search alone, printed
+  configs/quickstart_spatial.py: the hand-picked spatial masks (S = 2/2/1/1) instead
 """
 
-from laud_jax.config_utils import base_config
+from laud_jax.config_utils import AUTO, base_config
 
 
 def get_config():
@@ -19,11 +22,17 @@ def get_config():
     config.model.stage_depths = (2, 2, 2, 1)
     config.model.stem_width = 32
     config.model.zero_init_residual = True
-    config.model.mode = "spatial"
-    config.model.granularity = (2, 2, 1, 1)  # stage grids 32/16/8/4 -> mask grids 16/8/8/4
-    # The masker sees its pooled features standardized over the mask grid: on canvases that
-    # are mostly blank, plain pooled features let the sparsity push switch off the digit first.
+    # Chosen by the latency search (laud_jax.latency) before training, for batch 1 on the
+    # local profile; candidates: latency.modes x latency.granularities.
+    config.model.mode = AUTO
+    config.model.granularity = AUTO
+    # If the search picks spatial masks: the masker sees its pooled features standardized over
+    # the mask grid (on mostly blank canvases, plain pooled features let the sparsity push
+    # switch off the digit first).
     config.model.masker_input = "standardized"
+    config.latency.hardware = "local"
+    config.latency.calibrate_configs = 60  # no local profile yet: fit one first (~1 min)
+    config.latency.batch = 1
     config.data.name = "cluttered_mnist"
     config.data.image_size = 64
     config.batch_size = 64

@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
         dict(  # the latency search that resolves model.mode / model.granularity = 'auto'
             hardware="local",  # preset (v100, a100, ...), 'local' (fitted: latency calibrate) or profile .json
             fallback_hardware="v100",  # preset used, with a warning, when 'local' has no fitted profile
+            # 'local' without a fitted profile: fit one first (latency calibrate with this many
+            # block configurations, ~1 s each on 2 CPU cores) instead of using fallback_hardware; 0 = don't
+            calibrate_configs=0,
             engine="",  # engine model: '' = the hardware's (xla for local, pallas for GPU presets)
             batch=0,  # images per call the search assumes (0 = eval_batch_size)
             modes=("spatial", "channel", "layer"),  # candidate modes for model.mode='auto'
@@ -229,6 +232,11 @@ def _check_auto(config: ml_collections.ConfigDict) -> None:
     latency = config.latency
     _require(bool(latency.hardware), "latency.hardware is empty; name a preset, 'local' or a profile .json.")
     _require(latency.batch >= 0, f"latency.batch={latency.batch} must be >= 0 (0 = eval_batch_size).")
+    _require(
+        latency.calibrate_configs == 0 or latency.calibrate_configs >= 20,
+        f"latency.calibrate_configs={latency.calibrate_configs} must be 0 (use fallback_hardware) or >= 20 "
+        "(the fit has 11 free parameters).",
+    )
     _require(
         len(latency.modes) > 0 and all(isinstance(m, str) for m in latency.modes),
         f"latency.modes={latency.modes!r} must be a non-empty list of modes, e.g. spatial,channel,layer.",

@@ -104,6 +104,7 @@ def _search_record(config: ml_collections.ConfigDict, info: data.DatasetInfo, fi
 
     where = f"latency search for model.{'/'.join(fields)}='auto'"
     latency = config.latency
+    _calibrate_if_missing(latency, where)
     try:
         hardware = resolve_hardware(latency.hardware, latency.engine, latency.fallback_hardware)
         result = search_config(config, info.image_shape, info.num_classes, hardware)
@@ -128,6 +129,29 @@ def _search_record(config: ml_collections.ConfigDict, info: data.DatasetInfo, fi
             flush=True,
         )
     return record
+
+
+def _calibrate_if_missing(latency: ml_collections.ConfigDict, where: str) -> None:
+    """Fit the local latency profile first when the search needs it, it is missing and
+    ``latency.calibrate_configs`` asks for it (a bounded number of timed block configurations)."""
+    from laud_jax.latency.calibrate import calibrate_local
+    from laud_jax.latency.profiles import local_profile_path
+
+    path = local_profile_path()
+    if latency.hardware.lower() != "local" or not latency.calibrate_configs or os.path.exists(path):
+        return
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"{where}: no fitted local profile at {path}; fit it once on one host "
+            "(python -m laud_jax.latency calibrate) before a multi-process run."
+        )
+    print(
+        f"[latency search] no fitted local profile at {path}: timing {latency.calibrate_configs} block "
+        f"configurations of the sparse engine first (~{latency.calibrate_configs} s on 2 CPU cores; "
+        "python -m laud_jax.latency calibrate does the same)",
+        flush=True,
+    )
+    calibrate_local(out=path, measurements=None, configs=latency.calibrate_configs, repeats=5, holdout=0.3, seed=0)
 
 
 def search_summary(record: dict[str, Any]) -> dict[str, Any]:

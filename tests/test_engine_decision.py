@@ -195,3 +195,32 @@ def test_benchmark_and_evaluate_report_the_choice(tmp_path, capsys):
     latency = evaluate.measure_latency(cfg, variables, x, backend="xla", repeats=2, warmup=1, latency_profile=path)
     assert latency["gated_runs"]["dense"] + latency["gated_runs"]["skip"] == len(network_spec(cfg, IMAGE).blocks)
     assert latency["max_logit_difference"] < 1e-3
+
+
+def test_blocks_whose_gates_switch_everything_off_are_skipped_on_the_device():
+    """Plans made for inputs that execute every block, run on masks that switch some blocks
+    off entirely: the logits stay exact, and the compiled program decides per block with one
+    conditional (the switched-off block is not computed and masked, it is skipped)."""
+    cfg, model, variables = setup(tuple(sorted(MIXED.items())))
+    spec = network_spec(cfg, IMAGE)
+    batch = 1
+    on = random_masks(spec, batch, 1.0, seed=2)
+    off = random_masks(spec, batch, 0.5, seed=4)
+    gated = [i for i, block in enumerate(spec.blocks) if block.spatial or block.layer]
+    for i in gated[::2]:  # every other gated block: nothing executes
+        off[i] = {key: np.zeros_like(value) if key in ("spatial", "layer") else value for key, value in off[i].items()}
+    engine = SparseEngine(cfg, variables)
+    planned = engine.plan_masks(on, IMAGE, batch)
+    assert set(planned.plans[i].run for i in gated) == {"sparse"}
+    kept = dataclasses.replace(planned, forced=engine.plan_masks(off, IMAGE, batch).forced)
+    x = jax.random.normal(jax.random.key(6), (batch, *IMAGE))
+    logits, info = engine.apply(x, masks=kept)
+    assert info.plans == list(planned.plans)
+    assert_close(logits, reference(model, variables, x, off))
+    from laud_jax.sparse import engine as engine_module
+
+    _, folded = engine.network(IMAGE)
+    text = engine_module._planned_network.lower(
+        engine.ops, spec, planned.plans, engine.dtype, folded, x, kept.forced, np.float32(0.0)
+    ).as_text()
+    assert text.count("stablehlo.case") + text.count("stablehlo.if") == len(gated)

@@ -11,17 +11,19 @@ from conftest import REPO_ROOT
 from laud_jax import checkpointing, config_utils, data, train
 from laud_jax.latency import PRESETS, predict, resolve_hardware, search_config
 from laud_jax.latency.cli import main as cli
+from laud_jax.latency.profiles import profile_to_json
 from laud_jax.models import network_spec
 
-QUICKSTART = os.path.join(REPO_ROOT, "configs", "quickstart.py")
-QUICKSTART_AUTO = os.path.join(REPO_ROOT, "configs", "quickstart_auto.py")
+QUICKSTART = os.path.join(REPO_ROOT, "configs", "quickstart.py")  # model.mode / granularity 'auto'
+QUICKSTART_SPATIAL = os.path.join(REPO_ROOT, "configs", "quickstart_spatial.py")  # neither 'auto'
 TINY = os.path.join(REPO_ROOT, "configs", "tiny.py")
 V100 = resolve_hardware("v100")
 search_lib = importlib.import_module("laud_jax.latency.search")  # the module (the package exports the function)
 
 
 def quickstart(**model):
-    config = config_utils.load_config_file(QUICKSTART_AUTO)
+    config = config_utils.load_config_file(QUICKSTART)
+    config.latency.batch = 0  # the search's batch: the config's eval batch (500)
     for key, value in model.items():
         config.model[key] = value
     return config
@@ -92,7 +94,7 @@ def test_cli_search_from_config_and_its_errors(tmp_path, capsys):
         [
             "search",
             "--exp",
-            QUICKSTART,
+            QUICKSTART_SPATIAL,
             "--exp.model.stage_widths=16,32,64,128",
             "--hardware",
             "v100",
@@ -198,3 +200,36 @@ def test_bad_auto_usage_is_a_one_line_error_before_anything_is_written(tmp_path,
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not os.path.exists(workdir)
+
+
+def test_trainer_fits_a_missing_local_profile_first_when_asked(tmp_path, monkeypatch, capsys):
+    """latency.calibrate_configs > 0: the missing local profile is fitted (announced up front),
+    then searched on; nothing falls back to a preset."""
+    path = tmp_path / "local.json"
+    monkeypatch.setenv("LAUD_JAX_LOCAL_PROFILE", str(path))
+    calls = []
+
+    def fake_calibration(*, out, configs, **kwargs):  # the real one times ~1 s per configuration
+        print("timing now")
+        calls.append((out, configs))
+        profile_to_json(PRESETS["a100"], out, name="local")
+
+    monkeypatch.setattr("laud_jax.latency.calibrate.calibrate_local", fake_calibration)
+    workdir = str(tmp_path / "run")
+    flags = ["--exp.num_steps=2", "--exp.log_every_steps=2", "--exp.checkpoint.every_steps=2"]
+    auto = ["--exp.model.granularity=auto", "--exp.latency.calibrate_configs=24"]
+    assert train.main(["--exp", TINY, "--workdir", workdir, *auto, *flags]) == 0
+    out, err = capsys.readouterr()
+    assert calls == [(str(path), 24)]
+    announced = out.index("timing 24 block configurations")
+    assert announced < out.index("timing now") < out.index("[latency search] local")
+    assert "preset instead" not in err
+    config = tiny_auto_config(**{"model.granularity": "auto"})
+    info = data.dataset_info(config.data)
+    expected = search_config(config, info.image_shape, info.num_classes, resolve_hardware(str(path)))
+    with open(os.path.join(workdir, train.SEARCH_FILE)) as f:
+        recorded = json.load(f)
+    assert recorded["model_update"] == {"granularity": list(expected.granularity)}
+    bad = ["--exp.latency.calibrate_configs=5"]
+    assert train.main(["--exp", TINY, "--workdir", str(tmp_path / "other"), *auto[:1], *bad]) != 0
+    assert "latency.calibrate_configs=5 must be 0" in capsys.readouterr().err

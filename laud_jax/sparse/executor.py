@@ -9,6 +9,7 @@ everything and multiplies by the masks (what the training-form model does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -330,6 +331,30 @@ def run_block(
         identity, base, x = lax.optimization_barrier((identity, base, x))
     if plan.run == "skip":
         return base
+    work = _any_output(gates)
+    if work is None:
+        return _gated_block(ops, spec, plan, p, x, gates, routing, identity, base)
+    # Gates that switch off every sample's output: the block is its shortcut, decided on the
+    # device (exact for any gate values, so a plan kept across inputs stays exact and fast).
+    return lax.cond(
+        work,
+        lambda: _gated_block(ops, spec, plan, p, x, gates, routing, identity, base).astype(base.dtype),
+        lambda: base,
+    )
+
+
+def _any_output(gates: dict[str, Any]) -> jax.Array | None:
+    """Whether the gates may let any output of the block differ from the shortcut: some
+    spatial cell and some layer gate on (channel gates alone never switch a block off:
+    skipped channels may carry constants). None: the block has neither gate."""
+    terms = [jnp.any(gates[key] > 0) for key in ("spatial", "layer") if gates.get(key) is not None]
+    if not terms:
+        return None
+    return functools.reduce(jnp.logical_and, terms)
+
+
+def _gated_block(ops, spec, plan, p, x, gates, routing, identity, base) -> jax.Array:
+    """``run_block`` past the shortcut, for a plan that runs the branch."""
     if plan.run == "dense":  # gated blocks: computed densely, then masked (exact for any masks)
         branch = masked_branch(ops, spec, p, x, gates) if gates else dense_branch(ops, spec, p, x, full_branch(spec, p))
         return jax.nn.relu(identity + branch)
