@@ -48,6 +48,7 @@ def test_default_configuration_holds_the_bar_on_sm90(launch):
     assert m.occupancy_warps >= report.MIN_OCCUPANCY_WARPS, (
         f"{where}: occupancy {m.occupancy_warps} warps/SM (limited by {m.occupancy_limiter})"
     )
+    assert m.loop_trips in (None, launch.k_steps), f"{where}: main loop runs {m.loop_trips} trips, not {launch.k_steps}"
 
 
 # ---- parsing, on kernels whose resource use is known ------------------------------------
@@ -127,6 +128,130 @@ def test_forced_register_limit_is_reported_as_spills():
     assert ops.get("STL", 0) > 0 and ops.get("LDL", 0) > 0
 
 
+# ---- reading the main loop --------------------------------------------------------------
+
+PTX_TWO_LOOPS = """
+.visible .entry k(
+)
+{
+	mov.b32 	%r9, 0;
+$L__BB0_1:                              // a copy loop: no matmul
+	add.s32 	%r9, %r9, 1;
+	setp.lt.s32 	%p1, %r9, 4;
+	bar.sync 	0;
+	@%p1 bra 	$L__BB0_1;
+	mov.b32 	%r265, 2;
+	mov.b32 	%r264, 32;
+$L__BB0_2:                              // =>This Inner Loop Header: Depth=1
+	setp.ne.b32 	%p15, %r265, 73;
+	cp.async.wait_group 	2;
+	bar.sync 	0;
+	wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%r1,%r2}, %rd20, %rd21, %p13, 1, 1, 0, 1;
+	cp.async.wait_group 	1;
+	@%p5 cp.async.ca.shared.global [ %r115 + 0 ], [ %rd28 + 0 ], 0x4, %r116;
+	cp.async.commit_group;
+	bar.sync 	0;
+	bar.sync 	0;
+	add.s32 	%r265, %r265, 1;
+	add.s32 	%r264, %r264, 32;
+	setp.ne.b32 	%p21, %r265, 74;
+	@%p21 bra 	$L__BB0_2;
+// %bb.3:
+	cp.async.wait_group 	0;
+	bar.sync 	0;
+	ret;
+}
+"""
+
+
+def test_ptx_main_loop_is_the_matmul_loop():
+    lines, first, last = report.ptx_loop(PTX_TWO_LOOPS)
+    assert lines[first].startswith("$L__BB0_2:") and lines[last] == "@%p21 bra \t$L__BB0_2;"
+    # the tightest wait in the loop (wait_group 1), its three barriers; not the loop
+    # before it, nor the drain after it
+    assert report.ptx_main_loop(PTX_TWO_LOOPS) == report.MainLoop(wait_depth=1, barriers=3)
+    assert report.ptx_loop_trips(PTX_TWO_LOOPS) == 72  # %r265 runs 2 .. 74
+
+
+def test_ptx_main_loop_without_loop_or_wait():
+    no_matmul = PTX_TWO_LOOPS.replace("wgmma.mma_async", "mov.b32")
+    assert report.ptx_loop(no_matmul) is None and report.ptx_main_loop(no_matmul) is None
+    # only the first loop, its barrier turned into an MMA: no wait, no barrier
+    first_only = PTX_TWO_LOOPS.split("$L__BB0_2:")[0].replace("bar.sync \t0", "wgmma.mma_async.sync.aligned")
+    assert report.ptx_main_loop(first_only) == report.MainLoop(wait_depth=None, barriers=0)
+    assert report.ptx_loop_trips(first_only) == 4  # %r9 runs 0 .. 4 (lt)
+
+
+@pytest.mark.parametrize(
+    "edit, trips",
+    [
+        (("setp.ne.b32 \t%p21, %r265, 74;", "setp.lt.u32 \t%p21, %r265, 75;"), 73),  # lt: ceil
+        (("add.s32 \t%r265, %r265, 1;", "add.s32 \t%r265, %r265, 2;"), 36),
+        (("add.s32 \t%r265, %r265, 1;", "add.s32 \t%r265, %r265, 5;"), None),  # ne never met
+        (("@%p21 bra", "@!%p21 bra"), None),  # ne with a negated branch: not a counted loop
+        (("setp.ne.b32 \t%p21, %r265, 74;", "setp.eq.s32 \t%p21, %r265, 74;"), None),
+        (("mov.b32 \t%r265, 2;", "mov.b32 \t%r265, %r7;"), None),  # start not a constant
+        (("setp.ne.b32 \t%p21, %r265, 74;", "setp.ne.b32 \t%p21, %r265, %r8;"), None),  # dynamic bound
+    ],
+)
+def test_ptx_loop_trips_forms(edit, trips):
+    assert report.ptx_loop_trips(PTX_TWO_LOOPS.replace(*edit)) == trips
+
+
+def test_ptx_loop_trips_compared_before_the_increment():
+    ptx = PTX_TWO_LOOPS.replace("\tsetp.ne.b32 \t%p21, %r265, 74;\n", "").replace(
+        "\tadd.s32 \t%r265, %r265, 1;\n", "\tsetp.ne.b32 \t%p21, %r265, 73;\n\tadd.s32 \t%r265, %r265, 1;\n"
+    )
+    assert report.ptx_loop_trips(ptx) == 72  # compares 2 .. 73 before each add
+
+
+def test_main_loop_of_a_compiled_conv2():
+    """The engine's conv2 at rate 0.5 on the stage-3 first block (batch 1, S = 2, bf16,
+    sm_90): a 2 x 4 grid, 9 taps x 8 channel chunks per CTA, and the loop waits for every
+    copy each step (the per-pixel row map is loaded inside the K loop)."""
+    [launch] = [
+        launch
+        for launch in report.engine_launches(["resnet50"], [1], ["bfloat16"], [2], densities=[0.5])
+        if launch.where == "stage3.first conv2"
+    ]
+    [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=90))
+    assert kernel.grid == (2, 4, 1) and launch.k_steps == 72 and launch.split_k == 1
+    compiled = cuda_build.compile_kernel(kernel, 90)
+    assert report.ptx_loop_trips(compiled.ptx) == 72
+    loop = report.ptx_main_loop(compiled.ptx)
+    assert loop.wait_depth == 0 and loop.barriers >= 1
+    # ptxas keeps the wait: DEPBAR.LE SB0, 0x0 in the SASS
+    import triton
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.cubin)
+        sass = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    assert "DEPBAR.LE SB0, 0x0" in sass
+
+
+def test_capacities_at_half_rate():
+    """Rate 0.5 sizes the lists as the engine's routing does: half the cells rounded up
+    to the capacity ladder, conv1 pixels from the dilated mask; where that covers the map
+    (S = 1 at stride 1, or stage 4's single 7 x 7 patch) the engine runs conv1 densely and
+    conv2 without a row map."""
+    launches = report.engine_launches(["resnet50"], [1], ["bfloat16"], [1, 2, 7], densities=[1.0, 0.5])
+    by = {(launch.where, launch.patch_size, launch.density, launch.kernel): launch for launch in launches}
+    stage3 = by[("stage3.first conv2", 2, 1.0, "patch_conv")].block
+    cells, pixels = report.spatial_capacities(stage3, 2, 1, 0.5)
+    assert cells == 25 and pixels < 28 * 28  # 49 cells: ceil(24.5), on the ladder
+    assert report.spatial_capacities(stage3, 2, 1, 1.0) == (49, 784)
+    assert ("stage3.first conv1", 2, 0.5, "gather_matmul") in by
+    for where, size, hw in (("stage3.rest", 1, 14), ("stage4.rest", 7, 7)):
+        assert (f"{where} conv1", size, 0.5, "gather_matmul") not in by  # dense conv1
+        whole = by[(f"{where} conv2", size, 0.5, "patch_conv")]
+        assert len(whole.args) == 4 and f"<-{hw * hw}x" in whole.shape and " map/" in whole.shape
+    assert report.group_capacity(128, 0.5) == 64 and report.group_capacity(128, 1.0) == 128
+
+
 def test_parsers_on_tool_output():
     log = (
         "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
@@ -174,7 +299,9 @@ def test_cli_writes_json_records(tmp_path):
             "--kernels",
             "gather_matmul",
             "--stages",
-            "4",
+            "3",
+            "--models",
+            "resnet50",
             "--dtype",
             "bfloat16",
             "--jobs",
@@ -187,7 +314,7 @@ def test_cli_writes_json_records(tmp_path):
         ]
     )
     records = json.loads(out.read_text())
-    assert len(records) == 2  # stage 4: first and later blocks
+    assert len(records) == 4  # stage 3's first and later blocks (S = 2) at rates 1 and 0.5
     for record in records:
         for key in (
             "kernel",
@@ -199,12 +326,27 @@ def test_cli_writes_json_records(tmp_path):
             "occupancy_warps",
             "tensor_core",
             "predicted_us",
+            "density",
+            "ctas",
+            "k_steps",
+            "wait_depth",
+            "barriers_per_step",
+            "split_k",
         ):
             assert key in record
         assert record["kernel"] == "gather_matmul" and record["target"] == "sm_90"
         assert record["tensor_core"] is True
         assert record["predicted_on"] == "h100" and record["predicted_us"] > 0
-    assert "| gather_matmul | bfloat16 | sm_90 | 2 |" in md.read_text()
+        assert record["ctas"] == record["grid"][0] * record["grid"][1] * record["grid"][2]
+        assert record["k_steps"] == record["loop_trips"]
+        assert record["wait_depth"] == 2 and record["split_k"] == 1  # 3 stages: two copies in flight
+    # K = 512 / 1024 in 32-channel steps; 784 / 196 rows at rate 1, 490 / 178 at 0.5, in
+    # 64-row tiles times 256 / 64 output-channel tiles
+    grids = sorted((r["density"], r["k_steps"], r["ctas"]) for r in records)
+    assert grids == [(0.5, 16, 8 * 4), (0.5, 32, 3 * 4), (1.0, 16, 13 * 4), (1.0, 32, 4 * 4)]
+    text = md.read_text()
+    assert "| gather_matmul | bfloat16 | sm_90 | 4 |" in text
+    assert "| CTAs | K steps | split | wait | bar/step |" in text
 
 
 def test_bar_failures_name_kernel_shape_and_figure():

@@ -9,10 +9,13 @@ triton package to PTX and a cubin, and measured with the NVIDIA tools Triton shi
 `ptxas -v` (registers, spill stores/loads, stack frame) and `cuobjdump` (resource
 usage, SASS). From those: shared memory per block, theoretical occupancy (resident warps
 per SM under the register, shared-memory and warp limits) and whether the matmul runs
-on tensor cores (HGMMA on Hopper / HMMA on Ampere in the SASS, not FFMA loops). Each
-record also carries the latency predictor's time for that launch on the target's preset
-(`laud_jax.latency`: sm_90 -> `h100`, sm_80 -> `a100`; the `pallas` engine model at
-density 1, the capacities the report compiles).
+on tensor cores (HGMMA on Hopper / HMMA on Ampere in the SASS, not FFMA loops). From the
+PTX main loop (the K loop): how many async copies stay in flight at its wait and its
+barriers per step; from the launch: the grid's CTAs and the K steps each runs. Launches
+are listed with full index lists (density 1) and at the engine's capacities for rate 0.5.
+Each record also carries the latency predictor's time for that launch on the target's
+preset (`laud_jax.latency`: sm_90 -> `h100`, sm_80 -> `a100`; the `pallas` engine model
+at the launch's density).
 
     python -m laud_jax.gpu_check.report                     # full table (minutes; cached)
     python -m laud_jax.gpu_check.report --quick             # one S, batch 1, sm_90
@@ -26,7 +29,9 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -41,9 +46,10 @@ import jax.numpy as jnp
 
 from laud_jax.gpu_check import cuda_build
 from laud_jax.latency import PRESETS, BlockShape, block_setting
-from laud_jax.latency.launches import LAUNCH_NAMES, get_engine
+from laud_jax.latency.launches import LAUNCH_NAMES, dilated_density, get_engine
 from laud_jax.latency.predictor import block_launch_times
 from laud_jax.models.specs import ARCHS, BlockSpec, network_spec
+from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
 from pallas_kernels._common import TileConfig, channel_tile
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
@@ -133,6 +139,91 @@ def sass_op_counts(sass: str) -> dict[str, int]:
     return dict(counts)
 
 
+# ---- reading the main loop (the K loop) from the PTX --------------------------------------
+# Triton emits one PTX loop per K loop, one K step per trip (ptxas may unroll it in the
+# SASS); its `cp.async.wait_group N` becomes the SASS `DEPBAR.LE SB0, N`.
+
+
+@dataclasses.dataclass(frozen=True)
+class MainLoop:
+    """The K loop of a kernel, per trip (one K step)."""
+
+    wait_depth: int | None  # N of its tightest cp.async.wait_group N (0: drained every step; None: no wait)
+    barriers: int  # CTA-wide barriers (bar.sync)
+
+
+PTX_LABEL = re.compile(r"^(\$?[\w$]+):")
+PTX_BRANCH = re.compile(r"^(?:@(!?)(%p\d+)\s+)?bra(?:\.uni)?\s+(\$?[\w$]+);")
+PTX_MATH = re.compile(r"^(?:@!?%p\d+\s+)?(?:wgmma\.mma_async|mma\.sync|fma\.rn\.f32)\b")
+
+
+def ptx_loop(ptx: str) -> tuple[list[str], int, int] | None:
+    """The PTX lines (comments stripped) and the main loop's (header, back edge) lines:
+    of the loops (a branch back to an earlier label), the one holding the most matmul
+    instructions (wgmma / mma / fma), the innermost one on a tie. None without one."""
+    lines = [line.split("//")[0].strip() for line in ptx.splitlines()]
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := PTX_LABEL.match(line))}
+    math_lines = [bool(PTX_MATH.match(line)) for line in lines]
+    best, span = (0, 0), None
+    for last, line in enumerate(lines):
+        branch = PTX_BRANCH.match(line)
+        first = labels.get(branch.group(3), last) if branch else last
+        key = (sum(math_lines[first : last + 1]), first - last)
+        if first < last and key[0] and key > best:
+            best, span = key, (first, last)
+    return None if span is None else (lines, *span)
+
+
+def ptx_main_loop(ptx: str) -> MainLoop | None:
+    """Wait depth and barriers of the PTX main loop (None without a loop)."""
+    found = ptx_loop(ptx)
+    if found is None:
+        return None
+    lines, first, last = found
+    body = lines[first : last + 1]
+    waits = [int(m.group(1)) for line in body if (m := re.match(r"cp\.async\.wait_group\s+(\d+);", line))]
+    barriers = sum(bool(re.match(r"(?:@!?%p\d+\s+)?bar(?:rier)?\.sync\b", line)) for line in body)
+    return MainLoop(wait_depth=min(waits, default=None), barriers=barriers)
+
+
+def ptx_loop_trips(ptx: str) -> int | None:
+    """Trips of the PTX main loop when its counter runs between constants: `mov.b32 %r, A`
+    before the loop, `add.s32 %r, %r, step` and `setp.ne|lt.* %p, %r, B` in it, and the
+    back edge taken on %p (`@%p bra`; `@!%p` with eq|ge). None for any other form."""
+    found = ptx_loop(ptx)
+    if found is None:
+        return None
+    lines, first, last = found
+    branch = PTX_BRANCH.match(lines[last])
+    if branch is None or branch.group(2) is None:
+        return None
+    negated, predicate = branch.group(1) == "!", re.escape(branch.group(2))
+    compares = [
+        (i, m.group(1), m.group(2), int(m.group(3)))
+        for i in range(first, last)
+        if (m := re.match(rf"setp\.(\w+)\.[bsu]32\s+{predicate},\s*(%r\d+),\s*(-?\d+);", lines[i]))
+    ]
+    if not compares:
+        return None
+    at, op, counter, bound = compares[-1]
+    if (op, negated) not in {("ne", False), ("lt", False), ("eq", True), ("ge", True)}:
+        return None
+    reg = re.escape(counter)
+    steps = [
+        (i, int(m.group(1)))
+        for i in range(first, last)
+        if (m := re.match(rf"add\.s32\s+{reg},\s*{reg},\s*(-?\d+);", lines[i]))
+    ]
+    starts = [int(m.group(1)) for line in lines[:first] if (m := re.match(rf"mov\.[bsu]32\s+{reg},\s*(-?\d+);", line))]
+    if len(steps) != 1 or steps[0][1] <= 0 or not starts:
+        return None
+    (added, step), start = steps[0], starts[-1]
+    if op in ("ne", "eq") and (bound - start) % step:
+        return None
+    trips = -(-(bound - start) // step) + (added > at)  # compared before the add: one trip more
+    return trips if trips >= 1 else None
+
+
 def _run(tool: str, *args: str) -> str:
     result = subprocess.run([tool, *args], capture_output=True, text=True, check=True)
     return result.stdout + result.stderr
@@ -157,6 +248,9 @@ class Measurement:
     tensor_core: bool
     mma: str  # the tensor-core instruction variants, or "" when none
     ffma: int
+    wait_depth: int | None  # the main loop's cp.async.wait_group N (None: no loop, or no wait in it)
+    barriers_per_step: int | None  # bar.sync in the main loop (None: no loop)
+    loop_trips: int | None  # the main loop's trip count, where its bounds are constants
 
 
 def measure(kernel: cuda_build.TritonKernel, arch: int) -> Measurement:
@@ -185,6 +279,7 @@ def measure(kernel: cuda_build.TritonKernel, arch: int) -> Measurement:
         cuobjdump = triton.knobs.nvidia.cuobjdump.path
         usage = parse_res_usage(_run(cuobjdump, "-res-usage", cubin))[kernel.name]
         ops = sass_op_counts(_run(cuobjdump, "-sass", cubin))
+    loop = ptx_main_loop(compiled.ptx)
     shared = compiled.shared_bytes + usage.get("SHARED", 0)
     warps, limiter = occupancy(arch, usage["REG"], shared, compiled.num_warps)
     mma = sorted(op for op in ops if "." in op and op.split(".")[0] in TENSOR_CORE_OPS)
@@ -201,6 +296,9 @@ def measure(kernel: cuda_build.TritonKernel, arch: int) -> Measurement:
         tensor_core=bool(mma),
         mma=",".join(mma),
         ffma=ops.get("FFMA", 0),
+        wait_depth=None if loop is None else loop.wait_depth,
+        barriers_per_step=None if loop is None else loop.barriers,
+        loop_trips=ptx_loop_trips(compiled.ptx),
     )
 
 
@@ -231,6 +329,9 @@ class Launch:
     fn: Callable[..., Any]
     args: tuple[jax.ShapeDtypeStruct, ...]
     block: BlockSpec  # the block whose work it does (for the latency prediction)
+    density: float  # the rate its index lists are sized for
+    k_steps: int  # K-loop trips per CTA (channel conv3: its K loop runs to the sample's count, here the capacity)
+    split_k: int = 1  # CTAs sharing one output tile's K loop (no kernel splits K yet)
     group_size: int = 2  # channels per channel-mask group (channel mode)
     label: str = ""  # the tuning candidate it belongs to
 
@@ -270,6 +371,26 @@ def _counts(counts: dict[str, int]) -> str:
     return " / ".join(f"{m.replace('resnet', 'R')} {n}" for m, n in counts.items())
 
 
+def spatial_capacities(block: BlockSpec, size: int, batch: int, density: float) -> tuple[int, int]:
+    """(patches, conv1 pixels): the lengths the engine's routing pads its index lists to
+    when a fraction `density` of the S x S patches is active: the capacity ladder at
+    ceil(density * patches), and at the conv1 pixels that many patches dilate to on
+    average (patches active independently)."""
+    cells = batch * (block.h_out // size) ** 2
+    pixels = batch * block.h_in * block.w_in
+    active = math.ceil(density * cells)
+    keep = float(dilated_density(active / cells, size, block.stride, block.h_in, block.w_in))
+    return (
+        capacity(active, cells, DEFAULT_CAPACITY_STEPS),
+        capacity(min(pixels, math.ceil(keep * pixels)), pixels, DEFAULT_CAPACITY_STEPS),
+    )
+
+
+def group_capacity(groups: int, density: float) -> int:
+    """Channel-group slots the engine's routing pads to when a fraction `density` is on."""
+    return max(1, capacity(math.ceil(density * groups), groups, DEFAULT_CAPACITY_STEPS))
+
+
 def engine_launches(
     models: Sequence[str],
     batches: Sequence[int],
@@ -278,11 +399,17 @@ def engine_launches(
     group_size: int = 2,
     tiles_for: Callable[[str, int, int], TileConfig] | None = None,
     image_size: int = 224,
+    densities: Sequence[float] = (1.0,),
 ) -> list[Launch]:
     """Every distinct kernel launch of spatial and channel modes for the models' blocks
     (from laud_jax's network_spec). A patch size S is used on the stages whose output
-    grid it divides (the models accept no other). Capacities are full (density 1): the
-    compiled code does not depend on the density."""
+    grid it divides (the models accept no other).
+
+    The compiled code does not depend on the density, the grid does. At density 1 every
+    index list is full (each kernel's largest grid, through its index lists). Below 1 the
+    lists have the capacities the engine pads to (`spatial_capacities`, `group_capacity`),
+    and, as in the engine, where the conv1 pixel list would cover the whole map conv1 runs
+    densely (no gather_matmul) and patch_conv reads the map without a row map."""
     tiles_for = tiles_for or default_tiles
     shapes = _block_shapes(models, image_size)
     conv3_counts: dict[str, dict[str, int]] = collections.defaultdict(dict)
@@ -296,123 +423,135 @@ def engine_launches(
         sizes = [size for size in patch_sizes if out_hw % size == 0]
         first_of_stage = stage not in conv3_done  # every block of a stage has the same conv3
         conv3_done.add(stage)
-        for batch in batches:
-            for dtype_name in dtypes:
-                dt = DTYPES[dtype_name]
-                common = dict(blocks=_counts(counts), batch=batch, dtype=dtype_name)
-                stage_common = {**common, "blocks": _counts(conv3_counts[stage])}
-                pixels = batch * in_hw * in_hw
+        for batch, density, dtype_name in itertools.product(batches, densities, dtypes):
+            dt = DTYPES[dtype_name]
+            common = dict(blocks=_counts(counts), batch=batch, dtype=dtype_name, density=density, block=block)
+            stage_common = {**common, "blocks": _counts(conv3_counts[stage])}
+            map_pixels = batch * in_hw * in_hw
+            # full lists: one conv1 for every S; below: the pixel list depends on S
+            conv1_sizes: list[int | None] = [None] if density >= 1 else list(sizes)
+            for size in conv1_sizes:
+                pixels = map_pixels if size is None else spatial_capacities(block, size, batch, density)[1]
+                if size is not None and pixels == map_pixels:
+                    continue  # the engine runs conv1 densely
                 t = tiles_for("gather_matmul", cin, width)
                 launches.append(
                     Launch(
                         kernel="gather_matmul",
                         where=f"{label} conv1",
                         mode="spatial",
-                        block=block,
-                        patch_size=None,
+                        patch_size=size,
                         shape=f"{pixels}x{cin}->{width}",
                         tiles=t,
+                        k_steps=_cdiv(cin, t.block_k),
                         fn=functools.partial(gather_matmul, tiles=t),
-                        args=(S((pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
+                        args=(S((map_pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
                         **common,
                     )
                 )
-                for size in sizes:
-                    grid = out_hw // size  # the mask grid (S divides the output side)
-                    capacity = batch * grid * grid
-                    t = tiles_for("patch_conv", width, width)
-                    launches.append(
-                        Launch(
-                            kernel="patch_conv",
-                            where=f"{label} conv2",
-                            mode="spatial",
-                            block=block,
-                            patch_size=size,
-                            tiles=t,
-                            shape=f"{capacity}x{size}x{size}x{width}<-{pixels}x{width}/s{stride}",
-                            fn=functools.partial(
-                                patch_conv, grid=(batch, in_hw, in_hw), size=size, stride=stride, tiles=t
-                            ),
-                            args=(
-                                S((pixels, width), dt),
-                                S((pixels, 3), I32),
-                                S((capacity, 3), I32),
-                                S((3, 3, width, width), dt),
-                                S((width,), F32),
-                            ),
-                            **common,
-                        )
-                    )
-                    if first_of_stage:
-                        t = tiles_for("conv1x1_scatter_add", width, cout)
-                        launches.append(
-                            Launch(
-                                kernel="conv1x1_scatter_add",
-                                where=f"{stage} conv3",
-                                mode="spatial",
-                                block=block,
-                                patch_size=size,
-                                tiles=t,
-                                shape=f"{capacity}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
-                                fn=functools.partial(conv1x1_scatter_add, tiles=t),
-                                args=(
-                                    S((capacity, size, size, width), dt),
-                                    S((capacity,), I32),
-                                    S((), I32),
-                                    S((width, cout), dt),
-                                    S((cout,), F32),
-                                    S((batch, out_hw, out_hw, cout), dt),
-                                ),
-                                **stage_common,
-                            )
-                        )
-                groups = width // group_size
-                t = tiles_for("channel_gather_matmul", cin, width)
+            for size in sizes:
+                cells, pixels = spatial_capacities(block, size, batch, density)
+                row_map = density >= 1 or pixels < map_pixels
+                t = tiles_for("patch_conv", width, width)
+                conv = functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size, stride=stride, tiles=t)
+                rows = (S((pixels, width), dt), S((pixels, 3), I32)) if row_map else (S((pixels, width), dt),)
                 launches.append(
                     Launch(
-                        kernel="channel_gather_matmul",
-                        where=f"{label} conv1",
-                        mode="channel",
-                        block=block,
-                        group_size=group_size,
-                        patch_size=None,
+                        kernel="patch_conv",
+                        where=f"{label} conv2",
+                        mode="spatial",
+                        patch_size=size,
                         tiles=t,
-                        shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
-                        fn=_channel_fn(group_size, "out", t),
-                        args=(
-                            S((batch, in_hw * in_hw, cin), dt),
-                            S((cin, width), dt),
-                            S((width,), F32),
-                            S((batch, groups), I32),
-                            S((batch,), I32),
-                        ),
+                        k_steps=9 * _cdiv(width, t.block_k),
+                        shape=f"{cells}x{size}x{size}x{width}<-{pixels}x{width}{'' if row_map else ' map'}/s{stride}",
+                        fn=conv if row_map else _without_coords(conv),
+                        args=(*rows, S((cells, 3), I32), S((3, 3, width, width), dt), S((width,), F32)),
                         **common,
                     )
                 )
                 if first_of_stage:
-                    t = tiles_for("channel_gather_matmul", width, cout)
+                    t = tiles_for("conv1x1_scatter_add", width, cout)
                     launches.append(
                         Launch(
-                            kernel="channel_gather_matmul",
+                            kernel="conv1x1_scatter_add",
                             where=f"{stage} conv3",
-                            mode="channel",
-                            block=block,
-                            group_size=group_size,
-                            patch_size=None,
+                            mode="spatial",
+                            patch_size=size,
                             tiles=t,
-                            shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
-                            fn=_channel_fn(group_size, "compact", t),
+                            k_steps=_cdiv(width, t.block_k),
+                            shape=f"{cells}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
+                            fn=functools.partial(conv1x1_scatter_add, tiles=t),
                             args=(
-                                S((batch, out_hw * out_hw, width), dt),
+                                S((cells, size, size, width), dt),
+                                S((cells,), I32),
+                                S((), I32),
                                 S((width, cout), dt),
                                 S((cout,), F32),
-                                S((batch, groups), I32),
-                                S((batch,), I32),
+                                S((batch, out_hw, out_hw, cout), dt),
                             ),
                             **stage_common,
                         )
                     )
+            groups = group_capacity(width // group_size, density)
+            t = tiles_for("channel_gather_matmul", cin, width)
+            launches.append(
+                Launch(
+                    kernel="channel_gather_matmul",
+                    where=f"{label} conv1",
+                    mode="channel",
+                    group_size=group_size,
+                    patch_size=None,
+                    tiles=t,
+                    k_steps=_cdiv(cin, t.block_k),
+                    shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
+                    fn=_channel_fn(group_size, "out", t),
+                    args=(
+                        S((batch, in_hw * in_hw, cin), dt),
+                        S((cin, width), dt),
+                        S((width,), F32),
+                        S((batch, groups), I32),
+                        S((batch,), I32),
+                    ),
+                    **common,
+                )
+            )
+            if first_of_stage:
+                t = tiles_for("channel_gather_matmul", width, cout)
+                launches.append(
+                    Launch(
+                        kernel="channel_gather_matmul",
+                        where=f"{stage} conv3",
+                        mode="channel",
+                        group_size=group_size,
+                        patch_size=None,
+                        tiles=t,
+                        k_steps=_cdiv(groups * group_size, t.block_k),
+                        shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
+                        fn=_channel_fn(group_size, "compact", t),
+                        args=(
+                            S((batch, out_hw * out_hw, groups * group_size), dt),
+                            S((width, cout), dt),
+                            S((cout,), F32),
+                            S((batch, groups), I32),
+                            S((batch,), I32),
+                        ),
+                        **stage_common,
+                    )
+                )
     return launches
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _without_coords(conv: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """patch_conv on the whole map in row-major order (coords=None)."""
+
+    def fn(rows: jax.Array, starts: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+        return conv(rows, None, starts, w, b)
+
+    return fn
 
 
 def _channel_fn(group_size: int, mode: str, tiles: TileConfig) -> Callable[..., jax.Array]:
@@ -453,7 +592,7 @@ def _slot_times(profile, shapes: BlockShape, settings):
 
 def predicted_us(launches: Sequence[Launch], arch: int) -> list[float]:
     """The latency predictor's time in microseconds of each launch on sm_<arch>'s preset:
-    its block's slot (conv1 / conv2 / conv3) in the `pallas` engine model, at density 1."""
+    its block's slot (conv1 / conv2 / conv3) in the `pallas` engine model, at its density."""
     if not launches:
         return []
     shapes = BlockShape.from_specs([launch.block for launch in launches])
@@ -463,7 +602,7 @@ def predicted_us(launches: Sequence[Launch], arch: int) -> list[float]:
             block_setting(
                 launch.mode,
                 launch.patch_size or 1,
-                1.0,
+                launch.density,
                 channel_granularity=launch.group_size,
                 batch=launch.batch,
                 dtype=launch.dtype,
@@ -513,6 +652,7 @@ def _record(
         "mode": launch.mode,
         "S": launch.patch_size,
         "batch": launch.batch,
+        "density": launch.density,
         "dtype": launch.dtype,
         "shape": launch.shape,
         "target": f"sm_{arch}",
@@ -520,6 +660,9 @@ def _record(
         "block_n": launch.tiles.block_n,
         "block_k": launch.tiles.block_k,
         "grid": list(kernel.grid),
+        "ctas": math.prod(kernel.grid),
+        "k_steps": launch.k_steps,
+        "split_k": launch.split_k,
         **dataclasses.asdict(m),
         "predicted_us": predicted,
         "predicted_on": PROFILE_FOR_ARCH[arch],
@@ -551,9 +694,15 @@ COLUMNS = (
     ("blocks", "blocks"),
     ("S", "S"),
     ("batch", "B"),
+    ("density", "rate"),
     ("dtype", "dtype"),
     ("target", "target"),
     ("tiles", "tiles m/n/k w/s"),
+    ("ctas", "CTAs"),
+    ("k_steps", "K steps"),
+    ("split_k", "split"),
+    ("wait_depth", "wait"),
+    ("barriers_per_step", "bar/step"),
     ("registers", "regs"),
     ("spill_bytes", "spill"),
     ("stack_bytes", "stack"),
@@ -573,6 +722,8 @@ def _cell(record: dict[str, Any], key: str) -> str:
     if key == "mma":
         return record["mma"].split(",")[0] if record["mma"] else f"none ({record['ffma']} FFMA)"
     value = record[key]
+    if key == "k_steps" and record["loop_trips"] not in (None, value):
+        return f"{value} (loop {record['loop_trips']})"
     if key == "predicted_us":
         return f"{value:.1f} ({record['predicted_on']})"
     return "-" if value is None else str(value)
@@ -588,15 +739,21 @@ def format_table(records: Iterable[dict[str, Any]], markdown: bool = False) -> s
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
+def _values(rs: Sequence[dict[str, Any]], key: str) -> str:
+    """The distinct values of `key` ("-" for None), in order."""
+    return " ".join(sorted({"-" if r[key] is None else str(r[key]) for r in rs}, key=lambda v: (len(v), v)))
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> str:
-    """One line per kernel/dtype/target: worst registers, spills, min occupancy, tensor cores."""
+    """One line per kernel/dtype/target: worst registers, spills, min occupancy, tensor
+    cores, the grids and K loops, and the main loops' wait depths and barriers."""
     groups: dict[tuple, list] = collections.defaultdict(list)
     for r in records:
         groups[(r["kernel"], r["dtype"], r["target"])].append(r)
     lines = [
         "| kernel | dtype | target | launches | max regs | spill bytes | stack bytes | max smem | min warps/SM "
-        "| tensor cores | predicted us (min-max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tensor cores | CTAs (min-max) | K steps (min-max) | wait depths | bar/step | predicted us (min-max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (kernel, dtype, target), rs in sorted(groups.items()):
         lines.append(
@@ -604,6 +761,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> str:
             f"{max(r['spill_bytes'] for r in rs)} | {max(r['stack_bytes'] for r in rs)} | "
             f"{max(r['shared_bytes'] for r in rs)} | {min(r['occupancy_warps'] for r in rs)} | "
             f"{sum(r['tensor_core'] for r in rs)}/{len(rs)} | "
+            f"{min(r['ctas'] for r in rs)}-{max(r['ctas'] for r in rs)} | "
+            f"{min(r['k_steps'] for r in rs)}-{max(r['k_steps'] for r in rs)} | "
+            f"{_values(rs, 'wait_depth')} | {_values(rs, 'barriers_per_step')} | "
             f"{min(r['predicted_us'] for r in rs):.1f}-{max(r['predicted_us'] for r in rs):.1f} "
             f"({rs[0]['predicted_on']}) |"
         )
@@ -705,6 +865,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[1, 2, 4, 7, 8],
         help="S values; each stage uses those that divide its output grid",
     )
+    parser.add_argument(
+        "--density",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5],
+        help="rates the index lists are sized for (1: full lists; below: the engine's capacities)",
+    )
     parser.add_argument("--group-size", type=int, default=2, help="channels per channel-mask group")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
@@ -721,6 +888,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.arch, args.batch, args.patch_sizes = [90], [1], [2]
     if min(args.batch) < 1 or min(args.patch_sizes) < 1 or args.jobs < 1 or args.group_size < 1:
         parser.error("--batch, --patch-sizes, --jobs and --group-size take positive integers")
+    if not all(0 < d <= 1 for d in args.density):
+        parser.error("--density takes rates in (0, 1]")
     return args
 
 
@@ -753,7 +922,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     launches = [
         launch
         for launch in engine_launches(
-            args.models, args.batch, args.dtype, args.patch_sizes, args.group_size, image_size=args.image_size
+            args.models,
+            args.batch,
+            args.dtype,
+            args.patch_sizes,
+            args.group_size,
+            image_size=args.image_size,
+            densities=args.density,
         )
         if launch.kernel in args.kernels and int(launch.where[len("stage")]) in args.stages
     ]
