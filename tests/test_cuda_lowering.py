@@ -5,12 +5,13 @@ GPU toolchain rejects fails here rather than on a user's GPU."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from laud_jax.gpu_check import cuda_build
+from laud_jax.gpu_check import cuda_build, report
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
 from pallas_kernels.gather_matmul import gather_matmul
@@ -137,3 +138,24 @@ def test_lowers_inside_shard_map_with_vma_checks():
         sharded = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=jax.P("gpu"))
         lowered = jax.jit(sharded).trace(*placed).lower(lowering_platforms=("cuda",))
     assert len(cuda_build.triton_kernels(lowered)) == 1
+
+
+def _dot_accumulates_in_loop(ttir: str) -> bool:
+    """The K loop's tt.dot takes the loop-carried accumulator as its third operand."""
+    loop = re.search(r"scf\.for .*iter_args\((%\w+) = ", ttir)
+    dot = re.search(r"tt\.dot %\w+, %\w+, (%\w+)", ttir)
+    return bool(loop and dot and dot.group(1) == loop.group(1))
+
+
+def test_compiles_what_xla_compiles_the_accumulator_add_folds_into_the_dot():
+    """Pallas emits acc + dot(a, b) in the K loop; Triton's ttir passes (which XLA runs and
+    `triton.compile` skips for a .ttir file) fold the add into tt.dot. compile_kernel must
+    run them: the PTX main loop then accumulates in the MMA, with no float add per step."""
+    fn, args = CASES["gather-matmul-1tap-bf16"]
+    [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(fn, *args, arch=90))
+    assert not _dot_accumulates_in_loop(kernel.ttir)
+    assert _dot_accumulates_in_loop(cuda_build.ttir_passes(kernel.ttir, 90, kernel.num_warps, kernel.num_stages))
+    lines, first, last = report.ptx_loop(cuda_build.compile_kernel(kernel, 90).ptx)
+    body = lines[first : last + 1]
+    assert any(line.startswith("wgmma.mma_async") for line in body)
+    assert not [line for line in body if line.startswith("add.f32")], "accumulator added outside the MMA"

@@ -4,10 +4,11 @@ Route (JAX 0.12, triton 3.9): a jitted call is traced under an abstract mesh who
 AbstractDevice is an NVIDIA GPU, then lowered with `lowering_platforms=('cuda',)`. The
 Pallas Triton lowering runs for real and embeds each kernel as a Triton-dialect module
 (MLIR bytecode) in a `__gpu$xla.gpu.triton` custom call. `triton_kernels` extracts those
-modules with their launch parameters; `compile_kernel` hands the module to the `triton`
-package, which compiles it for a `GPUTarget` to PTX and a cubin with the ptxas it ships.
-(XLA compiles the same module with its own bundled Triton on a real GPU, so the cubin
-here is a faithful proxy, not byte-identical.)
+modules with their launch parameters; `compile_kernel` runs Triton's first-stage (ttir)
+passes on the module, as XLA does, then hands it to the `triton` package, which compiles
+it for a `GPUTarget` to PTX and a cubin with the ptxas it ships. (XLA compiles the same
+module with its own bundled Triton on a real GPU, so the cubin here is a faithful proxy,
+not byte-identical.)
 """
 
 from __future__ import annotations
@@ -115,8 +116,37 @@ class CompiledKernel:
     cubin: bytes
 
 
+def ttir_passes(ttir: str, arch: int, num_warps: int, num_stages: int) -> str:
+    """`ttir` after the passes of Triton's ttir stage for sm_<arch> (inlining, canonicalization,
+    combining an add of the accumulator into `tt.dot`, CSE, ...).
+
+    `triton.compile` skips the passes of the stage a file's IR belongs to, so a module
+    handed over as a `.ttir` file would otherwise reach the GPU stages unoptimized; XLA
+    runs them. The stage function is the one `triton.compile` itself calls.
+    """
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget, Language
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    stages: dict[str, Callable[[Any, dict[str, Any]], Any]] = {}
+    backend.add_stages(stages, options, Language.TRITON)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        module = ir.parse_mlir_module(path, context)
+    module.context = context  # the stage's pass manager reads it (as triton.compile sets it)
+    return str(stages["ttir"](module, {}))
+
+
 def compile_kernel(kernel: TritonKernel, arch: int = 90) -> CompiledKernel:
-    """Compile a Triton-dialect module to PTX and cubin for sm_<arch> (no GPU needed)."""
+    """Compile a Triton-dialect module to PTX and cubin for sm_<arch> (no GPU needed),
+    through the whole Triton pipeline (see `ttir_passes`)."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, silenced
     import triton
     from triton.backends.compiler import GPUTarget
@@ -124,7 +154,7 @@ def compile_kernel(kernel: TritonKernel, arch: int = 90) -> CompiledKernel:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{kernel.name}.ttir")
         with open(path, "w") as f:
-            f.write(kernel.ttir)
+            f.write(ttir_passes(kernel.ttir, arch, kernel.num_warps, kernel.num_stages))
         compiled = triton.compile(
             path,
             target=GPUTarget("cuda", arch, 32),
