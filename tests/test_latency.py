@@ -536,7 +536,7 @@ def test_calibration_recovers_a_known_profile_from_its_timings():
         + list(network_spec({"arch": "resnet50", "num_classes": 10}, (112, 112)).blocks[::3])
         + list(network_spec({"arch": "regnety_400mf", "num_classes": 10}, (112, 112)).blocks[::4])
     )
-    n = 160
+    n = 240
     picks = rng.integers(0, len(specs), n)
     settings = []
     for i in picks:

@@ -23,8 +23,9 @@ jitted and vmapped too). ``ENGINES``:
   relu(identity) for downsampling blocks). Channel: the active channels' weights are
   gathered (per executing sample, in a loop over samples at batch > 1) and the branch runs
   dense on them; a grouped conv2 runs at full width on the kept channels scattered back.
-  Layer: the executing samples are gathered, the branch runs on them, a loop writes them
-  back (batch 1: the branch runs or not). Dense 3x3 convs use im2col (a strided slice per
+  Layer: the executing samples are gathered, the branch runs on them, one scatter writes
+  them back; a block no sample executes is skipped on the device (batch 1: the branch runs
+  or not). Dense 3x3 convs use im2col (a strided slice per
   tap) for maps of at most 256 pixels, XLA's convolution otherwise (grouped: its grouped
   convolution). Bias and relu are separate elementwise passes.
 - ``pallas``: the same driver and executor with ``backend='pallas'`` on a GPU
@@ -102,8 +103,8 @@ class EngineModel:
     capacity_steps: index lists are padded to the engine's capacity ladder with this many
       steps (``laud_jax.sparse.routing.capacity``, called by :func:`ladder_capacity`);
       0: no padding (kernels stop at the active count).
-    scatter_loop: the spatial / layer scatter is a loop with one step per active patch or
-      sample (each step pays the per-op overhead); 0: one kernel. A fused scatter
+    scatter_loop: the spatial scatter is a loop with one step per active patch (each step
+      pays the per-op overhead); 0: one kernel. (Compacted samples are one scatter.) A fused scatter
       (``fuse_scatter``) replaces the spatial loop.
     per_sample_loop: channel-gated blocks at batch > 1 run one sample after another.
     block_calls: host round trips per dynamic block (the stepwise driver reads counts);
@@ -865,17 +866,16 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
 
 
 def _conv3_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecution):
-    """A bottleneck's conv3, then the residual: fused into conv3, one kernel, or a loop over
-    the active patches or compacted samples (``ops.conv3_scatter``, ``ops.scatter_residual``,
-    ``run_block``'s write-back loop)."""
+    """A bottleneck's conv3, then the residual: fused into conv3, one kernel (compacted
+    samples: one scatter), or a loop over the active patches (``ops.conv3_scatter``,
+    ``ops.scatter_residual``)."""
     b = block.bytes_per_element
     cout = shape.out_channels
     rows2, loop, residual_fused = block.rows2, block.loop, block.residual_fused
     scattered = block.run_bytes(block.size, cout)
     # a loop step moves one window with dynamic slices (contiguous rows, no indexed gather)
-    looped = (engine.scatter_loop > 0.5) & (block.spatial | block.compacting)
-    loop_units = jnp.where(block.spatial, block.active_patches, jnp.where(block.compacting, block.executing, loop))
-    scatter_steps = jnp.where(looped, loop_units, loop)
+    looped = (engine.scatter_loop > 0.5) & block.spatial
+    scatter_steps = jnp.where(looped, block.active_patches, loop)
     # a fused conv3 + scatter kernel skips the padding slots past the active count
     exits_early = block.spatial & residual_fused
     rows3 = jnp.where(exits_early, jnp.minimum(rows2, jnp.ceil(block.active_patches - 1e-4) * block.size**2), rows2)

@@ -378,16 +378,10 @@ def _gated_block(ops, spec, plan, p, x, gates, routing, identity, base) -> jax.A
     if plan.samples == batch:
         h = dense_branch(ops, spec, p, x, full_branch(spec, p))
         return jax.nn.relu(identity + h * gate[:, None, None, None].astype(h.dtype))
-    samples = routing["samples"][: plan.samples]
+    samples = routing["samples"][: plan.samples]  # padding slots hold ``batch``: dropped by the scatter
     h = dense_branch(ops, spec, p, _take(x, samples, 0), full_branch(spec, p))
-    count = jnp.sum(gate > 0).astype(jnp.int32)
-
-    def write(i, out):
-        b = samples[i]
-        value = jax.nn.relu(lax.dynamic_slice_in_dim(identity, b, 1) + h[i][None])
-        return lax.dynamic_update_slice_in_dim(out, value.astype(out.dtype), b, 0)
-
-    return lax.fori_loop(0, count, write, base)
+    value = jax.nn.relu(_take(identity, samples, 0) + h).astype(base.dtype)
+    return base.at[samples].set(value, mode="drop", unique_indices=True)
 
 
 # ----------------------------------------------------------------------------- dense reference
