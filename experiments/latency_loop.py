@@ -43,16 +43,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from laud_jax import benchmark
-from laud_jax.config_utils import load_config_file
+from laud_jax import benchmark, data
+from laud_jax.config_utils import load_config_file, model_dict
 from laud_jax.latency import ENGINES, BlockShape, block_setting, get_profile, search
 from laud_jax.latency.chooser import setting_at_counts
 from laud_jax.latency.launches import LAUNCH_NAMES, OVERHEAD_SLOTS, ladder_capacity, static_twin
 from laud_jax.latency.predictor import block_launch_times, fixed_time
 from laud_jax.latency.profiles import local_profile_path, profile_from_json
-from laud_jax.latency.search import SEARCH_MODES
+from laud_jax.latency.search import SEARCH_MODES, auto_fields, model_update, resolve_hardware, search_config
 from laud_jax.models import network_spec
-from laud_jax.models.specs import MODEL_CONFIG_KEYS, BlockSpec, NetworkSpec
+from laud_jax.models.specs import BlockSpec, NetworkSpec
 from laud_jax.sparse.routing import count_totals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,13 +83,27 @@ class Case:
 # ----------------------------------------------------------------------------- settings
 
 
-def demo_model(config_path: Path = DEMO_CONFIG) -> tuple[dict[str, Any], int, int]:
-    """(model config with 10 classes, image side, channels) of the quickstart experiment file."""
+def demo_model(profile_name: str, config_path: Path = DEMO_CONFIG) -> tuple[dict[str, Any], int, int]:
+    """(model config, image side, channels) of the quickstart experiment file, its 'auto'
+    fields resolved by the latency search on ``profile_name`` as the trainer resolves them."""
     config = load_config_file(str(config_path))
-    model = {k: v for k, v in config.model.to_dict().items() if k in MODEL_CONFIG_KEYS and v is not None}
-    model["num_classes"] = 10
-    channels = 1 if config.data.name == "cluttered_mnist" else 3
-    return model, int(config.data.image_size), channels
+    info = data.dataset_info(config.data)
+    fields = auto_fields(config.model)
+    if fields:
+        result = search_config(config, info.image_shape, info.num_classes, resolve_hardware(profile_name))
+        for field, value in model_update(result, fields).items():
+            config.model[field] = tuple(value) if isinstance(value, list) else value
+    model = model_dict(config, info.num_classes)
+    height, width, channels = info.image_shape
+    assert height == width, "the benchmark takes square images"
+    return model, int(height), int(channels)
+
+
+def describe_modes(mode: Any, granularity: Sequence[int]) -> str:
+    """``spatial S=2, layer, ...`` per stage; one word when every stage has the same."""
+    modes = (mode,) * len(granularity) if isinstance(mode, str) else tuple(mode)
+    parts = [m + (f" S={s}" if m in ("spatial", "spatial+channel") else "") for m, s in zip(modes, granularity)]
+    return parts[0] if len(set(parts)) == 1 else ", ".join(parts)
 
 
 def searched(arch: str, image: int, batch: int, rate: float, profile_name: str, engine: str) -> dict[str, Any]:
@@ -130,7 +144,7 @@ def build_cases(
         timing = {"repeats": repeats, "block_repeats": repeats, "warmup": 3}
         timing16 = {"repeats": repeats_b16, "block_repeats": repeats_b16, "warmup": 2}
         demo_batch = 16
-    model, image, channels = demo_model()
+    model, image, channels = demo_model(profile)
     demo = {
         "arch": model["arch"],
         "mode": model["mode"],
@@ -143,7 +157,7 @@ def build_cases(
     }
     big_arch = f"{big['arch']} {big['image_size']}x{big['image_size']}"
     g = "-".join(map(str, big["granularity"]))
-    dg = "-".join(map(str, demo["granularity"]))
+    dg = describe_modes(demo["mode"], demo["granularity"])
     cases: dict[str, Case] = {
         "spatial": Case(
             "spatial",
@@ -152,13 +166,13 @@ def build_cases(
         ),
         "demo_b1": Case(
             "demo_b1",
-            f"demo model ({demo['arch']} {image}x{image}x{channels}), batch 1, spatial {dg}, rate 0.5",
+            f"demo model ({demo['arch']} {image}x{image}x{channels}), batch 1, {dg}, rate 0.5",
             {**common, **demo, **timing, "batch": 1},
             model,
         ),
         "demo_b16": Case(
             "demo_b16",
-            f"demo model ({demo['arch']} {image}x{image}x{channels}), batch {demo_batch}, spatial {dg}, rate 0.5",
+            f"demo model ({demo['arch']} {image}x{image}x{channels}), batch {demo_batch}, {dg}, rate 0.5",
             {**common, **demo, **timing16, "batch": demo_batch},
             model,
         ),

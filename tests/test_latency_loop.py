@@ -11,13 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from laud_jax.latency import block_setting, get_profile, predict
+from laud_jax import config_utils, data
+from laud_jax.latency import block_setting, get_profile, predict, resolve_hardware, search_config
 from laud_jax.latency.launches import ENGINES, BlockShape
 from laud_jax.latency.predictor import block_masker_time, block_time
 from laud_jax.models import network_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("spatial", "search", "spatial_local", "demo_b1")
+PROFILE = os.path.join(REPO, "docs", "latency_local_profile.json")  # a fitted local profile, tracked
 
 
 def _load_script():
@@ -30,11 +32,10 @@ def _load_script():
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
-    if not os.path.exists(os.path.join(REPO, "runs", "latency", "local_profile.json")):
-        pytest.skip("no fitted local profile (python -m laud_jax.latency calibrate)")
     module = _load_script()
     out = tmp_path_factory.mktemp("loop") / "loop"
-    report = module.main(["--quick", f"--cases={','.join(CASES)}", f"--out={out}", "--no-plot"])
+    flags = [f"--profile={PROFILE}", f"--cases={','.join(CASES)}", f"--out={out}", "--no-plot"]
+    report = module.main(["--quick", *flags])
     return module, report, out
 
 
@@ -123,6 +124,12 @@ def test_search_choice_and_demo_model_reach_the_benchmark(loop):
     assert tuple(model["mode"]) == tuple(s["mode"] for s in stages)
     assert all(m in ("spatial", "channel", "layer") for m in model["mode"])
     demo = cases["demo_b1"]["record"]["model"]
+    # the quickstart's 'auto' fields, resolved by the search on the profile as the trainer does
+    config = config_utils.load_config_file(os.path.join(REPO, "configs", "quickstart.py"))
+    info = data.dataset_info(config.data)
+    picked = search_config(config, info.image_shape, info.num_classes, resolve_hardware(PROFILE))
+    modes = [demo["mode"]] * 4 if isinstance(demo["mode"], str) else list(demo["mode"])
+    assert tuple(modes) == picked.modes and tuple(demo["granularity"]) == picked.granularity
     assert demo["arch"] == "resnet_small" and tuple(demo["stage_widths"]) == (8, 16, 32, 64)
     assert tuple(demo["stage_depths"]) == (2, 2, 2, 1) and demo["num_classes"] == 10
     assert cases["demo_b1"]["record"]["image_shape"] == [64, 64, 1]
@@ -132,7 +139,7 @@ def test_choice_run_lists_the_engines_plans(loop):
     _, report, _ = loop
     choice = {c["name"]: c for c in report["cases"]}["spatial_local"]
     assert choice["base"] == "spatial"
-    assert choice["record"]["latency_profile"] == "local"
+    assert choice["record"]["latency_profile"] == PROFILE
     assert [r["plan"] for r in choice["rows"]] == list(choice["record"]["runs"])
     gated = [r for r in choice["rows"] if r["counts"] is not None and r["plan"] != "skip"]
     assert gated and all(r["chooser"] is not None for r in gated)
