@@ -209,6 +209,8 @@ def test_main_loop_of_a_compiled_conv2():
     """The engine's conv2 at rate 0.5 on the stage-3 first block (batch 1, S = 2, bf16,
     sm_90): a 2 x 4 grid, 9 taps x 8 channel chunks per CTA, and the loop waits for every
     copy each step (the per-pixel row map is loaded inside the K loop)."""
+    import triton
+
     [launch] = [
         launch
         for launch in report.engine_launches(["resnet50"], [1], ["bfloat16"], [2], densities=[0.5])
@@ -221,8 +223,6 @@ def test_main_loop_of_a_compiled_conv2():
     loop = report.ptx_main_loop(compiled.ptx)
     assert loop.wait_depth == 0 and loop.barriers >= 1
     # ptxas keeps the wait: DEPBAR.LE SB0, 0x0 in the SASS
-    import triton
-
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
