@@ -261,6 +261,7 @@ def measure_latency(
         "max_logit_difference": difference,
         "latency_profile": latency_profile,
         "gated_runs": info.gated_runs(),
+        "runs": list(info.runs),
     }
 
 
@@ -385,6 +386,16 @@ def _fmt_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+RUN_CODES = {"sparse": "s", "dense": "d", "skip": "-"}
+RUN_LEGEND = "s sparse, d dense (masked, or a static block), - skipped"
+
+
+def run_codes(runs: Sequence[str]) -> str:
+    """One character per block for how it ran (``RunInfo.runs``), in groups of five."""
+    codes = "".join(RUN_CODES[run] for run in runs)
+    return " ".join(codes[i : i + 5] for i in range(0, len(codes), 5))
+
+
 def format_table(result: Mapping[str, Any]) -> str:
     """The report as an aligned text table."""
     model = result["model"]
@@ -433,6 +444,8 @@ def format_table(result: Mapping[str, Any]) -> str:
                 f"             gated blocks ({choice}): {runs['sparse']} sparse, "
                 f"{runs['dense']} dense then masked, {runs['skip']} skipped"
             )
+        if "runs" in lat:
+            lines.append(f"             per block ({RUN_LEGEND}): {run_codes(lat['runs'])}")
     if "predicted" in result:
         pred = result["predicted"]
         lines.append(

@@ -194,6 +194,8 @@ def test_benchmark_and_evaluate_report_the_choice(tmp_path, capsys):
     x = np.asarray(jax.random.normal(jax.random.key(6), (1, *IMAGE)))
     latency = evaluate.measure_latency(cfg, variables, x, backend="xla", repeats=2, warmup=1, latency_profile=path)
     assert latency["gated_runs"]["dense"] + latency["gated_runs"]["skip"] == len(network_spec(cfg, IMAGE).blocks)
+    assert set(latency["runs"]) <= {"dense", "skip"} and len(latency["runs"]) == len(network_spec(cfg, IMAGE).blocks)
+    assert evaluate.run_codes(["sparse", "dense", "skip", "sparse", "sparse", "dense"]) == "sd-ss d"
     assert latency["max_logit_difference"] < 1e-3
 
 

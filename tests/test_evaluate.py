@@ -96,6 +96,12 @@ def test_evaluate_checkpoint_reports_everything(tiny_dir):
     table = evaluate.format_table(result)
     for text in ("top-1", "MAC ratio", "stage", "measured", "predicted", f"{100 * result['top1']:.2f} %"):
         assert text in table
+    # how each block ran, one character per block in network order
+    assert len(latency["runs"]) == len(network_spec(result["model"], tuple(result["image_shape"])).blocks)
+    assert (
+        f"per block (s sparse, d dense (masked, or a static block), - skipped): {evaluate.run_codes(latency['runs'])}"
+        in table
+    )
 
 
 def test_cli_writes_json_and_reports_errors(tiny_dir, tmp_path, capsys):
