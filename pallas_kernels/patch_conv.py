@@ -4,23 +4,28 @@ The input is a sparse map: compact rows (N, Cin), row i at pixel coords[i] of a
 (B, H, W) map that is zero elsewhere (or, with coords=None, the whole map in row-major
 order). For every listed S x S output patch (its first output pixel in `starts`) the
 kernel reads the patch's ((S-1)*s+3)^2 input window with halo through a per-pixel row
-map (int32, one entry per pixel of the map, built by the wrapper) and writes the
-patch's S x S x Cout result into a compact (P, S, S, Cout) buffer. Pixels without a
-row, and pixels outside the image (the conv's zero padding), read as zeros. No
-zero-filled copy of the map is materialized.
+map (int32, one entry per pixel of the map, built by the wrapper with one scatter) and
+writes the patch's S x S x Cout result into a compact (P, S, S, Cout) buffer. Pixels
+without a row, and pixels outside the image (the conv's zero padding), read as zeros.
+No zero-filled copy of the map is materialized.
 
 Tiling: the M dimension of the implicit GEMM runs over the flat compact rows
 slot * S * S + y * S + x, so a tile of 64 rows holds 64 patches at S=1, 16 at S=2, 4 at
 S=4, one at S=8 and 1.3 at S=7: M stays a power of two >= 16 for tl.dot and S=7 wastes
-nothing (no padding to 8). The reduction runs over 9 taps x Cin in one pipelined loop.
-Output pixels of a partial border patch, and patches whose sample is >= B (padding),
-are written as zeros.
+nothing (no padding to 8). Each tile looks up its rows' 9 tap sources in the row map
+once, before the reduction; the reduction then runs over 9 taps x Cin in one loop whose
+loads depend on the loop counter only, so Triton keeps copies in flight across steps (a
+row-map lookup inside the loop made every step wait for all its loads). Output pixels
+of a partial border patch, and patches whose sample is >= B (padding), are written as
+zeros.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +107,31 @@ class _Geometry:
         return output_size(self.width, self.stride)
 
 
+def _tap_sources(
+    g: _Geometry,
+    mem: c.Memory,
+    map_refs: Sequence[Any],
+    image: jax.Array,
+    oy: jax.Array,
+    ox: jax.Array,
+    out_ok: jax.Array,
+) -> list[jax.Array]:
+    """Each tap's source row of every output row of the tile; -1 where the tap reads zero
+    (outside the image, or no row at that pixel of the row map)."""
+    sources = []
+    for tap in range(9):
+        iy = oy * g.stride - 1 + tap // 3
+        ix = ox * g.stride - 1 + tap % 3
+        inside = out_ok & (iy >= 0) & (iy < g.height) & (ix >= 0) & (ix < g.width)
+        pixel = (image * g.height + iy) * g.width + ix
+        if g.row_map:
+            row = mem.load(map_refs[0], pixel, inside)
+            sources.append(jnp.where(inside & (row >= 0) & (row < g.n_src), row, -1))
+        else:
+            sources.append(jnp.where(inside, pixel, -1))
+    return sources
+
+
 def _kernel(starts_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, relu, tiles, mem):
     """Rows slot * S * S + y * S + x of the compact (P, S, S, Cout) output."""
     o_ref = refs[-1]
@@ -116,16 +146,15 @@ def _kernel(starts_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, relu,
     oy = mem.load(starts_ref, slot * 3 + 1, slot_ok) + c.div(within, g.size)
     ox = mem.load(starts_ref, slot * 3 + 2, slot_ok) + c.rem(within, g.size)
     out_ok = slot_ok & (image < g.batch) & (oy < g.out_h) & (ox < g.out_w)
+    # The 9 taps' source rows are found once, before the K loop: its loads then depend
+    # on the loop counter only, and Triton keeps copies in flight across steps.
+    sources = _tap_sources(g, mem, refs[:-1], image, oy, ox, out_ok)
 
-    def source(tap):
-        iy = oy * g.stride - 1 + c.div(tap, 3)
-        ix = ox * g.stride - 1 + c.rem(tap, 3)
-        inside = out_ok & (iy >= 0) & (iy < g.height) & (ix >= 0) & (ix < g.width)
-        pixel = (image * g.height + iy) * g.width + ix
-        if not g.row_map:
-            return pixel, inside
-        src_rows = mem.load(refs[0], pixel, inside)
-        return src_rows, inside & (src_rows >= 0) & (src_rows < g.n_src)
+    def source(tap: jax.Array) -> tuple[jax.Array, jax.Array]:
+        chosen = sources[0]
+        for t in range(1, 9):
+            chosen = jnp.where(tap == t, sources[t], chosen)
+        return chosen, chosen >= 0
 
     cols = c.tile_range(pid_n, bn)
     col_ok = cols < cout
