@@ -81,6 +81,36 @@ def tuned_tiles(k: int, n: int) -> TileConfig:
     )
 
 
+TARGET_CTAS = 132  # one wave of CTAs on an H100 (132 SMs; an A100 has 108)
+MAX_SPLIT_STEPS = 16  # K steps a split CTA runs at most, where splitting allows it
+MIN_SPLIT_STEPS = 4  # K steps a split CTA keeps at least (a 3-stage pipeline's worth)
+
+
+def split_k(tiles: int, k_steps: int) -> int:
+    """How many CTAs share one output tile's K loop (split-K), for `tiles` output tiles
+    of `k_steps` K steps each: 1 when the tiles fill a wave of TARGET_CTAS; otherwise
+    the smallest divisor of k_steps that fills one with at most MAX_SPLIT_STEPS steps per
+    CTA, or failing that the largest divisor, always keeping >= MIN_SPLIT_STEPS steps."""
+    if tiles >= TARGET_CTAS:
+        return 1
+    allowed = [d for d in range(1, k_steps + 1) if k_steps % d == 0 and k_steps // d >= MIN_SPLIT_STEPS]
+    for d in allowed:
+        if tiles * d >= TARGET_CTAS and k_steps // d <= MAX_SPLIT_STEPS:
+            return d
+    return allowed[-1] if allowed else 1
+
+
+def check_split(kernel: str, split: int, k_steps: int) -> None:
+    if not isinstance(split, int) or split < 1 or k_steps % split:
+        raise ValueError(f"{kernel}: split_k={split!r}; must be an int >= 1 dividing the {k_steps} K steps.")
+
+
+def reduce_split(partials: jax.Array, relu: bool, dtype: Any) -> jax.Array:
+    """act(sum of the split-K partial sums (split, ...)) in `dtype` (one XLA fusion)."""
+    y = jnp.sum(partials, axis=0)
+    return (jnp.maximum(y, 0.0) if relu else y).astype(dtype)
+
+
 def gpu_is_target() -> bool:
     """True when a CUDA/ROCm GPU is the default device or the abstract lowering target."""
     abstract = jax.sharding.get_abstract_mesh().abstract_device
@@ -269,16 +299,21 @@ def tap_matmul(
     cols: jax.Array,
     col_ok: jax.Array,
     tiles: TileConfig,
+    split: tuple[jax.Array, int] = (0, 1),
 ) -> jax.Array:
     """sum_t src[rows_t] @ w[t * cin : (t + 1) * cin, cols] for one (block_m, block_n) tile.
 
     `source(t)` gives the tile's source rows for tap t and which of them are valid
-    (invalid rows read as 0). One pipelined loop runs over taps x channel chunks.
+    (invalid rows read as 0). One pipelined loop runs over taps x channel chunks; with
+    `split` = (part, parts) only over the part-th of `parts` equal ranges of its steps.
     """
     bk = tiles.block_k
     k_steps = pl.cdiv(cin, bk)
+    part, parts = split
+    steps = n_taps * k_steps // parts
 
-    def step(it, acc):
+    def step(j, acc):
+        it = part * steps + j
         tap = div(it, k_steps) if n_taps > 1 else 0
         ks = rem(it, k_steps) * bk + jnp.arange(bk, dtype=jnp.int32)
         k_ok = ks < cin
@@ -289,7 +324,7 @@ def tap_matmul(
         return acc + dot(a, wt)
 
     zeros = jnp.zeros((tiles.block_m, tiles.block_n), jnp.float32)
-    return jax.lax.fori_loop(0, n_taps * k_steps, step, zeros)
+    return jax.lax.fori_loop(0, steps, step, zeros)
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:

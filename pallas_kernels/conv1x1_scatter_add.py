@@ -11,6 +11,7 @@ identity (which can be negative) pass base=relu(identity).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,9 +24,17 @@ from pallas_kernels._common import Implementation, TileConfig
 NAME = "conv1x1_scatter_add"
 
 
-def default_tiles(cin: int, cout: int) -> TileConfig:
-    """Default tiles for Cin=cin input and Cout=cout output channels."""
-    return c.tuned_tiles(cin, cout)
+def default_tiles(cin: int, cout: int, rows: int | None = None) -> TileConfig:
+    """Default tiles for Cin=cin input and Cout=cout output channels over `rows` compact
+    rows (capacity * S * S). Where the tuned 64-wide tiles leave the grid under one wave
+    (TARGET_CTAS), 32 output channels per tile on one warpgroup (4 warps) instead: the
+    fused residual epilogue rules out split-K here."""
+    tiles = c.tuned_tiles(cin, cout)
+    if rows is None or cout <= 32:
+        return tiles
+    if pl.cdiv(rows, tiles.block_m) * pl.cdiv(cout, tiles.block_n) >= c.TARGET_CTAS:
+        return tiles
+    return dataclasses.replace(tiles, block_n=32, num_warps=4)
 
 
 def conv1x1_scatter_add_reference(
@@ -138,7 +147,7 @@ def conv1x1_scatter_add(
         no base is given.
       base: optional (B, H, W, Cout) output buffer (aliased): what pixels outside the
         active patches hold, e.g. relu(identity) for a downsample identity.
-      tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
+      tiles: tile sizes; `default_tiles(Cin, Cout, capacity * S * S)` when None.
       implementation: 'pallas', 'interpret' or 'reference'.
     """
     c.check_implementation(NAME, implementation)
@@ -169,7 +178,7 @@ def conv1x1_scatter_add(
         return conv1x1_scatter_add_reference(h, patch_indices, count, w, b, identity, base=base)
     if capacity == 0:
         return identity if base is None else base
-    tiles = tiles or default_tiles(cin, cout)
+    tiles = tiles or default_tiles(cin, cout, capacity * size * size)
     geometry = (height, width, -(-height // size), -(-width // size), size)
     kernel = functools.partial(
         _kernel,

@@ -40,10 +40,12 @@ def gather_matmul_reference(src: jax.Array, taps: jax.Array, w: jax.Array, b: ja
     return (jnp.maximum(y, 0.0) if relu else y).astype(src.dtype)
 
 
-def _kernel(taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout, rows, relu, tiles, mem):
-    """One (block_m rows, block_n channels) tile of the compact output."""
+def _kernel(taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout, rows, relu, tiles, parts, mem):
+    """One (block_m rows, block_n channels) tile of the compact output; split-K (parts >
+    1): part pid_k's float32 partial sums (the bias in part 0, no activation) into the
+    pid_k-th (N, Cout) block."""
     bm, bn = tiles.block_m, tiles.block_n
-    pid_m, pid_n = pl.program_id(0), pl.program_id(1)
+    pid_m, pid_n, pid_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     out_rows = c.tile_range(pid_m, bm)
     valid = out_rows < rows
 
@@ -65,11 +67,12 @@ def _kernel(taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout,
         cols=cols,
         col_ok=col_ok,
         tiles=tiles,
+        split=(pid_k, parts),
     )
-    y = acc + mem.load(b_ref, cols, col_ok).astype(jnp.float32)[None, :]
-    if relu:
+    y = acc + mem.load(b_ref, cols, col_ok & (pid_k == 0)).astype(jnp.float32)[None, :]
+    if relu and parts == 1:
         y = jnp.maximum(y, 0.0)
-    offsets = out_rows[:, None] * cout + cols[None, :]
+    offsets = (pid_k * rows + out_rows[:, None]) * cout + cols[None, :]
     mem.store(o_ref, offsets, y, valid[:, None] & col_ok[None, :])
 
 
@@ -81,6 +84,7 @@ def gather_matmul(
     *,
     relu: bool = True,
     tiles: TileConfig | None = None,
+    split_k: int | None = None,
     implementation: Implementation = "pallas",
 ) -> jax.Array:
     """act(concat_k src[taps[:, k]] @ w + b) for every row of `taps` (compact output).
@@ -92,6 +96,9 @@ def gather_matmul(
       b: (Cout,) bias (float32 or src's dtype).
       relu: apply relu after the bias.
       tiles: tile sizes; `default_tiles(C, Cout)` when None.
+      split_k: CTAs sharing each output tile's K * cdiv(C, block_k) K steps (their
+        float32 partial sums are added by one XLA reduction); must divide the steps.
+        None: `split_k(tiles, steps)` of `_common`, which splits grids under one wave.
       implementation: 'pallas' (Triton GPU kernel), 'interpret' (the same kernel
         interpreted on CPU, slow) or 'reference' (pure jnp).
 
@@ -121,6 +128,10 @@ def gather_matmul(
     if rows == 0:
         return jnp.zeros((0, cout), src.dtype)
     tiles = tiles or default_tiles(cin, cout)
+    grid_mn = (pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n))
+    k_steps = n_taps * pl.cdiv(cin, tiles.block_k)
+    parts = c.split_k(grid_mn[0] * grid_mn[1], k_steps) if split_k is None else split_k
+    c.check_split(NAME, parts, k_steps)
     kernel = functools.partial(
         _kernel,
         n_taps=n_taps,
@@ -130,15 +141,18 @@ def gather_matmul(
         rows=rows,
         relu=relu,
         tiles=tiles,
+        parts=parts,
         mem=c.Memory(implementation == "interpret"),
     )
     result = c.pallas_call(
         kernel,
         [taps.reshape(-1), src.reshape(-1), w.reshape(-1), b],
         name=NAME,
-        grid=(pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
-        out_shape=((rows * cout,), src.dtype),
+        grid=(*grid_mn, parts),
+        out_shape=((parts * rows * cout,), src.dtype if parts == 1 else jnp.float32),
         tiles=tiles,
         implementation=implementation,
     )
+    if parts > 1:
+        result = c.reduce_split(result.reshape(parts, rows * cout), relu, src.dtype)
     return result.reshape(rows, cout)

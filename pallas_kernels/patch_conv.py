@@ -132,12 +132,14 @@ def _tap_sources(
     return sources
 
 
-def _kernel(starts_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, relu, tiles, mem):
-    """Rows slot * S * S + y * S + x of the compact (P, S, S, Cout) output."""
+def _kernel(starts_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, relu, tiles, parts, mem):
+    """Rows slot * S * S + y * S + x of the compact (P, S, S, Cout) output; split-K
+    (parts > 1): part pid_k's float32 partial sums (the bias in part 0, no activation)
+    into the pid_k-th (P * S * S, Cout) block."""
     o_ref = refs[-1]
     g = geometry
     bm, bn = tiles.block_m, tiles.block_n
-    pid_m, pid_n = pl.program_id(0), pl.program_id(1)
+    pid_m, pid_n, pid_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = c.tile_range(pid_m, bm)
     slot = c.div(rows, g.size * g.size)
     within = c.rem(rows, g.size * g.size)
@@ -169,12 +171,15 @@ def _kernel(starts_ref, src_ref, w_ref, b_ref, *refs, geometry, cin, cout, relu,
         cols=cols,
         col_ok=col_ok,
         tiles=tiles,
+        split=(pid_k, parts),
     )
-    y = acc + mem.load(b_ref, cols, col_ok).astype(jnp.float32)[None, :]
-    if relu:
+    bias = mem.load(b_ref, cols, col_ok & (pid_k == 0)).astype(jnp.float32)
+    y = acc + bias[None, :]
+    if relu and parts == 1:
         y = jnp.maximum(y, 0.0)
     y = jnp.where(out_ok[:, None], y, 0.0)
-    mem.store(o_ref, rows[:, None] * cout + cols[None, :], y, slot_ok[:, None] & col_ok[None, :])
+    offsets = (pid_k * g.patches * g.size * g.size + rows[:, None]) * cout + cols[None, :]
+    mem.store(o_ref, offsets, y, slot_ok[:, None] & col_ok[None, :])
 
 
 def _check_index_table(name: str, arg: str, array: jax.Array, rows: int | None) -> None:
@@ -198,6 +203,7 @@ def patch_conv(
     stride: int,
     relu: bool = True,
     tiles: TileConfig | None = None,
+    split_k: int | None = None,
     implementation: Implementation = "pallas",
 ) -> jax.Array:
     """act(conv3x3_stride(map) + b) on every listed S x S output patch, compact.
@@ -215,6 +221,9 @@ def patch_conv(
       stride: 1 or 2.
       relu: apply relu after the bias.
       tiles: tile sizes; `default_tiles(Cin, Cout)` when None.
+      split_k: CTAs sharing each output tile's 9 x cdiv(Cin, block_k) K steps (their
+        float32 partial sums are added by one XLA reduction); must divide the steps.
+        None: `split_k(tiles, steps)` of `_common`, which splits grids under one wave.
       implementation: 'pallas', 'interpret' or 'reference'.
 
     Returns:
@@ -256,6 +265,11 @@ def patch_conv(
         row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
         operands.append(row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop"))
     tiles = tiles or default_tiles(cin, cout)
+    out_rows = patches * size * size
+    grid_mn = (pl.cdiv(out_rows, tiles.block_m), pl.cdiv(cout, tiles.block_n))
+    k_steps = 9 * pl.cdiv(cin, tiles.block_k)
+    parts = c.split_k(grid_mn[0] * grid_mn[1], k_steps) if split_k is None else split_k
+    c.check_split(NAME, parts, k_steps)
     geometry = _Geometry(batch, height, width, size, stride, patches, row_map=coords is not None, n_src=n_src)
     kernel = functools.partial(
         _kernel,
@@ -264,16 +278,18 @@ def patch_conv(
         cout=cout,
         relu=relu,
         tiles=tiles,
+        parts=parts,
         mem=c.Memory(implementation == "interpret"),
     )
-    out_rows = patches * size * size
     result = c.pallas_call(
         kernel,
         operands,
         name=NAME,
-        grid=(pl.cdiv(out_rows, tiles.block_m), pl.cdiv(cout, tiles.block_n)),
-        out_shape=((out_rows * cout,), rows.dtype),
+        grid=(*grid_mn, parts),
+        out_shape=((parts * out_rows * cout,), rows.dtype if parts == 1 else jnp.float32),
         tiles=tiles,
         implementation=implementation,
     )
+    if parts > 1:
+        result = c.reduce_split(result.reshape(parts, out_rows * cout), relu, rows.dtype)
     return result.reshape(patches, size, size, cout)

@@ -191,6 +191,7 @@ def test_ptx_main_loop_without_loop_or_wait():
         (("@%p21 bra", "@!%p21 bra"), None),  # ne with a negated branch: not a counted loop
         (("setp.ne.b32 \t%p21, %r265, 74;", "setp.eq.s32 \t%p21, %r265, 74;"), None),
         (("mov.b32 \t%r265, 2;", "mov.b32 \t%r265, %r7;"), None),  # start not a constant
+        (("mov.b32 \t%r265, 2;", "mov.b32 \t%r7, 2;\n\tmov.b32 \t%r265, %r7;"), 72),  # a copy of one
         (("setp.ne.b32 \t%p21, %r265, 74;", "setp.ne.b32 \t%p21, %r265, %r8;"), None),  # dynamic bound
     ],
 )
@@ -207,23 +208,24 @@ def test_ptx_loop_trips_compared_before_the_increment():
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_main_loop_of_a_compiled_conv2_keeps_copies_in_flight(arch):
-    """The engine's conv2 at rate 0.5 on the stage-3 first block (batch 1, S = 2, bf16,
-    through the row map): a 2 x 4 grid, 9 taps x 8 channel chunks per CTA, and the loop
-    keeps copies in flight (`cp.async.wait_group 2` with 3 stages). The 9 taps' rows are
-    looked up in the row map before the loop; looked up inside it (the kernel before),
-    every step drained the pipeline (`wait_group 0`, `DEPBAR.LE SB0, 0x0`)."""
+    """The engine's conv2 at rate 0.5 on the stage-3 first block (batch 8, S = 2, bf16,
+    through the row map): 13 x 4 output tiles, each K loop of 9 taps x 8 channel chunks
+    split over 6 CTAs (12 steps each, 312 CTAs), and the loop keeps copies in flight
+    (`cp.async.wait_group 2` with 3 stages). The 9 taps' rows are looked up in the row
+    map before the loop; looked up inside it (the kernel before), every step drained the
+    pipeline (`wait_group 0`, `DEPBAR.LE SB0, 0x0`)."""
     import triton
 
     [launch] = [
         launch
-        for launch in report.engine_launches(["resnet50"], [1], ["bfloat16"], [2], densities=[0.5])
+        for launch in report.engine_launches(["resnet50"], [8], ["bfloat16"], [2], densities=[0.5])
         if launch.where == "stage3.first conv2"
     ]
     assert len(launch.args) == 5  # rows, coords, starts, w, b: through the row map
     [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=arch))
-    assert kernel.grid == (2, 4, 1) and launch.k_steps == 72 and launch.split_k == 1
+    assert kernel.grid == (13, 4, 6) and launch.k_steps == 12 and launch.split_k == 6
     compiled = cuda_build.compile_kernel(kernel, arch)
-    assert report.ptx_loop_trips(compiled.ptx) == 72
+    assert report.ptx_loop_trips(compiled.ptx) == 12
     loop = report.ptx_main_loop(compiled.ptx)
     assert loop.wait_depth == kernel.num_stages - 1 >= 1 and loop.barriers <= 3
     if arch == 90:  # ptxas keeps the depth: DEPBAR.LE SB0, 0x2 in the SASS loop
@@ -343,11 +345,12 @@ def test_cli_writes_json_records(tmp_path):
         assert record["predicted_on"] == "h100" and record["predicted_us"] > 0
         assert record["ctas"] == record["grid"][0] * record["grid"][1] * record["grid"][2]
         assert record["k_steps"] == record["loop_trips"]
-        assert record["wait_depth"] == 2 and record["split_k"] == 1  # 3 stages: two copies in flight
-    # K = 512 / 1024 in 32-channel steps; 784 / 196 rows at rate 1, 490 / 178 at 0.5, in
-    # 64-row tiles times 256 / 64 output-channel tiles
-    grids = sorted((r["density"], r["k_steps"], r["ctas"]) for r in records)
-    assert grids == [(0.5, 16, 8 * 4), (0.5, 32, 3 * 4), (1.0, 16, 13 * 4), (1.0, 32, 4 * 4)]
+        assert record["wait_depth"] == 2  # 3 stages: two copies in flight
+    # K = 512 / 1024 in 16 / 32 steps of 32 channels; 784 / 196 rows at rate 1, 490 / 178
+    # at 0.5, in 64-row tiles times 256 / 64 output-channel tiles: 52 / 16 and 32 / 12
+    # tiles, under one wave (132), so each K loop is split (4 steps per CTA at most)
+    grids = sorted((r["density"], r["k_steps"], r["split_k"], r["ctas"]) for r in records)
+    assert grids == [(0.5, 4, 4, 8 * 4 * 4), (0.5, 4, 8, 3 * 4 * 8), (1.0, 4, 4, 13 * 4 * 4), (1.0, 4, 8, 4 * 4 * 8)]
     text = md.read_text()
     assert "| gather_matmul | bfloat16 | sm_90 | 4 |" in text
     assert "| CTAs | K steps | split | wait | bar/step |" in text

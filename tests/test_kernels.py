@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from laud_jax.sparse.routing import active_first
-from pallas_kernels import TileConfig
+from pallas_kernels import TileConfig, _common
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
 from pallas_kernels.gather_matmul import gather_matmul
@@ -212,6 +212,9 @@ class TestGatherMatmul(KernelTestBase):
         # then the sentinel B * H * W, cut to a capacity (`n`) below the total.
         dict(map=(2, 7, 11), taps=1, cin=24, cout=40, n=120, relu=True, dtype=jnp.float32),
         dict(map=(1, 9, 5), taps=1, cin=16, cout=16, n=40, relu=True, dtype=jnp.bfloat16),
+        # split-K: float32 partial sums of the K steps' ranges, added after the kernel
+        dict(rows=50, taps=9, cin=40, cout=24, n=70, relu=True, dtype=jnp.float32, split=6),
+        dict(rows=60, taps=1, cin=128, cout=16, n=50, relu=False, dtype=jnp.bfloat16, split=4),
     ]
 
     def make(self, case, density, rng):
@@ -229,6 +232,7 @@ class TestGatherMatmul(KernelTestBase):
             w=_normal(rng, (case["taps"] * case["cin"], case["cout"]), dtype, (case["taps"] * case["cin"]) ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
             relu=case["relu"],
+            split_k=case.get("split"),
         )
 
     def run(self, inputs, implementation):
@@ -262,6 +266,9 @@ class TestPatchConv(KernelTestBase):
         dict(batch=2, hw=(9, 14), cin=16, cout=16, S=4, s=1, patches=6, dtype=jnp.float32),
         dict(batch=1, hw=(13, 6), cin=16, cout=24, S=2, s=2, patches=7, dtype=jnp.bfloat16),
         dict(batch=2, hw=(11, 15), cin=24, cout=40, S=2, s=2, patches=9, dtype=jnp.float32),
+        # split-K: each CTA runs 2 (or 6) of the 18 K steps
+        dict(batch=2, hw=(9, 14), cin=40, cout=24, S=2, s=2, patches=7, dtype=jnp.float32, split=9),
+        dict(batch=1, hw=(10, 6), cin=40, cout=16, S=4, s=1, patches=4, dtype=jnp.bfloat16, whole_map=True, split=3),
     ]
 
     def make(self, case, density, rng):
@@ -289,6 +296,7 @@ class TestPatchConv(KernelTestBase):
             grid=(b, height, width),
             size=size,
             stride=stride,
+            split_k=case.get("split"),
         )
 
     def run(self, inputs, implementation):
@@ -517,6 +525,8 @@ def _scatter_call(**changes):
         ),
         (_patch_conv_call(starts=jnp.zeros((4, 3), jnp.int16)), r"starts.dtype=int16, expected int32"),
         (_patch_conv_call(size=0), r"size=0; must be an int >= 1"),
+        (_patch_conv_call(split_k=4), r"split_k=4; must be an int >= 1 dividing the 9 K steps"),
+        (_gather_matmul_call(split_k=0), r"split_k=0; must be an int >= 1 dividing the 1 K steps"),
         (_scatter_call(w=jnp.ones((8, 16)), b=jnp.ones(16)), r"w.shape=\(8, 16\), expected \(Cin, Cout\)=\(8, 8\)"),
         (_scatter_call(h=jnp.ones((4, 2, 3, 8))), r"patches must be square S x S"),
         (
@@ -547,6 +557,22 @@ def test_bad_arguments_fail_before_compute(call, message):
         warnings.simplefilter("ignore")
         with pytest.raises((ValueError, TypeError), match=message):
             call()
+
+
+@pytest.mark.parametrize(
+    "tiles, k_steps, split",
+    [
+        (196, 18, 1),  # a full wave: no split
+        (98, 36, 3),  # 294 CTAs of 12 steps (2 would leave 18 steps each)
+        (52, 72, 6),
+        (32, 144, 9),  # 288 CTAs of 16 steps
+        (8, 72, 18),  # 144 CTAs of 4 steps
+        (14, 36, 9),  # no divisor fills a wave with >= 4 steps: the largest one
+        (40, 3, 1),  # too few steps to split
+    ],
+)
+def test_split_k_fills_a_wave(tiles, k_steps, split):
+    assert _common.split_k(tiles, k_steps) == split
 
 
 def test_kernel_package_does_not_import_laud_jax():

@@ -50,7 +50,7 @@ from laud_jax.latency.launches import LAUNCH_NAMES, dilated_density, get_engine
 from laud_jax.latency.predictor import block_launch_times
 from laud_jax.models.specs import ARCHS, BlockSpec, network_spec
 from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
-from pallas_kernels._common import TileConfig, channel_tile
+from pallas_kernels._common import TileConfig, channel_tile, split_k
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
@@ -188,8 +188,9 @@ def ptx_main_loop(ptx: str) -> MainLoop | None:
 
 def ptx_loop_trips(ptx: str) -> int | None:
     """Trips of the PTX main loop when its counter runs between constants: `mov.b32 %r, A`
-    before the loop, `add.s32 %r, %r, step` and `setp.ne|lt.* %p, %r, B` in it, and the
-    back edge taken on %p (`@%p bra`; `@!%p` with eq|ge). None for any other form."""
+    (or a copy of a register set to A) before the loop, `add.s32 %r, %r, step` and
+    `setp.ne|lt.* %p, %r, B` in it, and the back edge taken on %p (`@%p bra`; `@!%p` with
+    eq|ge). None for any other form."""
     found = ptx_loop(ptx)
     if found is None:
         return None
@@ -214,14 +215,30 @@ def ptx_loop_trips(ptx: str) -> int | None:
         for i in range(first, last)
         if (m := re.match(rf"add\.s32\s+{reg},\s*{reg},\s*(-?\d+);", lines[i]))
     ]
-    starts = [int(m.group(1)) for line in lines[:first] if (m := re.match(rf"mov\.[bsu]32\s+{reg},\s*(-?\d+);", line))]
-    if len(steps) != 1 or steps[0][1] <= 0 or not starts:
+    start = _constant_before(lines[:first], counter)
+    if len(steps) != 1 or steps[0][1] <= 0 or start is None:
         return None
-    (added, step), start = steps[0], starts[-1]
+    added, step = steps[0]
     if op in ("ne", "eq") and (bound - start) % step:
         return None
     trips = -(-(bound - start) // step) + (added > at)  # compared before the add: one trip more
     return trips if trips >= 1 else None
+
+
+def _constant_before(lines: Sequence[str], reg: str) -> int | None:
+    """The constant the last `mov` into `reg` in `lines` sets, directly or through one
+    register copy (`mov.b32 %r1, 0;` ... `mov.b32 %r2, %r1;`); None for anything else."""
+    movs = [
+        m.group(1) for line in lines if (m := re.match(rf"mov\.[bsu]32\s+{re.escape(reg)},\s*(-?\d+|%r\d+);", line))
+    ]
+    if not movs:
+        return None
+    if not movs[-1].startswith("%"):
+        return int(movs[-1])
+    source = [
+        m.group(1) for line in lines if (m := re.match(rf"mov\.[bsu]32\s+{re.escape(movs[-1])},\s*(-?\d+);", line))
+    ]
+    return int(source[-1]) if source else None
 
 
 def _run(tool: str, *args: str) -> str:
@@ -331,7 +348,7 @@ class Launch:
     block: BlockSpec  # the block whose work it does (for the latency prediction)
     density: float  # the rate its index lists are sized for
     k_steps: int  # K-loop trips per CTA (channel conv3: its K loop runs to the sample's count, here the capacity)
-    split_k: int = 1  # CTAs sharing one output tile's K loop (no kernel splits K yet)
+    split_k: int = 1  # CTAs sharing one output tile's K loop (gather_matmul / patch_conv under one wave)
     group_size: int = 2  # channels per channel-mask group (channel mode)
     label: str = ""  # the tuning candidate it belongs to
 
@@ -397,7 +414,7 @@ def engine_launches(
     dtypes: Sequence[str],
     patch_sizes: Sequence[int],
     group_size: int = 2,
-    tiles_for: Callable[[str, int, int], TileConfig] | None = None,
+    tiles_for: Callable[..., TileConfig] | None = None,
     image_size: int = 224,
     densities: Sequence[float] = (1.0,),
 ) -> list[Launch]:
@@ -435,6 +452,7 @@ def engine_launches(
                 if size is not None and pixels == map_pixels:
                     continue  # the engine runs conv1 densely
                 t = tiles_for("gather_matmul", cin, width)
+                split = split_k(_cdiv(pixels, t.block_m) * _cdiv(width, t.block_n), _cdiv(cin, t.block_k))
                 launches.append(
                     Launch(
                         kernel="gather_matmul",
@@ -443,7 +461,8 @@ def engine_launches(
                         patch_size=size,
                         shape=f"{pixels}x{cin}->{width}",
                         tiles=t,
-                        k_steps=_cdiv(cin, t.block_k),
+                        k_steps=_cdiv(cin, t.block_k) // split,
+                        split_k=split,
                         fn=functools.partial(gather_matmul, tiles=t),
                         args=(S((map_pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
                         **common,
@@ -453,6 +472,8 @@ def engine_launches(
                 cells, pixels = spatial_capacities(block, size, batch, density)
                 row_map = density >= 1 or pixels < map_pixels
                 t = tiles_for("patch_conv", width, width)
+                steps = 9 * _cdiv(width, t.block_k)
+                split = split_k(_cdiv(cells * size * size, t.block_m) * _cdiv(width, t.block_n), steps)
                 conv = functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size, stride=stride, tiles=t)
                 rows = (S((pixels, width), dt), S((pixels, 3), I32)) if row_map else (S((pixels, width), dt),)
                 launches.append(
@@ -462,7 +483,8 @@ def engine_launches(
                         mode="spatial",
                         patch_size=size,
                         tiles=t,
-                        k_steps=9 * _cdiv(width, t.block_k),
+                        k_steps=steps // split,
+                        split_k=split,
                         shape=f"{cells}x{size}x{size}x{width}<-{pixels}x{width}{'' if row_map else ' map'}/s{stride}",
                         fn=conv if row_map else _without_coords(conv),
                         args=(*rows, S((cells, 3), I32), S((3, 3, width, width), dt), S((width,), F32)),
@@ -470,7 +492,7 @@ def engine_launches(
                     )
                 )
                 if first_of_stage:
-                    t = tiles_for("conv1x1_scatter_add", width, cout)
+                    t = tiles_for("conv1x1_scatter_add", width, cout, rows=cells * size * size)
                     launches.append(
                         Launch(
                             kernel="conv1x1_scatter_add",
@@ -574,8 +596,11 @@ DEFAULT_TILES = {
 KERNELS = tuple(DEFAULT_TILES)
 
 
-def default_tiles(kernel: str, cin: int, cout: int) -> TileConfig:
-    """The kernels' own default tile heuristics (what the engine launches)."""
+def default_tiles(kernel: str, cin: int, cout: int, rows: int | None = None) -> TileConfig:
+    """The kernels' own default tile heuristics (what the engine launches); conv3's also
+    depend on its `rows`."""
+    if kernel == "conv1x1_scatter_add":
+        return scatter_tiles(cin, cout, rows)
     return DEFAULT_TILES[kernel](cin, cout)
 
 
@@ -798,7 +823,7 @@ def tuning_launches(dtypes: Sequence[str], group_size: int = 2) -> list[Launch]:
     for candidate in TUNING_CANDIDATES:
         block_m, n_cap, k_cap, warps, stages = candidate
 
-        def tiles_for(kernel, cin, cout, m=block_m, n=n_cap, k=k_cap, w=warps, s=stages):
+        def tiles_for(kernel, cin, cout, rows=None, m=block_m, n=n_cap, k=k_cap, w=warps, s=stages):
             return TileConfig(m, channel_tile(cout, n), channel_tile(cin, k), w, s)
 
         for launch in engine_launches(["resnet50"], [8], dtypes, [2], group_size, tiles_for):
