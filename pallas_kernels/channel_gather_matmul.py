@@ -84,7 +84,10 @@ def channel_gather_matmul_reference(
     return y.astype(dtype)
 
 
-def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tiles, mem):
+def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tiles, batch, parts, mem):
+    """One (block_m, block_n) output tile of one sample; split-K (parts > 1): part
+    `part` of the sample's K steps, float32 partial sums (the bias in part 0, no
+    activation) into the part-th (B, M, n_out) block."""
     in_groups_ref = in_count_ref = out_groups_ref = out_count_ref = None
     refs = list(refs)
     if gi:
@@ -94,7 +97,8 @@ def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tile
     x_ref, w_ref, b_ref = refs[:3]
     o_ref = refs[-1]
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    pid_m, pid_n, sample = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    sample, part = c.div(pid_s, parts), c.rem(pid_s, parts)
 
     rows = c.tile_range(pid_m, bm)
     row_ok = rows < m
@@ -111,10 +115,12 @@ def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tile
     k_valid = jnp.minimum(in_count_ref[sample], gi) * group_size if gi else k
     # No reduction for output tiles that hold only padding slots.
     k_steps = (pid_n * bn < n_valid).astype(jnp.int32) * pl.cdiv(k_valid, bk)
+    per_part = pl.cdiv(gi * group_size if gi else k, bk) // parts
+    first = part * per_part
     x_rows = (sample * m + rows) * kx
 
-    def step(k_step, acc):
-        ts = k_step * bk + jnp.arange(bk, dtype=jnp.int32)
+    def step(j, acc):
+        ts = (first + j) * bk + jnp.arange(bk, dtype=jnp.int32)
         t_ok = ts < k_valid
         if gi:
             group = mem.load(in_groups_ref, sample * gi + c.div(ts, group_size), t_ok)
@@ -126,12 +132,13 @@ def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tile
         wt = mem.load(w_ref, w_rows[:, None] * n + w_cols[None, :], t_ok[:, None] & col_ok[None, :])
         return acc + c.dot(a, wt)
 
-    acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
-    y = acc + mem.load(b_ref, w_cols, col_ok).astype(jnp.float32)[None, :]
-    if relu:
+    steps = jnp.clip(k_steps - first, 0, per_part)
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    y = acc + mem.load(b_ref, w_cols, col_ok & (part == 0)).astype(jnp.float32)[None, :]
+    if relu and parts == 1:
         y = jnp.maximum(y, 0.0)
     y = jnp.where(col_ok[None, :], y, 0.0)
-    offsets = (sample * m + rows)[:, None] * n_out + cols[None, :]
+    offsets = ((part * batch + sample) * m + rows)[:, None] * n_out + cols[None, :]
     mem.store(o_ref, offsets, y, row_ok[:, None] & (cols < n_out)[None, :])
 
 
@@ -149,6 +156,7 @@ def channel_gather_matmul(
     relu: bool = True,
     out: jax.Array | None = None,
     tiles: TileConfig | None = None,
+    split_k: int | None = None,
     implementation: Implementation = "pallas",
 ) -> jax.Array:
     """Matmul over the active channel groups of each sample (see the module docstring).
@@ -162,8 +170,12 @@ def channel_gather_matmul(
       out_groups, out_count: (B, Go) int32 active output group ids and (B,) counts, or None.
       x_compact: x holds only the Gi * g listed input channels (Kx = Gi * g).
       relu: apply relu after the bias.
-      out: optional buffer of the output's shape (aliased; every element is written).
+      out: optional buffer of the output's shape (aliased without split-K; every element
+        is written).
       tiles: tile sizes; `default_tiles(K, N)` when None.
+      split_k: CTAs sharing each output tile's cdiv(Gi * g or K, block_k) K steps (their
+        float32 partial sums are added by one XLA reduction); must divide the steps.
+        None: `split_k(tiles, steps)` of `_common`, which splits grids under one wave.
       implementation: 'pallas', 'interpret' or 'reference'.
     """
     c.check_implementation(NAME, implementation)
@@ -233,6 +245,10 @@ def channel_gather_matmul(
     if batch * m * n_out == 0:
         return jnp.zeros(out_shape, x.dtype)
     tiles = tiles or default_tiles(k, n)
+    grid_mn = (pl.cdiv(m, tiles.block_m), pl.cdiv(n_out, tiles.block_n))
+    k_steps = pl.cdiv(gi * group_size if gi else k, tiles.block_k)
+    parts = c.split_k(grid_mn[0] * grid_mn[1] * batch, k_steps) if split_k is None else split_k
+    c.check_split(NAME, parts, k_steps)
     kernel = functools.partial(
         _kernel,
         m=m,
@@ -246,6 +262,8 @@ def channel_gather_matmul(
         x_compact=x_compact,
         relu=relu,
         tiles=tiles,
+        batch=batch,
+        parts=parts,
         mem=c.Memory(implementation == "interpret"),
     )
     operands = []
@@ -255,17 +273,19 @@ def channel_gather_matmul(
         operands += [out_groups.reshape(-1), out_count]
     operands += [x.reshape(-1), w.reshape(-1), b]
     aliases = {}
-    if out is not None:
+    if out is not None and parts == 1:
         aliases = {len(operands): 0}
         operands.append(out.reshape(-1))
     result = c.pallas_call(
         kernel,
         operands,
         name=NAME,
-        grid=(pl.cdiv(m, tiles.block_m), pl.cdiv(n_out, tiles.block_n), batch),
-        out_shape=((batch * m * n_out,), x.dtype),
+        grid=(*grid_mn, batch * parts),
+        out_shape=((parts * batch * m * n_out,), x.dtype if parts == 1 else jnp.float32),
         tiles=tiles,
         implementation=implementation,
         input_output_aliases=aliases,
     )
+    if parts > 1:
+        result = c.reduce_split(result.reshape(parts, batch * m * n_out), relu, x.dtype)
     return result.reshape(out_shape)

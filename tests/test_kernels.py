@@ -335,6 +335,10 @@ class TestChannelGatherMatmul(KernelTestBase):
         dict(batch=2, m=20, k=24, n=36, g=2, mode="both", dtype=jnp.float32),
         dict(batch=3, m=16, k=40, n=24, g=4, mode="compact", dtype=jnp.bfloat16),
         dict(batch=2, m=24, k=20, n=18, g=1, mode="dense", dtype=jnp.float32),
+        # split-K: each part runs its range of the sample's steps (none past its count)
+        dict(batch=2, m=40, k=128, n=32, g=4, mode="out", dtype=jnp.float32, split=4),
+        dict(batch=2, m=33, k=64, n=40, g=8, mode="in", dtype=jnp.bfloat16, split=2),
+        dict(batch=3, m=16, k=64, n=24, g=4, mode="compact", dtype=jnp.float32, split=2),
     ]
 
     def make(self, case, density, rng):
@@ -344,6 +348,7 @@ class TestChannelGatherMatmul(KernelTestBase):
             b=_normal(rng, (n,), jnp.float32),
             group_size=g,
             relu=mode != "both",
+            split_k=case.get("split"),
         )
 
         def groups(total):

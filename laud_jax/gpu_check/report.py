@@ -348,7 +348,7 @@ class Launch:
     block: BlockSpec  # the block whose work it does (for the latency prediction)
     density: float  # the rate its index lists are sized for
     k_steps: int  # K-loop trips per CTA (channel conv3: its K loop runs to the sample's count, here the capacity)
-    split_k: int = 1  # CTAs sharing one output tile's K loop (gather_matmul / patch_conv under one wave)
+    split_k: int = 1  # CTAs sharing one output tile's K loop (grids under one wave; not conv1x1_scatter_add)
     group_size: int = 2  # channels per channel-mask group (channel mode)
     label: str = ""  # the tuning candidate it belongs to
 
@@ -516,6 +516,8 @@ def engine_launches(
                     )
             groups = group_capacity(width // group_size, density)
             t = tiles_for("channel_gather_matmul", cin, width)
+            tiles = _cdiv(in_hw * in_hw, t.block_m) * _cdiv(groups * group_size, t.block_n) * batch
+            split = split_k(tiles, _cdiv(cin, t.block_k))
             launches.append(
                 Launch(
                     kernel="channel_gather_matmul",
@@ -524,7 +526,8 @@ def engine_launches(
                     group_size=group_size,
                     patch_size=None,
                     tiles=t,
-                    k_steps=_cdiv(cin, t.block_k),
+                    k_steps=_cdiv(cin, t.block_k) // split,
+                    split_k=split,
                     shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
                     fn=_channel_fn(group_size, "out", t),
                     args=(
@@ -539,6 +542,8 @@ def engine_launches(
             )
             if first_of_stage:
                 t = tiles_for("channel_gather_matmul", width, cout)
+                tiles = _cdiv(out_hw * out_hw, t.block_m) * _cdiv(cout, t.block_n) * batch
+                split = split_k(tiles, _cdiv(groups * group_size, t.block_k))
                 launches.append(
                     Launch(
                         kernel="channel_gather_matmul",
@@ -547,7 +552,8 @@ def engine_launches(
                         group_size=group_size,
                         patch_size=None,
                         tiles=t,
-                        k_steps=_cdiv(groups * group_size, t.block_k),
+                        k_steps=_cdiv(groups * group_size, t.block_k) // split,
+                        split_k=split,
                         shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
                         fn=_channel_fn(group_size, "compact", t),
                         args=(
