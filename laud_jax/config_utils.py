@@ -125,8 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
         dict(  # the latency search that resolves model.mode / model.granularity = 'auto'
             hardware="local",  # preset (v100, a100, ...), 'local' (fitted: latency calibrate) or profile .json
             fallback_hardware="v100",  # preset used, with a warning, when 'local' has no fitted profile
-            # 'local' without a fitted profile: fit one first (latency calibrate with this many
-            # block configurations, ~1 s each on 2 CPU cores) instead of using fallback_hardware; 0 = don't
+            # 'local' without a fitted profile: fit one first (latency calibrate with this many block
+            # configurations, ~4 s each on 2 CPU cores with compilation) instead of fallback_hardware; 0 = don't
             calibrate_configs=0,
             engine="",  # engine model: '' = the hardware's (xla for local, pallas for GPU presets)
             batch=0,  # images per call the search assumes (0 = eval_batch_size)

@@ -147,7 +147,7 @@ def _calibrate_if_missing(latency: ml_collections.ConfigDict, where: str) -> Non
         )
     print(
         f"[latency search] no fitted local profile at {path}: timing {latency.calibrate_configs} block "
-        f"configurations of the sparse engine first (~{latency.calibrate_configs} s on 2 CPU cores; "
+        f"configurations of the sparse engine first (~{4 * latency.calibrate_configs // 60 + 1} min on 2 CPU cores; "
         "python -m laud_jax.latency calibrate does the same)",
         flush=True,
     )

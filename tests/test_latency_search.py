@@ -222,7 +222,7 @@ def test_trainer_fits_a_missing_local_profile_first_when_asked(tmp_path, monkeyp
     out, err = capsys.readouterr()
     assert calls == [(str(path), 24)]
     announced = out.index("timing 24 block configurations")
-    assert announced < out.index("timing now") < out.index("[latency search] local")
+    assert "(~2 min on 2 CPU cores" in out and announced < out.index("timing now") < out.index("[latency search] local")
     assert "preset instead" not in err
     config = tiny_auto_config(**{"model.granularity": "auto"})
     info = data.dataset_info(config.data)
