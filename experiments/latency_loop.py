@@ -494,11 +494,11 @@ def render_markdown(report: dict[str, Any], reading: str) -> str:
         "decisions; the planned program makes no per-block host round trip); index lists included.",
         "- Error: predicted ratio / measured ratio - 1. Summaries leave out blocks planned `skip` (nothing "
         "runs; their ratio is a dispatch against a block).",
-        "- The demo model: the architecture of `configs/quickstart.py` (read with "
-        "`laud_jax.config_utils.load_config_file`, 10 classes, 64x64x1), **random weights and random masks** "
-        "at rate 0.5: no trained checkpoint exists on this machine, so the masks are not learned ones "
-        "(learned masks cluster on the digit; random ones are spread evenly). `run_benchmark` has no flags "
-        "for the config's widths, depths, stem and masker input: the script passes them to the model it builds.",
+        "- The demo model: `configs/quickstart.py` with its `'auto'` mode and granularity resolved by the "
+        "latency search on the same profile (what `make demo` trains on this machine), 10 classes, 64x64x1, "
+        "**random weights and random masks** at rate 0.5 (a trained model's masks are its own; random ones "
+        "show the predictor at a known density). `run_benchmark` has no flags for the config's widths, "
+        "depths, stem and masker input: the script passes them to the model it builds.",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -538,7 +538,7 @@ def render_markdown(report: dict[str, Any], reading: str) -> str:
             f"The search (`laud_jax.latency.search`, `{s['hardware']}` profile, `{s['engine']}` engine model, "
             f"MAC rate {s['target_rate']}, batch {s['batch']}, modes spatial / channel / layer per stage) picked "
             f"`{s['flags']}` and predicted a network ratio of {s['latency_ratio']:.3f} "
-            f"(its own model: per-block host round trips, interpolated at the MAC target).",
+            f"(its own model, interpolated at the MAC target).",
         ]
     lines += ["", "## Reading", "", READING_OPEN, reading.strip("\n"), READING_CLOSE, ""]
     for r in sparse:
