@@ -305,15 +305,16 @@ def tap_matmul(
 
     `source(t)` gives the tile's source rows for tap t and which of them are valid
     (invalid rows read as 0). One pipelined loop runs over taps x channel chunks; with
-    `split` = (part, parts) only over the part-th of `parts` equal ranges of its steps.
+    `split` = (part, parts) only over the part-th of `parts` equal ranges of its steps
+    (the loop runs between those bounds: counting from 0 and adding the range's start,
+    ptxas held some sm_80 conv2 launches to 64 registers and spilled).
     """
     bk = tiles.block_k
     k_steps = pl.cdiv(cin, bk)
     part, parts = split
     steps = n_taps * k_steps // parts
 
-    def step(j, acc):
-        it = part * steps + j
+    def step(it, acc):
         tap = div(it, k_steps) if n_taps > 1 else 0
         ks = rem(it, k_steps) * bk + jnp.arange(bk, dtype=jnp.int32)
         k_ok = ks < cin
@@ -324,7 +325,7 @@ def tap_matmul(
         return acc + dot(a, wt)
 
     zeros = jnp.zeros((tiles.block_m, tiles.block_n), jnp.float32)
-    return jax.lax.fori_loop(0, steps, step, zeros)
+    return jax.lax.fori_loop(part * steps, part * steps + steps, step, zeros)
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:

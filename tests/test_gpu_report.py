@@ -51,6 +51,22 @@ def test_default_configuration_holds_the_bar_on_sm90(launch):
     assert m.loop_trips in (None, launch.k_steps), f"{where}: main loop runs {m.loop_trips} trips, not {launch.k_steps}"
 
 
+def test_split_conv2_holds_the_bar_on_sm80():
+    """Stage-1 conv2 at batch 1 with full lists (S = 2, bf16) runs its 18 K steps split
+    over 3 CTAs of 6. With the K loop counting 0..6 and adding the CTA's first step,
+    ptxas held it to 64 registers on sm_80 and spilled 16 bytes; the loop now runs
+    between the range's bounds (74 registers, no spill)."""
+    [launch] = [
+        launch
+        for launch in report.engine_launches(["resnet50"], [1], ["bfloat16"], [2])
+        if launch.where == "stage1.rest conv2"
+    ]
+    assert launch.split_k == 3 and launch.k_steps == 6
+    [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=80))
+    m = report.measure(kernel, 80)
+    assert (m.spill_bytes, m.stack_bytes, m.loop_trips, m.wait_depth) == (0, 0, 6, 2)
+
+
 # ---- parsing, on kernels whose resource use is known ------------------------------------
 
 
