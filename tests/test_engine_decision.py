@@ -226,3 +226,43 @@ def test_blocks_whose_gates_switch_everything_off_are_skipped_on_the_device():
         engine.ops, spec, planned.plans, engine.dtype, folded, x, kept.forced, np.float32(0.0)
     ).as_text()
     assert text.count("stablehlo.case") + text.count("stablehlo.if") == len(gated)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_speculative_fit_test_agrees_with_planning_every_block(batch):
+    """The speculative driver's vectorized check (counts within the kept plans' capacities)
+    says exactly what planning each block from its counts and ``_covers`` say."""
+    from laud_jax.sparse import engine as engine_module
+    from laud_jax.sparse.routing import COUNT_KEYS, count_totals, plan_block
+
+    spec = network_spec(dict(MIXED), IMAGE)
+    rng = np.random.default_rng(batch)
+
+    def random_counts():
+        rows = []
+        for block in spec.blocks:
+            if block.mode == "static":
+                rows.append([0, 0, 0, 0])
+                continue
+            totals = count_totals(block, batch)
+            row = [int(rng.integers(0, totals[k] + 1)) if k in totals else 0 for k in COUNT_KEYS]
+            if not block.layer:
+                row[COUNT_KEYS.index("samples")] = batch
+            rows.append(row)
+        return np.asarray(rows)
+
+    agree = {True: 0, False: 0}
+    for _ in range(300):
+        made = random_counts()
+        plans = tuple(
+            BlockPlan("dense") if rng.random() < 0.1 else plan_block(b, c, batch, 32) for b, c in zip(spec.blocks, made)
+        )
+        counts = random_counts()
+        if rng.random() < 0.5:  # often at or under the counts the plans were made for
+            counts = np.minimum(counts, made + rng.integers(0, 2, made.shape))
+        expected = all(
+            engine_module._covers(have, plan_block(b, c, batch, 32)) for b, have, c in zip(spec.blocks, plans, counts)
+        )
+        assert engine_module._fits(*engine_module._limits(spec, plans), counts) == expected
+        agree[expected] += 1
+    assert min(agree.values()) > 10  # both outcomes were exercised

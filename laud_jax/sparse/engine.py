@@ -189,6 +189,33 @@ def _covers(have: BlockPlan, need: BlockPlan) -> bool:
     return all(getattr(have, k) >= getattr(need, k) for k in ("cells", "pixels", "groups", "samples"))
 
 
+def _limits(spec: NetworkSpec, plans: tuple[BlockPlan, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the largest routing counts (COUNT_KEYS order) ``plans`` cover (inf: any),
+    and whether a block's zero cells or samples mean nothing runs (its need is ``skip``)."""
+    limits = np.full((len(plans), len(COUNT_KEYS)), np.inf)
+    spatial = np.zeros((len(plans),), bool)
+    for i, (block, plan) in enumerate(zip(spec.blocks, plans)):
+        spatial[i] = block.mode != "static" and block.spatial
+        if plan.run == "dense" or block.mode == "static":
+            continue
+        kinds = {"cells": block.spatial, "pixels": block.spatial, "groups": block.channel, "samples": block.layer}
+        for j, key in enumerate(COUNT_KEYS):
+            if plan.run == "skip":
+                limits[i, j] = -1  # only a need of skip fits
+            elif kinds[key]:
+                limits[i, j] = getattr(plan, key)
+    return limits, spatial
+
+
+def _fits(limits: np.ndarray, spatial: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether every block's routing counts fit its plan (``_limits``): ``_covers(plan,
+    plan_block(counts))`` for all blocks in one vectorized test (a ladder capacity holds a
+    count iff count <= it)."""
+    cells, samples = counts[:, COUNT_KEYS.index("cells")], counts[:, COUNT_KEYS.index("samples")]
+    need_skip = (samples == 0) | (spatial & (cells == 0))
+    return bool(np.all(need_skip | np.all(counts <= limits, axis=1)))
+
+
 def _merge(have: BlockPlan, need: BlockPlan) -> BlockPlan:
     """The smallest plan covering both (capacities are ladder values, so maxima are too)."""
     if _covers(have, need):
@@ -296,7 +323,9 @@ class SparseEngine:
             self.chooser = ExecutionChooser(latency_profile, latency_engine or backend, self.config.dtype)
         self._variables = variables
         self._networks: dict[tuple[int, ...], tuple[NetworkSpec, dict[str, Any]]] = {}
-        self._speculation: dict[tuple, tuple[BlockPlan, ...]] = {}
+        # per (image shape, batch): the kept plans and their _limits
+        self._offsets: dict[float, jax.Array] = {}
+        self._speculation: dict[tuple, tuple[tuple[BlockPlan, ...], np.ndarray, np.ndarray]] = {}
         if image_shape is not None:
             self.network(image_shape)
 
@@ -317,7 +346,8 @@ class SparseEngine:
         return self._networks[key]
 
     def _check_images(self, images) -> tuple[jax.Array, NetworkSpec, dict[str, Any]]:
-        images = jnp.asarray(images)
+        if not isinstance(images, jax.Array):  # a device array passes as is (no dispatch per call)
+            images = jnp.asarray(images)
         if images.ndim != 4:
             raise ValueError(f"images must be NHWC (B, H, W, C); got shape {images.shape}")
         if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -387,7 +417,7 @@ class SparseEngine:
             raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
         images, spec, folded = self._check_images(images)
         batch = images.shape[0]
-        offset = jnp.asarray(gate_offset, jnp.float32)
+        offset = self._offset(gate_offset)
         plan = masks if isinstance(masks, MaskPlan) else None
         if plan is not None and (plan.spec != spec or plan.batch != batch):
             raise ValueError(
@@ -410,6 +440,13 @@ class SparseEngine:
             return self._stepwise(spec, folded, images, forced, offset)
         return self._speculative(spec, folded, images, forced, offset)
 
+    def _offset(self, gate_offset: float) -> jax.Array:
+        """``gate_offset`` as a device scalar, made once per value (not a transfer per call)."""
+        key = float(gate_offset)
+        if key not in self._offsets:
+            self._offsets[key] = jnp.asarray(key, jnp.float32)
+        return self._offsets[key]
+
     def _speculative(self, spec, folded, images, forced, offset) -> tuple[jax.Array, RunInfo]:
         """Whole network in one program under the plans that held for earlier inputs.
 
@@ -419,23 +456,24 @@ class SparseEngine:
         """
         batch = images.shape[0]
         key = (spec.image_shape, batch)
-        plans = self._speculation.get(key)
-        if plans is not None:
+        kept = self._speculation.get(key)
+        plans = None if kept is None else kept[0]
+        if kept is not None:
             logits, counts = _planned_network(self.ops, spec, plans, self.dtype, folded, images, forced, offset)
             counts = np.asarray(counts)
-            needed = [plan_block(b, c, batch, self.capacity_steps) for b, c in zip(spec.blocks, counts)]
-            if all(_covers(have, need) for have, need in zip(plans, needed)):  # dense covers any masks
+            if _fits(*kept[1:], counts):
                 return logits, RunInfo(
                     "speculative", list(plans), [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)]
                 )
         logits, info = self._stepwise(spec, folded, images, forced, offset)
         if plans is None:
-            self._speculation[key] = tuple(info.plans)
+            plans = tuple(info.plans)
         else:
-            self._speculation[key] = tuple(
+            plans = tuple(
                 self._choose(block, _merge(have, need), batch)
                 for block, have, need in zip(spec.blocks, plans, info.plans)
             )
+        self._speculation[key] = (plans, *_limits(spec, plans))
         return logits, info
 
     def plan_masks(self, masks: Sequence[Mapping[str, Any]], image_shape: Sequence[int], batch: int) -> MaskPlan:
@@ -521,7 +559,7 @@ class SparseEngine:
         batch = images.shape[0]
         forced = masks.forced if isinstance(masks, MaskPlan) else self._check_masks(spec, masks, batch)
         record: list[BlockTrace] = []
-        self._stepwise(spec, folded, images, forced, jnp.asarray(gate_offset, jnp.float32), record)
+        self._stepwise(spec, folded, images, forced, self._offset(gate_offset), record)
         return record
 
     def block_program(self, trace: BlockTrace, *, dense: bool = False):
@@ -535,4 +573,4 @@ class SparseEngine:
         """Logits of the static network (every gate ignored), dense, BN folded: the baseline."""
         images, spec, folded = self._check_images(images)
         forced = [{} for _ in spec.blocks]
-        return _dense_network(self.ops, spec, self.dtype, False, folded, images, forced, jnp.zeros(()))
+        return _dense_network(self.ops, spec, self.dtype, False, folded, images, forced, self._offset(0.0))
