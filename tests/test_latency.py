@@ -2,6 +2,7 @@
 independent references, monotonicity, jit/vmap grids, presets, search, calibration, CLI."""
 
 import dataclasses
+import functools
 import inspect
 import json
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from laud_jax.gpu_check import report
 from laud_jax.latency import (
     ENGINES,
     PRESETS,
@@ -319,6 +321,19 @@ def _slot_grid(profile, engine, shapes, setting):
     return times.reshape(shapes.in_channels.shape[0], *setting.mode.shape, len(LAUNCH_NAMES))
 
 
+@jax.jit
+def _geometry_grid(engine, shapes, setting):
+    """Per-slot (split-K parts, CTAs) for every block x grid setting."""
+    flat = jax.tree.map(lambda x: x.reshape(-1), setting)
+
+    def geometry(shape, s):
+        launches = block_launches(shape, s, engine)
+        return jnp.stack([launches.split, launches.ctas])
+
+    values = jax.vmap(jax.vmap(geometry, in_axes=(None, 0)), in_axes=(0, None))(shapes, flat)
+    return values.reshape(shapes.in_channels.shape[0], *setting.mode.shape, 2, len(LAUNCH_NAMES))
+
+
 @pytest.mark.parametrize("engine", ["xla", "pallas", "halo"])
 @pytest.mark.parametrize("hardware", ["v100", "jetson_tx2", "local_initial"])
 def test_latency_is_monotone_in_rho_and_full_rate_beats_static_by_less_than_the_maskers(engine, hardware):
@@ -336,7 +351,17 @@ def test_latency_is_monotone_in_rho_and_full_rate_beats_static_by_less_than_the_
     # dense, without a gather op (xla) or a row map (Pallas), so it may get faster there.
     gathers = slots[..., LAUNCH_NAMES.index("gather_x")] + slots[..., LAUNCH_NAMES.index("conv2_row_map")]
     dense_conv1 = (gathers[:, :, :, :-1] > 0) & (gathers[:, :, :, 1:] == 0)
-    assert np.all(steps[~dense_conv1] >= -1e-9 * total[:, :, :, 1:][~dense_conv1]), "latency decreases as rho grows"
+    # The Pallas kernels split K over fewer CTAs as their grid grows (pallas_kernels'
+    # split_k), and a grid under one CTA per SM streams at its fraction of the SMs: a
+    # launch can get cheaper where its split changes or such a grid gains a CTA.
+    geometry = np.asarray(
+        _geometry_grid(ENGINES[engine].as_arrays(), BlockShape.from_specs(SMALL_BLOCKS), _grid_setting())
+    )
+    splits, ctas = geometry[..., 0, :], geometry[..., 1, :]
+    resplit = np.any(splits[:, :, :, :-1] != splits[:, :, :, 1:], axis=-1)
+    spread = np.any((ctas[:, :, :, :-1] != ctas[:, :, :, 1:]) & (ctas[:, :, :, :-1] < float(profile.cores)), axis=-1)
+    monotone = ~dense_conv1 & ~resplit & ~spread
+    assert np.all(steps[monotone] >= -1e-9 * total[:, :, :, 1:][monotone]), "latency decreases as rho grows"
     static = total[:, MODES.index("static")][:, None, :, -1]
     masker = slots[..., : len(OVERHEAD_SLOTS)].sum(-1)[:, :, :, -1]  # host round trip, maskers, index lists
     full = total[:, :, :, -1]  # every gate fully on
@@ -382,6 +407,140 @@ def test_grid_evaluation_equals_the_per_configuration_loop():
         assert float(times[(i, *index)]) == pytest.approx(float(block_time(profile, engine, shape, one)), rel=1e-5)
         assert float(dynamic[(i, *index)]) == pytest.approx(float(block_macs(shape, one)[0]), rel=1e-5)
         assert float(dense[(i, *index)]) == pytest.approx(SMALL_BLOCKS[i].dense_macs, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- kernel geometry
+
+
+def geometry_launch(**fields) -> Launches:
+    """One gathered launch of known geometry on a 64 x 64 tile with 32-channel K steps."""
+    return one_launch(kind=KIND_GATHERED, tile_m=64.0, tile_n=64.0, block_k=32.0, **fields)
+
+
+def test_kernel_grid_runs_in_waves_of_ctas_and_drained_steps_wait_for_memory():
+    """Hand counts on the toy device (4 SMs, 2.5e11 FLOP/s per SM at eff_sparse 0.5 x 1/4):
+    one CTA's chain is k_steps MMA steps; 5 CTAs take two waves; a drained main loop adds
+    the memory latency at every step of every wave, a pipelined one once."""
+    fast_memory = TOY.replace(dram_bw=1e16, l2_bw=1e16)
+    step = 2 * 64 * 64 * 32 / (1e12 * 0.5 / 4)
+    work = dict(m=256.0, n=64.0, k=320.0, a_bytes=1.0, k_steps=10.0, latency=1e-6)
+    pipelined = {ctas: seconds(fast_memory, geometry_launch(ctas=ctas, wait_depth=2.0, **work)) for ctas in (4, 5, 8)}
+    assert pipelined[4] == pytest.approx(2e-6 + 10 * step + 1e-6, rel=1e-6)
+    assert pipelined[5] == pytest.approx(2e-6 + 2 * 10 * step + 1e-6, rel=1e-6)
+    assert pipelined[8] == pytest.approx(pipelined[5], rel=1e-6)
+    drained = seconds(fast_memory, geometry_launch(ctas=5.0, wait_depth=0.0, **work))
+    assert drained - pipelined[5] == pytest.approx((2 * 10 - 1) * 1e-6, rel=1e-6)
+
+
+def test_under_filled_kernel_grid_streams_at_its_fraction_of_the_sms():
+    """A memory-bound launch on 1 of the toy device's 4 SMs moves its bytes at a quarter of
+    the bandwidth; on 4 or more SMs at all of it."""
+    work = dict(m=64.0, n=64.0, k=32.0, o_bytes=2e8, k_steps=1.0, wait_depth=2.0)
+    full = seconds(TOY, geometry_launch(ctas=4.0, **work)) - 2e-6
+    assert full == pytest.approx(2e8 / (1e11 * 0.5), rel=1e-3)
+    assert seconds(TOY, geometry_launch(ctas=1.0, **work)) - 2e-6 == pytest.approx(4 * full, rel=1e-6)
+    assert seconds(TOY, geometry_launch(ctas=8.0, **work)) - 2e-6 == pytest.approx(full, rel=1e-6)
+
+
+def test_h100_kernel_grid_steps_at_132_ctas():
+    """Wave quantization on the H100 preset (132 SMs): 133 CTAs take twice as long as 132,
+    264 as long as 133."""
+    work = dict(m=64.0, n=64.0, k=2304.0, k_steps=72.0, wait_depth=2.0, a_bytes=1.0)
+    times = {ctas: seconds(PRESETS["h100"], geometry_launch(ctas=float(ctas), **work), 1.0) for ctas in (132, 133, 264)}
+    overhead = float(PRESETS["h100"].launch_overhead)
+    assert times[133] - overhead == pytest.approx(2 * (times[132] - overhead), rel=1e-6)
+    assert times[264] == pytest.approx(times[133], rel=1e-6)
+
+
+def _report_launches():
+    """The engine's Pallas launches of ResNet-50 at rate 0.5, S = 2, batch 1 and 8 (bf16)
+    as the GPU build report lists them (laud_jax.gpu_check.report), with the predictor's
+    setting whose capacities are the report's."""
+    launches = [
+        launch
+        for launch in report.engine_launches(["resnet50"], [1, 8], ["bfloat16"], [2], densities=(0.5,))
+        if launch.kernel != "channel_gather_matmul"  # the engine's channel mode does not call it
+    ]
+    settings = []
+    for launch in launches:
+        block, size = launch.block, launch.patch_size
+        cells = launch.batch * (block.h_out // size) ** 2
+        pixels = report.spatial_capacities(block, size, launch.batch, 0.5)[1]
+        settings.append(
+            block_setting(
+                "spatial",
+                size,
+                rho_spatial=np.ceil(0.5 * cells) / cells,
+                rho_conv1=pixels / (launch.batch * block.h_in * block.w_in),
+                batch=launch.batch,
+                dtype="bfloat16",
+            )
+        )
+    return launches, jax.tree.map(lambda *xs: jnp.stack(xs), *settings)
+
+
+@jax.jit
+def _pallas_records(shapes, settings):
+    return jax.vmap(lambda shape, setting: block_launches(shape, setting, ENGINES["pallas"]))(shapes, settings)
+
+
+def test_pallas_engine_launches_the_kernels_own_grid():
+    """Per engine launch (conv1 gather_matmul, conv2 patch_conv, conv3 conv1x1_scatter_add):
+    the predictor's tile, K steps per CTA and split-K equal the build report's, its CTAs the
+    grid of the kernel traced at that shape, and a split launch writes the kernel's float32
+    partial sums and adds one reduction launch reading them."""
+    launches, settings = _report_launches()
+    records = _pallas_records(BlockShape.from_specs([launch.block for launch in launches]), settings)
+    splits = {launch.split_k for launch in launches}
+    assert 1 in splits and max(splits) > 1  # both kinds are covered
+    for i, launch in enumerate(launches):
+        slot = LAUNCH_NAMES.index(launch.slot)
+        record = jax.tree.map(lambda x, i=i, slot=slot: float(x[i, slot]), records)
+        label = (launch.where, launch.batch)
+        assert record.kind == KIND_GATHERED, label
+        assert (record.tile_m, record.tile_n) == (launch.tiles.block_m, launch.tiles.block_n), label
+        assert (record.k_steps, record.split, record.block_k) == (launch.k_steps, launch.split_k, launch.tiles.block_k)
+        assert record.wait_depth == 2.0, label
+        jaxpr = jax.make_jaxpr(functools.partial(launch.fn, implementation="interpret"))(*launch.args)
+        (call,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]
+        grid = call.params["grid_mapping"].grid
+        if launch.kernel == "conv1x1_scatter_add":  # tiles past the active rows exit at once
+            rows = launch.args[0].shape[0] * launch.patch_size**2
+            assert grid == (-(-rows // launch.tiles.block_m), -(-launch.block.out_channels // launch.tiles.block_n))
+            assert 0 < record.ctas <= np.prod(grid), label
+            continue
+        assert record.ctas == np.prod(grid), label
+        (out,) = call.outvars
+        reduce = jax.tree.map(lambda x, i=i, slot=slot: float(x[i, slot + 1]), records)
+        assert LAUNCH_NAMES[slot + 1] == f"{launch.slot}_reduce"
+        if launch.split_k > 1:
+            assert record.o_bytes == out.aval.size * out.aval.dtype.itemsize, label
+            partials_and_result = record.o_bytes * (1 + 2 / (4 * launch.split_k))  # float32 in, bf16 out
+            assert reduce.weight == 1.0 and reduce.o_bytes == pytest.approx(partials_and_result, rel=1e-6), label
+        else:
+            assert reduce.weight == 0.0, label
+
+
+def test_drained_conv2_costs_a_memory_latency_per_k_step():
+    """The stage-3 conv2 at batch 8 (bf16, S = 2, rate 0.5) predicted with every K step
+    waiting for its loads (patch_conv before its pipeline fix) costs about k_steps x the
+    memory latency per wave of CTAs more than with the copies in flight."""
+    spec = network_spec({"arch": "resnet50", "num_classes": 1000}, (224, 224)).blocks[7]
+    shape = jax.tree.map(lambda x: x[0], BlockShape.from_specs([spec]))
+    setting = block_setting("spatial", 2, 0.5, batch=8, dtype="bfloat16")
+    profile, slot = PRESETS["h100"].as_arrays(), LAUNCH_NAMES.index("conv2")
+    pipelined = ENGINES["pallas"]
+    drained = pipelined.replace(wait_depth=0.0)
+    record = jax.tree.map(lambda x: float(x[slot]), block_launches(shape, setting, pipelined))
+    waves = np.ceil(record.ctas / 132)
+    assert waves > 1 and record.k_steps > 1
+    extra = float(block_launch_times(profile, drained.as_arrays(), shape, setting)[slot]) - float(
+        block_launch_times(profile, pipelined.as_arrays(), shape, setting)[slot]
+    )
+    stalls = (waves * record.k_steps - 1) * float(pipelined.memory_latency)
+    # at most the stalls; a little less where the pipelined launch streams its bytes longer
+    # than its chain of steps (its time is the larger of the two)
+    assert 0.8 * stalls < extra <= stalls * (1 + 1e-6)
 
 
 # ----------------------------------------------------------------------------- network and presets

@@ -37,7 +37,11 @@ jitted and vmapped too). ``ENGINES``:
   exit). Everything else stays on the xla primitives: dense convs, a grouped conv2, the
   channel path (the executor gathers the active channels' weights, ``select_branch``, and
   runs ordinary convs on them, one sample after another at batch > 1), the layer path's
-  write-back loop. Index lists are padded to the same capacity ladder as ``xla``.
+  write-back loop. Index lists are padded to the same capacity ladder as ``xla``. The
+  three kernels launch with their own geometry (``pallas_kernels``' tiles and split-K
+  rule, :func:`launch_geometry`): a split launch writes float32 partial sums that one
+  XLA reduction adds (``conv1_reduce`` / ``conv2_reduce``); every main loop keeps 2
+  copies in flight (docs/gpu_build_report.md).
 - ``pallas_nchw``: ``pallas`` on NCHW activations (PyTorch's layout): a gathered run is
   one channel of consecutive pixels, so small S wastes most of every DRAM sector.
 - ``halo``: a hypothetical single-program engine (LASNet's formulation) that recomputes
@@ -49,6 +53,7 @@ jitted and vmapped too). ``ENGINES``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +63,8 @@ import numpy as np
 
 from laud_jax.models.specs import CHANNEL_MODES, LAYER_MODES, MODE_ALIASES, MODES, SPATIAL_MODES, BlockSpec, LayerSpec
 from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
+from pallas_kernels import _common as kernel_rules
+from pallas_kernels import conv1x1_scatter_add, gather_matmul, patch_conv
 
 # Launch kinds: dense GEMM, direct convolution, grouped convolution, gathered-tile kernel,
 # memory-bound op, host round trip, step of an on-device loop.
@@ -111,8 +118,17 @@ class EngineModel:
       0: the speculative driver's single program.
     index_ops: ops to build one index list.
     sparse_tile_m / sparse_tile_n: tile of the gathered kernels (n capped at the next
-      power of two of N).
+      power of two of N) where ``kernel_geometry`` is 0.
     channels_last: 1 for NHWC activations; 0 for NCHW.
+    kernel_geometry: 1: the gathered launches take the launch geometry of ``pallas_kernels``
+      (their default tiles, split-K rule, CTAs and K steps per CTA: :func:`launch_geometry`)
+      and pay the pipeline state below; 0: the fixed ``sparse_tile_m`` x ``sparse_tile_n``.
+    wait_depth: copies the gathered kernels' main loops keep in flight
+      (``cp.async.wait_group N`` in docs/gpu_build_report.md); 0: every K step waits for
+      its loads (drained), paying ``memory_latency`` per step; >= 1: the latency is paid
+      once, when the pipeline fills.
+    memory_latency: seconds of one round trip of a K step's loads (global memory to the
+      SM), for ``wait_depth``.
     """
 
     conv1_on_halo: Any
@@ -131,6 +147,9 @@ class EngineModel:
     sparse_tile_m: Any
     sparse_tile_n: Any
     channels_last: Any
+    kernel_geometry: Any
+    wait_depth: Any
+    memory_latency: Any
 
     def replace(self, **changes: Any) -> EngineModel:
         return dataclasses.replace(self, **changes)
@@ -161,13 +180,19 @@ ENGINES: dict[str, EngineModel] = {
         sparse_tile_m=16.0,
         sparse_tile_n=16.0,
         channels_last=1.0,
+        kernel_geometry=0.0,
+        wait_depth=0.0,
+        memory_latency=0.0,
     ),
     # The engine with backend='pallas': the executor's channel, layer and write-back code is
     # the xla backend's (weights gathered outside the kernels, per-sample and write-back
-    # loops, the capacity ladder); the kernels' tile is pallas_kernels' tuned_tiles
-    # (64 rows x at most 64 output channels). No per-block host round trip: in steady state
-    # the engine's default driver (speculative) runs the whole network as one program and
-    # reads every block's counts once at the end (the network's call).
+    # loops, the capacity ladder). Its kernels launch with their own geometry (pallas_kernels'
+    # default tiles and split-K rule) and, in every main loop, keep 2 copies in flight
+    # (docs/gpu_build_report.md, sm_90 and sm_80). Memory latency: ~0.3 us for an L2 hit and
+    # ~0.5-0.7 us from HBM on A100 / H100 (microbenchmarks); 0.5 us assumed, not measured
+    # here. No per-block host round trip: in steady state the engine's default driver
+    # (speculative) runs the whole network as one program and reads every block's counts
+    # once at the end (the network's call).
     "pallas": EngineModel(
         conv1_on_halo=0.0,
         fuse_gather=1.0,
@@ -185,6 +210,9 @@ ENGINES: dict[str, EngineModel] = {
         sparse_tile_m=64.0,
         sparse_tile_n=64.0,
         channels_last=1.0,
+        kernel_geometry=1.0,
+        wait_depth=2.0,
+        memory_latency=0.5e-6,
     ),
     "halo": EngineModel(
         conv1_on_halo=1.0,
@@ -203,6 +231,9 @@ ENGINES: dict[str, EngineModel] = {
         sparse_tile_m=64.0,
         sparse_tile_n=128.0,
         channels_last=1.0,
+        kernel_geometry=0.0,
+        wait_depth=0.0,
+        memory_latency=0.0,
     ),
 }
 ENGINES["pallas_nchw"] = ENGINES["pallas"].replace(channels_last=0.0)
@@ -320,7 +351,12 @@ def static_twin(setting: BlockSetting) -> BlockSetting:
 
 @_dataclass
 class Launches:
-    """Work records of launch slots (fields share one shape: (..., slots))."""
+    """Work records of launch slots (fields share one shape: (..., slots)).
+
+    Launches of a kernel with known geometry (``k_steps`` > 0) also hold its CTAs (split-K
+    parts included), K steps per CTA of ``block_k`` reduction channels each, split-K parts,
+    main-loop wait depth and memory latency (seconds); 0 elsewhere.
+    """
 
     weight: Any
     kind: Any
@@ -336,6 +372,12 @@ class Launches:
     o_seg: Any
     tile_m: Any
     tile_n: Any
+    ctas: Any
+    k_steps: Any
+    block_k: Any
+    split: Any
+    wait_depth: Any
+    latency: Any
 
 
 LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launches))
@@ -348,6 +390,7 @@ LAUNCH_NAMES = (
     "layer_compact",  # gather the executing samples (layer gates, batch > 1)
     "gather_x",  # separate gather of conv1's input (unfused engines)
     "conv1",
+    "conv1_reduce",  # sum of conv1's split-K partial sums (+ relu)
     "conv1_epilogue",  # bias + relu pass (unfused epilogues)
     "gather_conv2",  # separate window gather / im2col before conv2
     "conv2_row_map",  # per-pixel row map of conv1's compact rows (Pallas patch_conv)
@@ -355,6 +398,7 @@ LAUNCH_NAMES = (
     "channel_weight_rows",  # ... and along an input axis (whole rows)
     "channel_expand",  # kept channels scattered to full width and back (grouped conv2)
     "conv2",
+    "conv2_reduce",
     "conv2_epilogue",
     "se",  # squeeze-excitation: pool + FCs + scale (RegNetY)
     "lc_scale",  # LC-Net channel scale multiply
@@ -411,6 +455,64 @@ def ladder_capacity(count, total, steps):
         vmap_method="broadcast_all",
     )
     return jnp.where(steps > 0, padded, count)
+
+
+# The gathered kernels the engine's pallas backend launches (codes of :func:`launch_geometry`).
+KERNEL_CODES: dict[str, int] = {"gather_matmul": 1, "patch_conv": 2, "conv1x1_scatter_add": 3}
+GEOMETRY_FIELDS = ("tile_m", "tile_n", "block_k", "split", "ctas", "k_steps")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def launch_geometry(kernel: int, rows: int, cin: int, cout: int, taps: int, grid_rows: int) -> tuple[int, ...]:
+    """``GEOMETRY_FIELDS`` of one launch of a ``pallas_kernels`` kernel (``KERNEL_CODES``),
+    by the kernel's own rules: its ``default_tiles`` and ``_common.split_k``.
+
+    ``rows`` output rows computed, ``cin`` reduction channels per tap, ``cout`` output
+    channels, ``taps`` taps; ``grid_rows``: the rows the grid is sized for (conv1x1_scatter_add
+    sizes its grid and tiles by the capacity; tiles past the active rows exit at once, so
+    only ``rows`` count as CTAs). All zeros for code 0 or an empty launch."""
+    if kernel not in KERNEL_CODES.values() or min(rows, cin, cout, taps, grid_rows) <= 0:
+        return (0,) * len(GEOMETRY_FIELDS)
+    if kernel == KERNEL_CODES["conv1x1_scatter_add"]:
+        tiles = conv1x1_scatter_add.default_tiles(cin, cout, grid_rows)
+    elif kernel == KERNEL_CODES["patch_conv"]:
+        tiles = patch_conv.default_tiles(cin, cout)
+    else:
+        tiles = gather_matmul.default_tiles(cin, cout)
+    n_tiles = _cdiv(cout, tiles.block_n)
+    steps = taps * _cdiv(cin, tiles.block_k)
+    scatter = kernel == KERNEL_CODES["conv1x1_scatter_add"]  # no split-K (its residual epilogue)
+    split = 1 if scatter else kernel_rules.split_k(_cdiv(grid_rows, tiles.block_m) * n_tiles, steps)
+    ctas = _cdiv(rows, tiles.block_m) * n_tiles * split
+    return (tiles.block_m, tiles.block_n, tiles.block_k, split, ctas, steps // split)
+
+
+def _launch_geometries(kernel, rows, cin, cout, taps, grid_rows) -> np.ndarray:
+    """:func:`launch_geometry` of every entry (host side); (..., len(GEOMETRY_FIELDS))."""
+    whole = [
+        np.ravel(np.ceil(np.asarray(x) - 1e-4)).astype(np.int64) for x in (kernel, rows, cin, cout, taps, grid_rows)
+    ]
+    distinct, where = np.unique(np.stack(whole, axis=-1), axis=0, return_inverse=True)
+    values = np.asarray([launch_geometry(*row) for row in distinct.tolist()], np.float32)
+    return values[np.ravel(where)].reshape(*np.shape(rows), len(GEOMETRY_FIELDS))
+
+
+def kernel_geometry(kernel, rows, cin, cout, taps, grid_rows=None) -> dict[str, jax.Array]:
+    """:func:`launch_geometry` of traced launch shapes (called from the compiled predictor
+    on the host, like :func:`ladder_capacity`): ``GEOMETRY_FIELDS`` to arrays."""
+    grid_rows = rows if grid_rows is None else grid_rows
+    args = jnp.broadcast_arrays(*(jnp.asarray(x, jnp.float32) for x in (kernel, rows, cin, cout, taps, grid_rows)))
+    values = jax.pure_callback(
+        _launch_geometries,
+        jax.ShapeDtypeStruct((*args[0].shape, len(GEOMETRY_FIELDS)), jnp.float32),
+        *args,
+        vmap_method="broadcast_all",
+    )
+    return {name: values[..., i] for i, name in enumerate(GEOMETRY_FIELDS)}
 
 
 def _next_pow2(x):
@@ -620,9 +722,39 @@ def _block_execution(shape: BlockShape, setting: BlockSetting, engine: EngineMod
 
 
 def _tile(engine: EngineModel, n) -> dict[str, Any]:
-    """The gathered kernels' tile (n capped at the next power of two of ``n``); a candidate
-    for dense library calls."""
+    """The gathered kernels' fixed tile (n capped at the next power of two of ``n``); a
+    candidate for dense library calls."""
     return dict(tile_m=engine.sparse_tile_m, tile_n=jnp.clip(_next_pow2(n), 16.0, engine.sparse_tile_n))
+
+
+def _kernel_fields(engine: EngineModel, kernel: str, runs, rows, cin, cout, taps, grid_rows=None) -> dict[str, Any]:
+    """Tile and geometry fields of a conv's launch record: ``kernel``'s own geometry where
+    it ``runs`` and the engine follows the kernels (``kernel_geometry``), else the engine's
+    fixed tile (``_tile``) and no geometry."""
+    code = _when(runs & (engine.kernel_geometry > 0.5), float(KERNEL_CODES[kernel]))
+    geometry = kernel_geometry(code, rows, cin, cout, taps, grid_rows)
+    known = geometry["k_steps"] > 0
+    fixed = _tile(engine, cout)
+    return dict(
+        tile_m=jnp.where(known, geometry["tile_m"], fixed["tile_m"]),
+        tile_n=jnp.where(known, geometry["tile_n"], fixed["tile_n"]),
+        ctas=geometry["ctas"],
+        k_steps=geometry["k_steps"],
+        block_k=geometry["block_k"],
+        split=geometry["split"],
+        wait_depth=_when(known, engine.wait_depth),
+        latency=_when(known, engine.memory_latency),
+    )
+
+
+def _split_output(fields: dict[str, Any], weight, rows, n, bytes_per_element) -> tuple[Any, dict[str, Any]]:
+    """A split-K launch's output bytes (float32 partial sums of every part) and the record
+    of the XLA reduction that adds them (and applies the activation) in one pass."""
+    split = fields["split"]
+    parts = split > 1.5
+    out = jnp.where(parts, split * rows * n * 4.0, rows * n * bytes_per_element)
+    reduce = _launch(_when(parts, weight), o_bytes=_when(parts, out + rows * n * bytes_per_element))
+    return out, reduce
 
 
 def _gate_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel, block: _BlockExecution):
@@ -695,6 +827,9 @@ def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     direct = (
         ~block.conv1_gathered & ~listed & ~block.bottleneck & (shape.h_out * shape.w_out > engine.dense_im2col_pixels)
     )
+    weight = block.branch_weight * loop
+    kernel = _kernel_fields(engine, "gather_matmul", block.conv1_gathered, rows1 / loop, cin, block.width_c, taps1)
+    out_bytes, reduce = _split_output(kernel, weight, rows1 / loop, block.width_c, b)
     return dict(
         layer_compact=_launch(
             _count(block.compacting),
@@ -709,7 +844,7 @@ def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             o_bytes=rows1 * taps1 * cin * b,
         ),
         conv1=_launch(
-            block.branch_weight * loop,
+            weight,
             jnp.where(direct, KIND_CONV, jnp.where(block.conv1_gathered, KIND_GATHERED, KIND_DENSE)),
             m=rows1 / loop,
             n=block.width_c,
@@ -719,9 +854,10 @@ def _conv1_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             a_seg=_when(listed & fuse_gather, gather_seg),
             w_bytes=block.weight_copies / loop * taps1 * cin * block.width_c * b,
             w_seg=_when(block.channel_in_kernel, block.group * b),  # runs of one group per row
-            o_bytes=rows1 * block.width_c * b / loop,
-            **_tile(engine, block.width_c),
+            o_bytes=out_bytes,
+            **kernel,
         ),
+        conv1_reduce=reduce,
         conv1_epilogue=_launch(
             _when((engine.fused_epilogue < 0.5) & ~block.conv1_gathered, block.branch_weight * loop),
             o_bytes=2.0 * rows1 * block.width_c * b / loop,
@@ -828,6 +964,9 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     )
     # Basic blocks: conv2 is the last conv, so the fused residual joins its output.
     fused_residual_bytes = _when(~block.bottleneck & block.residual_fused, block.identity_rows / loop)
+    weight = block.branch_weight * loop
+    kernel = _kernel_fields(engine, "patch_conv", in_kernel_gather, rows2 / loop, conv2_width, n2, 9.0)
+    out_bytes, reduce = _split_output(kernel, weight, rows2 / loop, n2, b)
     return dict(
         gather_conv2=_launch(
             _when(im2col | window_gather, block.branch_weight * loop * gather_ops),
@@ -844,7 +983,7 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             o_bytes=(map_entries * 4.0 + block.rows1 * 16.0) / 2.0,
         ),
         conv2=_launch(
-            block.branch_weight * loop,
+            weight,
             kind,
             m=rows2 / loop,
             n=n2,
@@ -853,9 +992,10 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             a_bytes=(input_bytes + row_map_reads) / loop,
             a_seg=_when(in_kernel_gather, block.run_bytes(block.window, width_c)),
             w_bytes=block.weight_copies / loop * 9.0 * conv2_width * n2 / groups * b,
-            o_bytes=rows2 * n2 * b / loop + fused_residual_bytes,
-            **_tile(engine, n2),
+            o_bytes=out_bytes + fused_residual_bytes,
+            **kernel,
         ),
+        conv2_reduce=reduce,
         conv2_epilogue=_launch(
             _when((engine.fused_epilogue < 0.5) & block.bottleneck & ~in_kernel_gather, block.branch_weight * loop),
             o_bytes=2.0 * rows2 * n2 * b / loop,
@@ -879,6 +1019,10 @@ def _conv3_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     # a fused conv3 + scatter kernel skips the padding slots past the active count
     exits_early = block.spatial & residual_fused
     rows3 = jnp.where(exits_early, jnp.minimum(rows2, jnp.ceil(block.active_patches - 1e-4) * block.size**2), rows2)
+    scatter_kernel = block.bottleneck & block.spatial & block.gathered & residual_fused
+    kernel = _kernel_fields(
+        engine, "conv1x1_scatter_add", scatter_kernel, rows3 / loop, block.width_c, cout, 1.0, rows2 / loop
+    )
     return dict(
         conv3=_launch(
             _when(block.bottleneck, block.branch_weight * loop),
@@ -891,7 +1035,7 @@ def _conv3_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             w_bytes=block.weight_copies / loop * block.width_c * cout * b,
             o_bytes=rows3 * cout * b * jnp.where(residual_fused, 2.0, 1.0) / loop,
             o_seg=_when(block.spatial & residual_fused, scattered),
-            **_tile(engine, cout),
+            **kernel,
         ),
         residual=_launch(
             _when(~residual_fused, block.branch_weight * scatter_steps),

@@ -15,6 +15,13 @@ round trips ``call_overhead`` only) where body combines
 and ``body = (1 - sum_weight) * max(compute, memory) + sum_weight * (compute + memory)``.
 Gathered kernels use their own tile; dense-library kernels the fastest of the profile's
 candidate tiles (shrunk to the problem) and of the engine's kernel tile.
+
+A launch whose kernel geometry is known (``k_steps`` > 0: the Pallas kernels' CTAs and K
+steps per CTA) is timed from it instead: ceil(ctas / slots) waves of one CTA's chain of
+``k_steps`` steps of a (tile_m x tile_n x block_k) MMA, plus the memory latency the
+pipeline exposes (every step's when the main loop is drained, ``wait_depth`` 0; once per
+launch, filling the pipeline, otherwise); a grid of fewer CTAs than SMs streams its bytes
+at that fraction of the bandwidth.
 """
 
 from __future__ import annotations
@@ -83,11 +90,24 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
         both = jnp.maximum(compute, memory)
         return (1.0 - p.sum_weight) * both + p.sum_weight * (compute + memory)
 
-    # Gathered kernels run their own tile. Dense library kernels take the fastest of the
-    # profile's tiles and the engine's kernel tile (a library is never worse than ours).
+    def with_geometry():
+        waves = jnp.ceil(_safe_div(L.ctas, slots))
+        chain = waves * _safe_div(2.0 * L.tile_m * L.tile_n * (L.k_steps * L.block_k + p.k_half), slot_rate)
+        stalls = L.latency * jnp.where(L.wait_depth < 0.5, waves * L.k_steps, 1.0)
+        tiles_m = batches * jnp.ceil(_safe_div(rows, L.tile_m))
+        tiles_n = jnp.ceil(_safe_div(L.n, L.tile_n))
+        reread = jnp.maximum(tiles_n - 1.0, 0.0) * L.a_bytes + jnp.maximum(tiles_m / batches - 1.0, 0.0) * L.w_bytes
+        used = jnp.clip(_safe_div(L.ctas, p.cores), 1e-6, 1.0)  # fraction of the SMs the grid occupies
+        compute = chain + stalls
+        memory = (streamed + reread / p.l2_bw) / used
+        return (1.0 - p.sum_weight) * jnp.maximum(compute, memory) + p.sum_weight * (compute + memory)
+
+    # Gathered kernels run their own tile (their own geometry where known). Dense library
+    # kernels take the fastest of the profile's tiles and the engine's kernel tile (a
+    # library is never worse than ours).
     tiles = jnp.asarray(p.dense_tiles, jnp.float32).reshape(-1, 2)
     library = jnp.min(jnp.stack([with_tile(tiles[i, 0], tiles[i, 1], True) for i in range(tiles.shape[0])]), axis=0)
-    custom = with_tile(L.tile_m, L.tile_n, False)
+    custom = jnp.where(L.k_steps > 0, with_geometry(), with_tile(L.tile_m, L.tile_n, False))
     gathered = L.kind == KIND_GATHERED
     body = jnp.where(gathered, custom, jnp.where(L.tile_m > 0, jnp.minimum(custom, library), library))
     overhead = jnp.where(L.kind == KIND_LOOP, p.loop_overhead, p.launch_overhead)
