@@ -493,12 +493,19 @@ def launch_geometry(kernel: int, rows: int, cin: int, cout: int, taps: int, grid
 
 def _launch_geometries(kernel, rows, cin, cout, taps, grid_rows) -> np.ndarray:
     """:func:`launch_geometry` of every entry (host side); (..., len(GEOMETRY_FIELDS))."""
-    whole = [
-        np.ravel(np.ceil(np.asarray(x) - 1e-4)).astype(np.int64) for x in (kernel, rows, cin, cout, taps, grid_rows)
-    ]
-    distinct, where = np.unique(np.stack(whole, axis=-1), axis=0, return_inverse=True)
-    values = np.asarray([launch_geometry(*row) for row in distinct.tolist()], np.float32)
-    return values[np.ravel(where)].reshape(*np.shape(rows), len(GEOMETRY_FIELDS))
+    whole = np.stack(
+        [np.ravel(np.ceil(np.asarray(x) - 1e-4)).astype(np.int64) for x in (kernel, rows, cin, cout, taps, grid_rows)],
+        axis=-1,
+    )
+    values = np.zeros((whole.shape[0], len(GEOMETRY_FIELDS)), np.float32)
+    launched = np.flatnonzero(whole[:, 0] > 0)
+    # distinct launches: each row's integers as one opaque key (much faster than unique(axis=0))
+    keys = np.ascontiguousarray(whole[launched]).view(np.dtype((np.void, 8 * whole.shape[1]))).ravel()
+    distinct, where = np.unique(keys, return_inverse=True)
+    shapes = distinct.view(np.int64).reshape(-1, whole.shape[1]).tolist()
+    geometries = np.asarray([launch_geometry(*shape) for shape in shapes], np.float32)
+    values[launched] = geometries.reshape(-1, len(GEOMETRY_FIELDS))[np.ravel(where)]
+    return values.reshape(*np.shape(rows), len(GEOMETRY_FIELDS))
 
 
 def kernel_geometry(kernel, rows, cin, cout, taps, grid_rows=None) -> dict[str, jax.Array]:
@@ -731,8 +738,14 @@ def _kernel_fields(engine: EngineModel, kernel: str, runs, rows, cin, cout, taps
     """Tile and geometry fields of a conv's launch record: ``kernel``'s own geometry where
     it ``runs`` and the engine follows the kernels (``kernel_geometry``), else the engine's
     fixed tile (``_tile``) and no geometry."""
-    code = _when(runs & (engine.kernel_geometry > 0.5), float(KERNEL_CODES[kernel]))
-    geometry = kernel_geometry(code, rows, cin, cout, taps, grid_rows)
+    code = _when(runs, float(KERNEL_CODES[kernel]))
+    args = jnp.broadcast_arrays(code, rows, cin, cout, taps, rows if grid_rows is None else grid_rows)
+    # no host call for engines that do not follow the kernels (the predicate is never batched)
+    geometry = jax.lax.cond(
+        engine.kernel_geometry > 0.5,
+        lambda: kernel_geometry(*args),
+        lambda: dict.fromkeys(GEOMETRY_FIELDS, jnp.zeros_like(args[0])),
+    )
     known = geometry["k_steps"] > 0
     fixed = _tile(engine, cout)
     return dict(
