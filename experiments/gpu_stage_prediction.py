@@ -64,7 +64,7 @@ def routing_counts(block: BlockSpec, batch: int) -> dict[str, float]:
     return {"cells": cells, "pixels": pixels, "groups": 0, "samples": batch}
 
 
-def kernel_geometry(block: BlockSpec, counts: dict[str, float], batch: int) -> dict[str, dict[str, int]]:
+def block_kernels(block: BlockSpec, counts: dict[str, float], batch: int) -> dict[str, dict[str, int]]:
     """CTAs, K steps per CTA and split-K of each Pallas kernel the block launches (from the
     predictor's launch records; a conv the engine runs densely is left out)."""
     setting = setting_at_counts(block, counts, batch, DTYPE)
@@ -141,7 +141,7 @@ def stage_rows(hardware: str) -> list[dict[str, Any]]:
                             "dense_ms": dense_ms,
                             "masker_ms": masker_ms[block.name],
                             "runs": chooser.choose(block, plan, batch).run,
-                            "kernels": kernel_geometry(block, counts, batch),
+                            "kernels": block_kernels(block, counts, batch),
                         }
                     )
                 sparse = sum(b["sparse_ms"] for b in per_block)

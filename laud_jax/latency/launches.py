@@ -188,11 +188,11 @@ ENGINES: dict[str, EngineModel] = {
     # the xla backend's (weights gathered outside the kernels, per-sample and write-back
     # loops, the capacity ladder). Its kernels launch with their own geometry (pallas_kernels'
     # default tiles and split-K rule) and, in every main loop, keep 2 copies in flight
-    # (docs/gpu_build_report.md, sm_90 and sm_80). Memory latency: ~0.3 us for an L2 hit and
-    # ~0.5-0.7 us from HBM on A100 / H100 (microbenchmarks); 0.5 us assumed, not measured
-    # here. No per-block host round trip: in steady state the engine's default driver
-    # (speculative) runs the whole network as one program and reads every block's counts
-    # once at the end (the network's call).
+    # (docs/gpu_build_report.md, sm_90 and sm_80). Memory latency: a few hundred ns for an
+    # L2 hit on A100 / H100 and more from HBM (published microbenchmarks); 0.5 us assumed,
+    # not measured here. No per-block host round trip: in steady state the engine's default
+    # driver (speculative) runs the whole network as one program and reads every block's
+    # counts once at the end (the network's call).
     "pallas": EngineModel(
         conv1_on_halo=0.0,
         fuse_gather=1.0,
