@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from laud_jax.latency import ENGINES, PRESETS, BlockShape, dilated_density, predict
+from laud_jax.latency import ENGINES, PRESETS, BlockShape, block_time, dilated_density, predict
 from laud_jax.latency.chooser import ExecutionChooser, setting_at_counts
 from laud_jax.latency.launches import LAUNCH_NAMES, OVERHEAD_SLOTS, block_launches, static_twin
 from laud_jax.latency.predictor import block_launch_times
@@ -77,6 +77,16 @@ def block_kernels(block: BlockSpec, counts: dict[str, float], batch: int) -> dic
         if values["k_steps"] > 0:
             geometry[conv] = {"kernel": kernel, **values}
     return geometry
+
+
+def drained_extra_ms(hardware: str, block: BlockSpec, counts: dict[str, float], batch: int) -> float:
+    """What the block would predict in addition with drained main loops (wait depth 0:
+    every K step waits for its loads, as patch_conv's did before its pipeline fix)."""
+    setting = setting_at_counts(block, counts, batch, DTYPE)
+    shape = jax.tree.map(lambda x: x[0], BlockShape.from_specs([block]))
+    profile, engine = PRESETS[hardware].as_arrays(), ENGINES["pallas"]
+    drained = block_time(profile, engine.replace(wait_depth=0.0).as_arrays(), shape, setting)
+    return 1e3 * float(drained - block_time(profile, engine.as_arrays(), shape, setting))
 
 
 def slot_breakdown(hardware: str, stage: int, size: int, batch: int) -> dict[str, list]:
@@ -142,11 +152,13 @@ def stage_rows(hardware: str) -> list[dict[str, Any]]:
                             "masker_ms": masker_ms[block.name],
                             "runs": chooser.choose(block, plan, batch).run,
                             "kernels": block_kernels(block, counts, batch),
+                            "drained_extra_ms": drained_extra_ms(hardware, block, counts, batch),
                         }
                     )
                 sparse = sum(b["sparse_ms"] for b in per_block)
                 dense = sum(b["dense_ms"] for b in per_block)
                 masker = sum(b["masker_ms"] for b in per_block)
+                drained = sum(b["drained_extra_ms"] for b in per_block)
                 chosen = sum(b["sparse_ms"] if b["runs"] == "sparse" else b["dense_ms"] for b in per_block)
                 rows.append(
                     {
@@ -161,6 +173,7 @@ def stage_rows(hardware: str) -> list[dict[str, Any]]:
                         "sparse_over_dense": sparse / dense,
                         "with_maskers_over_dense": (sparse + masker) / dense,
                         "dense_fallback_blocks": sum(b["runs"] == "dense" for b in per_block),
+                        "drained_extra_ms": drained,
                         "engine_ms": chosen + masker,
                         "per_block": per_block,
                     }
@@ -180,15 +193,16 @@ def _geometry_cell(row: dict[str, Any], conv: str) -> str:
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| preset | stage | S | batch | sparse us | dense us | sparse / dense | + maskers us "
-        "| (sparse + maskers) / dense | fallback: dense blocks "
+        "| (sparse + maskers) / dense | fallback: dense blocks | drained loops would add us "
         "| conv1 CTAs x K steps | conv2 CTAs x K steps | conv3 CTAs x K steps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['hardware']} | {r['stage']} | {r['S']} | {r['batch']} | {1e3 * r['sparse_ms']:.1f} | "
             f"{1e3 * r['dense_ms']:.1f} | {r['sparse_over_dense']:.2f} | {1e3 * r['masker_ms']:.1f} | "
             f"{r['with_maskers_over_dense']:.2f} | {r['dense_fallback_blocks']} of {r['blocks']} | "
+            f"{1e3 * r['drained_extra_ms']:.1f} | "
             f"{_geometry_cell(r, 'conv1')} | {_geometry_cell(r, 'conv2')} | {_geometry_cell(r, 'conv3')} |"
         )
     return lines
@@ -257,6 +271,10 @@ def write_markdown(path: str, rows: list[dict[str, Any]], breakdowns: list[dict[
         "- *fallback*: how many blocks `ExecutionChooser.choose` (what",
         "  `SparseEngine(latency_profile=...)` runs) sends dense: those where sparse is not",
         "  faster than dense;",
+        "- *drained loops would add*: the predicted cost of every gathered kernel's main loop",
+        "  waiting for its loads at each K step (wait depth 0, as patch_conv through the row map",
+        "  did before its pipeline fix), 0.5 us per K step per wave of CTAs: an upper estimate,",
+        "  since the model runs one CTA per SM per wave and lets no co-resident CTA hide a stall;",
         "- kernel geometry of the stage's first block: CTAs x K steps per CTA (/ split-K parts),",
         "  `dense` where the engine runs that conv densely (conv1 when its pixel list would",
         "  cover the map).",
