@@ -79,7 +79,7 @@ def test_measured_columns_are_the_benchmarks(loop):
 
 def test_predicted_columns_are_the_predictors_at_the_executed_counts(loop):
     module, report, _ = loop
-    profile = get_profile("local")
+    profile = get_profile(PROFILE)
     call_ms = 1e3 * float(profile.call_overhead)
     profile_arrays, engine = profile.as_arrays(), ENGINES["xla"].as_arrays()
     for case in report["cases"]:
