@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from laud_jax import benchmark, data
-from laud_jax.config_utils import load_config_file, model_dict
+from laud_jax.config_utils import load_config_file, model_dict, with_model_update
 from laud_jax.latency import ENGINES, BlockShape, block_setting, get_profile, search
 from laud_jax.latency.chooser import setting_at_counts
 from laud_jax.latency.launches import LAUNCH_NAMES, OVERHEAD_SLOTS, ladder_capacity, static_twin
@@ -91,8 +91,7 @@ def demo_model(profile_name: str, config_path: Path = DEMO_CONFIG) -> tuple[dict
     fields = auto_fields(config.model)
     if fields:
         result = search_config(config, info.image_shape, info.num_classes, resolve_hardware(profile_name))
-        for field, value in model_update(result, fields).items():
-            config.model[field] = tuple(value) if isinstance(value, list) else value
+        config = with_model_update(config, model_update(result, fields))
     model = model_dict(config, info.num_classes)
     height, width, channels = info.image_shape
     assert height == width, "the benchmark takes square images"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import difflib
 import json
@@ -208,6 +209,16 @@ def model_dict(config: ml_collections.ConfigDict, num_classes: int) -> dict[str,
     model = {k: v for k, v in config.model.to_dict().items() if v is not None}
     model["num_classes"] = model.get("num_classes") or num_classes
     return model
+
+
+def with_model_update(config: ml_collections.ConfigDict, update: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the model fields of ``update`` set (JSON lists as tuples),
+    e.g. the latency search's choice for the 'auto' fields."""
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        for field, value in update.items():
+            resolved.model[field] = tuple(value) if isinstance(value, list) else value
+    return resolved
 
 
 def _mentions_auto(value: Any) -> bool:

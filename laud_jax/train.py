@@ -91,11 +91,7 @@ def resolve_auto_fields(
 
             multihost_utils.sync_global_devices("laud_jax.train: latency search recorded")
             record = _read_json(path) or record
-    resolved = copy.deepcopy(config)
-    with resolved.unlocked():
-        for field, value in record["model_update"].items():
-            resolved.model[field] = tuple(value) if isinstance(value, list) else value
-    return resolved, record
+    return config_utils.with_model_update(config, record["model_update"]), record
 
 
 def _search_record(config: ml_collections.ConfigDict, info: data.DatasetInfo, fields: tuple[str, ...]) -> dict:

@@ -100,9 +100,17 @@ def split_k(tiles: int, k_steps: int) -> int:
     return allowed[-1] if allowed else 1
 
 
-def check_split(kernel: str, split: int, k_steps: int) -> None:
-    if not isinstance(split, int) or split < 1 or k_steps % split:
-        raise ValueError(f"{kernel}: split_k={split!r}; must be an int >= 1 dividing the {k_steps} K steps.")
+def choose_split(
+    kernel: str, tiles: TileConfig, rows: int, cols: int, k_steps: int, requested: int | None = None, batches: int = 1
+) -> int:
+    """Split-K parts of a launch of cdiv(rows, block_m) x cdiv(cols, block_n) output tiles
+    (times `batches`) of `k_steps` K steps each: `split_k`'s choice, or `requested`, checked."""
+    if requested is None:
+        n_tiles = pl.cdiv(rows, tiles.block_m) * pl.cdiv(cols, tiles.block_n) * batches
+        return split_k(n_tiles, k_steps)
+    if not isinstance(requested, int) or requested < 1 or k_steps % requested:
+        raise ValueError(f"{kernel}: split_k={requested!r}; must be an int >= 1 dividing the {k_steps} K steps.")
+    return requested
 
 
 def reduce_split(partials: jax.Array, relu: bool, dtype: Any) -> jax.Array:

@@ -247,8 +247,7 @@ def channel_gather_matmul(
     tiles = tiles or default_tiles(k, n)
     grid_mn = (pl.cdiv(m, tiles.block_m), pl.cdiv(n_out, tiles.block_n))
     k_steps = pl.cdiv(gi * group_size if gi else k, tiles.block_k)
-    parts = c.split_k(grid_mn[0] * grid_mn[1] * batch, k_steps) if split_k is None else split_k
-    c.check_split(NAME, parts, k_steps)
+    parts = c.choose_split(NAME, tiles, m, n_out, k_steps, split_k, batches=batch)
     kernel = functools.partial(
         _kernel,
         m=m,

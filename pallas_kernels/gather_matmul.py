@@ -130,8 +130,7 @@ def gather_matmul(
     tiles = tiles or default_tiles(cin, cout)
     grid_mn = (pl.cdiv(rows, tiles.block_m), pl.cdiv(cout, tiles.block_n))
     k_steps = n_taps * pl.cdiv(cin, tiles.block_k)
-    parts = c.split_k(grid_mn[0] * grid_mn[1], k_steps) if split_k is None else split_k
-    c.check_split(NAME, parts, k_steps)
+    parts = c.choose_split(NAME, tiles, rows, cout, k_steps, split_k)
     kernel = functools.partial(
         _kernel,
         n_taps=n_taps,

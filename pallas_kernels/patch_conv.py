@@ -268,8 +268,7 @@ def patch_conv(
     out_rows = patches * size * size
     grid_mn = (pl.cdiv(out_rows, tiles.block_m), pl.cdiv(cout, tiles.block_n))
     k_steps = 9 * pl.cdiv(cin, tiles.block_k)
-    parts = c.split_k(grid_mn[0] * grid_mn[1], k_steps) if split_k is None else split_k
-    c.check_split(NAME, parts, k_steps)
+    parts = c.choose_split(NAME, tiles, out_rows, cout, k_steps, split_k)
     geometry = _Geometry(batch, height, width, size, stride, patches, row_map=coords is not None, n_src=n_src)
     kernel = functools.partial(
         _kernel,

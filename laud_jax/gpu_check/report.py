@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from laud_jax.gpu_check import cuda_build
 from laud_jax.latency import PRESETS, BlockShape, block_setting
@@ -50,7 +51,7 @@ from laud_jax.latency.launches import LAUNCH_NAMES, dilated_density, get_engine
 from laud_jax.latency.predictor import block_launch_times
 from laud_jax.models.specs import ARCHS, BlockSpec, network_spec
 from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
-from pallas_kernels._common import TileConfig, channel_tile, split_k
+from pallas_kernels._common import TileConfig, channel_tile, choose_split
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.channel_gather_matmul import default_tiles as channel_tiles
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
@@ -452,7 +453,7 @@ def engine_launches(
                 if size is not None and pixels == map_pixels:
                     continue  # the engine runs conv1 densely
                 t = tiles_for("gather_matmul", cin, width)
-                split = split_k(_cdiv(pixels, t.block_m) * _cdiv(width, t.block_n), _cdiv(cin, t.block_k))
+                split = choose_split("", t, pixels, width, pl.cdiv(cin, t.block_k))
                 launches.append(
                     Launch(
                         kernel="gather_matmul",
@@ -461,7 +462,7 @@ def engine_launches(
                         patch_size=size,
                         shape=f"{pixels}x{cin}->{width}",
                         tiles=t,
-                        k_steps=_cdiv(cin, t.block_k) // split,
+                        k_steps=pl.cdiv(cin, t.block_k) // split,
                         split_k=split,
                         fn=functools.partial(gather_matmul, tiles=t),
                         args=(S((map_pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
@@ -472,8 +473,8 @@ def engine_launches(
                 cells, pixels = spatial_capacities(block, size, batch, density)
                 row_map = density >= 1 or pixels < map_pixels
                 t = tiles_for("patch_conv", width, width)
-                steps = 9 * _cdiv(width, t.block_k)
-                split = split_k(_cdiv(cells * size * size, t.block_m) * _cdiv(width, t.block_n), steps)
+                steps = 9 * pl.cdiv(width, t.block_k)
+                split = choose_split("", t, cells * size * size, width, steps)
                 conv = functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size, stride=stride, tiles=t)
                 rows = (S((pixels, width), dt), S((pixels, 3), I32)) if row_map else (S((pixels, width), dt),)
                 launches.append(
@@ -500,7 +501,7 @@ def engine_launches(
                             mode="spatial",
                             patch_size=size,
                             tiles=t,
-                            k_steps=_cdiv(width, t.block_k),
+                            k_steps=pl.cdiv(width, t.block_k),
                             shape=f"{cells}x{size}x{size}x{width}->{batch}x{out_hw}x{out_hw}x{cout}",
                             fn=functools.partial(conv1x1_scatter_add, tiles=t),
                             args=(
@@ -516,8 +517,7 @@ def engine_launches(
                     )
             groups = group_capacity(width // group_size, density)
             t = tiles_for("channel_gather_matmul", cin, width)
-            tiles = _cdiv(in_hw * in_hw, t.block_m) * _cdiv(groups * group_size, t.block_n) * batch
-            split = split_k(tiles, _cdiv(cin, t.block_k))
+            split = choose_split("", t, in_hw * in_hw, groups * group_size, pl.cdiv(cin, t.block_k), batches=batch)
             launches.append(
                 Launch(
                     kernel="channel_gather_matmul",
@@ -526,7 +526,7 @@ def engine_launches(
                     group_size=group_size,
                     patch_size=None,
                     tiles=t,
-                    k_steps=_cdiv(cin, t.block_k) // split,
+                    k_steps=pl.cdiv(cin, t.block_k) // split,
                     split_k=split,
                     shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
                     fn=_channel_fn(group_size, "out", t),
@@ -542,8 +542,8 @@ def engine_launches(
             )
             if first_of_stage:
                 t = tiles_for("channel_gather_matmul", width, cout)
-                tiles = _cdiv(out_hw * out_hw, t.block_m) * _cdiv(cout, t.block_n) * batch
-                split = split_k(tiles, _cdiv(groups * group_size, t.block_k))
+                k_steps = pl.cdiv(groups * group_size, t.block_k)
+                split = choose_split("", t, out_hw * out_hw, cout, k_steps, batches=batch)
                 launches.append(
                     Launch(
                         kernel="channel_gather_matmul",
@@ -552,7 +552,7 @@ def engine_launches(
                         group_size=group_size,
                         patch_size=None,
                         tiles=t,
-                        k_steps=_cdiv(groups * group_size, t.block_k) // split,
+                        k_steps=pl.cdiv(groups * group_size, t.block_k) // split,
                         split_k=split,
                         shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
                         fn=_channel_fn(group_size, "compact", t),
@@ -567,10 +567,6 @@ def engine_launches(
                     )
                 )
     return launches
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _without_coords(conv: Callable[..., jax.Array]) -> Callable[..., jax.Array]:

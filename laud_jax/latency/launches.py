@@ -37,7 +37,7 @@ jitted and vmapped too). ``ENGINES``:
   exit). Everything else stays on the xla primitives: dense convs, a grouped conv2, the
   channel path (the executor gathers the active channels' weights, ``select_branch``, and
   runs ordinary convs on them, one sample after another at batch > 1), the layer path's
-  write-back loop. Index lists are padded to the same capacity ladder as ``xla``. The
+  one scatter. Index lists are padded to the same capacity ladder as ``xla``. The
   three kernels launch with their own geometry (``pallas_kernels``' tiles and split-K
   rule, :func:`launch_geometry`): a split launch writes float32 partial sums that one
   XLA reduction adds (``conv1_reduce`` / ``conv2_reduce``); every main loop keeps 2
@@ -60,6 +60,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from laud_jax.models.specs import CHANNEL_MODES, LAYER_MODES, MODE_ALIASES, MODES, SPATIAL_MODES, BlockSpec, LayerSpec
 from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, capacity
@@ -462,10 +463,6 @@ KERNEL_CODES: dict[str, int] = {"gather_matmul": 1, "patch_conv": 2, "conv1x1_sc
 GEOMETRY_FIELDS = ("tile_m", "tile_n", "block_k", "split", "ctas", "k_steps")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.cache
 def launch_geometry(kernel: int, rows: int, cin: int, cout: int, taps: int, grid_rows: int) -> tuple[int, ...]:
     """``GEOMETRY_FIELDS`` of one launch of a ``pallas_kernels`` kernel (``KERNEL_CODES``),
@@ -483,11 +480,10 @@ def launch_geometry(kernel: int, rows: int, cin: int, cout: int, taps: int, grid
         tiles = patch_conv.default_tiles(cin, cout)
     else:
         tiles = gather_matmul.default_tiles(cin, cout)
-    n_tiles = _cdiv(cout, tiles.block_n)
-    steps = taps * _cdiv(cin, tiles.block_k)
+    steps = taps * pl.cdiv(cin, tiles.block_k)
     scatter = kernel == KERNEL_CODES["conv1x1_scatter_add"]  # no split-K (its residual epilogue)
-    split = 1 if scatter else kernel_rules.split_k(_cdiv(grid_rows, tiles.block_m) * n_tiles, steps)
-    ctas = _cdiv(rows, tiles.block_m) * n_tiles * split
+    split = 1 if scatter else kernel_rules.choose_split("", tiles, grid_rows, cout, steps)
+    ctas = pl.cdiv(rows, tiles.block_m) * pl.cdiv(cout, tiles.block_n) * split
     return (tiles.block_m, tiles.block_n, tiles.block_k, split, ctas, steps // split)
 
 

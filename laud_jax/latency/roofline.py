@@ -74,33 +74,38 @@ def launch_times(profile: HardwareProfile, launches: Launches, half) -> jax.Arra
 
     rows = L.m / batches
 
+    def combine(compute, memory):
+        return (1.0 - p.sum_weight) * jnp.maximum(compute, memory) + p.sum_weight * (compute + memory)
+
+    def tile_grid(tile_m, tile_n):
+        """Row tiles, column tiles, and the bytes re-read from L2 by tiles sharing a row or column."""
+        tiles_m = batches * jnp.ceil(_safe_div(rows, tile_m))
+        tiles_n = jnp.ceil(_safe_div(L.n, tile_n))
+        reread = jnp.maximum(tiles_n - 1.0, 0.0) * L.a_bytes + jnp.maximum(tiles_m / batches - 1.0, 0.0) * L.w_bytes
+        return tiles_m, tiles_n, reread
+
     def with_tile(tile_m, tile_n, fit_problem):
         if fit_problem:  # a library never picks tiles much larger than the problem (>= 16)
             tile_m = jnp.minimum(tile_m, jnp.maximum(16.0, 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(rows, 1.0)))))
             tile_n = jnp.minimum(tile_n, jnp.maximum(16.0, 2.0 ** jnp.ceil(jnp.log2(jnp.maximum(L.n, 1.0)))))
-        tiles_m = batches * jnp.ceil(_safe_div(rows, tile_m))
-        tiles_n = jnp.ceil(_safe_div(L.n, tile_n))
+        tiles_m, tiles_n, reread = tile_grid(tile_m, tile_n)
         waves = jnp.ceil(_safe_div(tiles_m * tiles_n, slots))
         # k / (k + k_half) efficiency: a tile's time grows with k + k_half
         compute = waves * _safe_div(2.0 * tile_m * tile_n * (L.k + p.k_half), slot_rate)
-        reread = jnp.maximum(tiles_n - 1.0, 0.0) * L.a_bytes + jnp.maximum(tiles_m / batches - 1.0, 0.0) * L.w_bytes
         memory = streamed + reread / p.l2_bw
         compute = jnp.where(is_matmul, compute, 0.0)
         memory = jnp.where(is_matmul, memory, streamed)
-        both = jnp.maximum(compute, memory)
-        return (1.0 - p.sum_weight) * both + p.sum_weight * (compute + memory)
+        return combine(compute, memory)
 
     def with_geometry():
         waves = jnp.ceil(_safe_div(L.ctas, slots))
         chain = waves * _safe_div(2.0 * L.tile_m * L.tile_n * (L.k_steps * L.block_k + p.k_half), slot_rate)
         stalls = L.latency * jnp.where(L.wait_depth < 0.5, waves * L.k_steps, 1.0)
-        tiles_m = batches * jnp.ceil(_safe_div(rows, L.tile_m))
-        tiles_n = jnp.ceil(_safe_div(L.n, L.tile_n))
-        reread = jnp.maximum(tiles_n - 1.0, 0.0) * L.a_bytes + jnp.maximum(tiles_m / batches - 1.0, 0.0) * L.w_bytes
+        _, _, reread = tile_grid(L.tile_m, L.tile_n)
         used = jnp.clip(_safe_div(L.ctas, p.cores), 1e-6, 1.0)  # fraction of the SMs the grid occupies
         compute = chain + stalls
         memory = (streamed + reread / p.l2_bw) / used
-        return (1.0 - p.sum_weight) * jnp.maximum(compute, memory) + p.sum_weight * (compute + memory)
+        return combine(compute, memory)
 
     # Gathered kernels run their own tile (their own geometry where known). Dense library
     # kernels take the fastest of the profile's tiles and the engine's kernel tile (a

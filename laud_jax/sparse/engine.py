@@ -323,8 +323,8 @@ class SparseEngine:
             self.chooser = ExecutionChooser(latency_profile, latency_engine or backend, self.config.dtype)
         self._variables = variables
         self._networks: dict[tuple[int, ...], tuple[NetworkSpec, dict[str, Any]]] = {}
-        # per (image shape, batch): the kept plans and their _limits
         self._offsets: dict[float, jax.Array] = {}
+        # per (image shape, batch): the kept plans and their _limits
         self._speculation: dict[tuple, tuple[tuple[BlockPlan, ...], np.ndarray, np.ndarray]] = {}
         if image_shape is not None:
             self.network(image_shape)
@@ -457,21 +457,19 @@ class SparseEngine:
         batch = images.shape[0]
         key = (spec.image_shape, batch)
         kept = self._speculation.get(key)
-        plans = None if kept is None else kept[0]
         if kept is not None:
+            plans, limits, spatial = kept
             logits, counts = _planned_network(self.ops, spec, plans, self.dtype, folded, images, forced, offset)
             counts = np.asarray(counts)
-            if _fits(*kept[1:], counts):
+            if _fits(limits, spatial, counts):
                 return logits, RunInfo(
                     "speculative", list(plans), [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)]
                 )
         logits, info = self._stepwise(spec, folded, images, forced, offset)
-        if plans is None:
-            plans = tuple(info.plans)
-        else:
+        plans = tuple(info.plans)
+        if kept is not None:
             plans = tuple(
-                self._choose(block, _merge(have, need), batch)
-                for block, have, need in zip(spec.blocks, plans, info.plans)
+                self._choose(b, _merge(have, need), batch) for b, have, need in zip(spec.blocks, kept[0], plans)
             )
         self._speculation[key] = (plans, *_limits(spec, plans))
         return logits, info
