@@ -31,8 +31,8 @@ from laud_jax.latency.chooser import ExecutionChooser, setting_at_counts
 from laud_jax.latency.launches import LAUNCH_NAMES, OVERHEAD_SLOTS, block_launches, static_twin
 from laud_jax.latency.predictor import block_launch_times
 from laud_jax.models import network_spec
-from laud_jax.models.specs import BlockSpec
-from laud_jax.sparse.routing import DEFAULT_CAPACITY_STEPS, count_totals, plan_block
+from laud_jax.models.specs import BlockSpec, NetworkSpec
+from laud_jax.sparse.routing import COUNT_KEYS, DEFAULT_CAPACITY_STEPS, count_totals, plan_block
 
 ARCH = "resnet50"
 RHO = 0.5
@@ -45,11 +45,15 @@ KERNELS = {"conv1": "gather_matmul", "conv2": "patch_conv", "conv3": "conv1x1_sc
 GEOMETRY = ("ctas", "k_steps", "split")
 
 
-def stage_specs(size: int, stage: int) -> list[BlockSpec]:
-    """The blocks of ``stage`` (0-based) in ResNet-50 with that stage spatial at patch size ``size``."""
+def stage_network(size: int, stage: int) -> NetworkSpec:
+    """ResNet-50 at 224, spatial, with ``stage`` (0-based) at patch size ``size`` (the others at 1)."""
     granularity = tuple(size if i == stage else 1 for i in range(4))
-    spec = network_spec({"arch": ARCH, "num_classes": 1000, "mode": "spatial", "granularity": granularity}, (224, 224))
-    return [block for block in spec.blocks if block.stage == stage]
+    return network_spec({"arch": ARCH, "num_classes": 1000, "mode": "spatial", "granularity": granularity}, (224, 224))
+
+
+def stage_specs(size: int, stage: int) -> list[BlockSpec]:
+    """The blocks of ``stage`` in :func:`stage_network`."""
+    return [block for block in stage_network(size, stage).blocks if block.stage == stage]
 
 
 def routing_counts(block: BlockSpec, batch: int) -> dict[str, float]:
@@ -119,15 +123,7 @@ def stage_rows(hardware: str) -> list[dict[str, Any]]:
             except ValueError:  # S does not divide the stage's grid
                 continue
             for batch in BATCHES:
-                whole = network_spec(
-                    {
-                        "arch": ARCH,
-                        "num_classes": 1000,
-                        "mode": "spatial",
-                        "granularity": tuple(size if i == stage else 1 for i in range(4)),
-                    },
-                    (224, 224),
-                )
+                whole = stage_network(size, stage)
                 masker_ms = {
                     b["name"]: b["masker_ms"]
                     for b in predict(whole, PRESETS[hardware], "pallas", rho=RHO, batch=batch, dtype=DTYPE).blocks
@@ -137,7 +133,7 @@ def stage_rows(hardware: str) -> list[dict[str, Any]]:
                     counts = routing_counts(block, batch)
                     plan = plan_block(
                         block,
-                        np.asarray([counts[k] for k in ("cells", "pixels", "groups", "samples")]),
+                        np.asarray([counts[k] for k in COUNT_KEYS]),
                         batch,
                         DEFAULT_CAPACITY_STEPS,
                     )
