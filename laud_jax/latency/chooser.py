@@ -13,7 +13,7 @@ from laud_jax.latency.launches import BlockSetting, BlockShape, block_setting, g
 from laud_jax.latency.predictor import block_masker_time, block_time
 from laud_jax.latency.profiles import get_profile
 from laud_jax.models.specs import BlockSpec
-from laud_jax.sparse.routing import BlockPlan, count_totals
+from laud_jax.sparse.routing import BlockPlan, count_totals, counted_keys
 
 
 def setting_at_counts(spec: BlockSpec, counts: Mapping[str, float], batch: int, dtype: str) -> BlockSetting:
@@ -21,8 +21,7 @@ def setting_at_counts(spec: BlockSpec, counts: Mapping[str, float], batch: int, 
     ``pixels``, ``groups``, ``samples``, each out of ``routing.count_totals``) are ``counts``."""
     totals = count_totals(spec, batch)
     keys = {"cells": "rho_spatial", "pixels": "rho_conv1", "groups": "rho_channel", "samples": "rho_layer"}
-    used = {"cells": spec.spatial, "pixels": spec.spatial, "groups": spec.channel, "samples": spec.layer}
-    rates = {keys[k]: min(1.0, max(0.0, counts[k] / totals[k])) for k in keys if used[k]}
+    rates = {keys[k]: min(1.0, max(0.0, counts[k] / totals[k])) for k in counted_keys(spec)}
     return block_setting(
         spec.mode,
         spec.granularity,

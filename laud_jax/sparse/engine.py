@@ -39,6 +39,7 @@ from laud_jax.sparse.routing import (
     DEFAULT_CAPACITY_STEPS,
     BlockPlan,
     block_routing,
+    counted_keys,
     plan_block,
 )
 
@@ -198,11 +199,11 @@ def _limits(spec: NetworkSpec, plans: tuple[BlockPlan, ...]) -> tuple[np.ndarray
         spatial[i] = block.mode != "static" and block.spatial
         if plan.run == "dense" or block.mode == "static":
             continue
-        kinds = {"cells": block.spatial, "pixels": block.spatial, "groups": block.channel, "samples": block.layer}
+        counted = counted_keys(block)
         for j, key in enumerate(COUNT_KEYS):
             if plan.run == "skip":
                 limits[i, j] = -1  # only a need of skip fits
-            elif kinds[key]:
+            elif key in counted:
                 limits[i, j] = getattr(plan, key)
     return limits, spatial
 

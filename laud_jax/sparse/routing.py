@@ -109,6 +109,13 @@ def count_totals(spec: BlockSpec, batch: int) -> dict[str, int]:
     return totals
 
 
+def counted_keys(spec: BlockSpec) -> tuple[str, ...]:
+    """The routing counts (of COUNT_KEYS) that size a dynamic block's index lists: cells and
+    pixels for spatial gates, groups for channel gates, samples for layer gates."""
+    kinds = {"cells": spec.spatial, "pixels": spec.spatial, "groups": spec.channel, "samples": spec.layer}
+    return tuple(key for key in COUNT_KEYS if kinds[key])
+
+
 _ROW = 128
 
 
