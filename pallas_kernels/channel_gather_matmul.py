@@ -16,6 +16,12 @@ reduction stops at the sample's own count (no work for skipped groups).
 
 Used for conv1 (in: all, out: groups) and conv3 (in: compact groups, out: all) of a
 channel-skipping bottleneck, and for any 1x1 conv or linear layer on active groups.
+
+With an input list, each K step's channel ids are looked up one step ahead and carried
+into the next step, so the step's x and weight loads depend on the loop counter and the
+carried ids only: Triton then keeps copies in flight across steps. (Looked up in the
+step that uses them, the ids fed the weight tile's addresses from a load of the same
+step, and every step waited for all its copies: `cp.async.wait_group 0`.)
 """
 
 from __future__ import annotations
@@ -119,21 +125,28 @@ def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tile
     first = part * per_part
     x_rows = (sample * m + rows) * kx
 
-    def step(j, acc):
+    def listed(j):
+        """The weight rows (listed channels) of step j's reduction positions."""
+        ts = (first + j) * bk + jnp.arange(bk, dtype=jnp.int32)
+        group = mem.load(in_groups_ref, sample * gi + c.div(ts, group_size), ts < k_valid)
+        return group * group_size + c.rem(ts, group_size)
+
+    def step(j, carry):
+        acc, w_rows = carry
         ts = (first + j) * bk + jnp.arange(bk, dtype=jnp.int32)
         t_ok = ts < k_valid
-        if gi:
-            group = mem.load(in_groups_ref, sample * gi + c.div(ts, group_size), t_ok)
-            w_rows = group * group_size + c.rem(ts, group_size)
-            x_cols = ts if x_compact else w_rows
-        else:
-            w_rows = x_cols = ts
+        if not gi:
+            w_rows = ts
+        x_cols = w_rows if gi and not x_compact else ts
         a = mem.load(x_ref, x_rows[:, None] + x_cols[None, :], row_ok[:, None] & t_ok[None, :])
         wt = mem.load(w_ref, w_rows[:, None] * n + w_cols[None, :], t_ok[:, None] & col_ok[None, :])
-        return acc + c.dot(a, wt)
+        # With an input list, the next step's rows are looked up one step ahead and
+        # carried: no load of a step then depends on a load of the same step.
+        return acc + c.dot(a, wt), listed(j + 1) if gi else w_rows
 
     steps = jnp.clip(k_steps - first, 0, per_part)
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    start = listed(0) if gi else jnp.zeros((bk,), jnp.int32)
+    acc, _ = jax.lax.fori_loop(0, steps, step, (jnp.zeros((bm, bn), jnp.float32), start))
     y = acc + mem.load(b_ref, w_cols, col_ok & (part == 0)).astype(jnp.float32)[None, :]
     if relu and parts == 1:
         y = jnp.maximum(y, 0.0)
