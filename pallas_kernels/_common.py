@@ -308,8 +308,10 @@ def tap_matmul(
     col_ok: jax.Array,
     tiles: TileConfig,
     split: tuple[jax.Array, int] = (0, 1),
+    transposed_w: bool = False,
 ) -> jax.Array:
-    """sum_t src[rows_t] @ w[t * cin : (t + 1) * cin, cols] for one (block_m, block_n) tile.
+    """sum_t src[rows_t] @ w[t * cin : (t + 1) * cin, cols] for one (block_m, block_n) tile
+    (`transposed_w`: w is stored transposed, (cout, n_taps * cin), the reduction along memory).
 
     `source(t)` gives the tile's source rows for tap t and which of them are valid
     (invalid rows read as 0). One pipelined loop runs over taps x channel chunks; with
@@ -329,7 +331,11 @@ def tap_matmul(
         rows, ok = source(tap)
         a = mem.load(src_ref, rows[:, None] * cin + ks[None, :], ok[:, None] & k_ok[None, :])
         w_rows = tap * cin + ks
-        wt = mem.load(w_ref, w_rows[:, None] * cout + cols[None, :], k_ok[:, None] & col_ok[None, :])
+        if transposed_w:
+            w_offsets = cols[None, :] * (n_taps * cin) + w_rows[:, None]
+        else:
+            w_offsets = w_rows[:, None] * cout + cols[None, :]
+        wt = mem.load(w_ref, w_offsets, k_ok[:, None] & col_ok[None, :])
         return acc + dot(a, wt)
 
     zeros = jnp.zeros((tiles.block_m, tiles.block_n), jnp.float32)

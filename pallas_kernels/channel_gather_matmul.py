@@ -63,9 +63,11 @@ def channel_gather_matmul_reference(
     group_size: int,
     x_compact: bool,
     relu: bool,
+    transposed_w: bool = False,
 ) -> jax.Array:
     """Pure-jnp channel_gather_matmul: zero the inactive input channels, dense matmul,
     pick the output columns."""
+    w = w.T if transposed_w else w
     batch, _, _ = x.shape
     k, _ = w.shape
     dtype = x.dtype
@@ -90,7 +92,7 @@ def channel_gather_matmul_reference(
     return y.astype(dtype)
 
 
-def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tiles, batch, parts, mem):
+def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tiles, batch, parts, transposed_w, mem):
     """One (block_m, block_n) output tile of one sample; split-K (parts > 1): part
     `part` of the sample's K steps, float32 partial sums (the bias in part 0, no
     activation) into the part-th (B, M, n_out) block."""
@@ -139,7 +141,8 @@ def _kernel(*refs, m, k, kx, n, n_out, gi, go, group_size, x_compact, relu, tile
             w_rows = ts
         x_cols = w_rows if gi and not x_compact else ts
         a = mem.load(x_ref, x_rows[:, None] + x_cols[None, :], row_ok[:, None] & t_ok[None, :])
-        wt = mem.load(w_ref, w_rows[:, None] * n + w_cols[None, :], t_ok[:, None] & col_ok[None, :])
+        w_offsets = w_cols[None, :] * k + w_rows[:, None] if transposed_w else w_rows[:, None] * n + w_cols[None, :]
+        wt = mem.load(w_ref, w_offsets, t_ok[:, None] & col_ok[None, :])
         # With an input list, the next step's rows are looked up one step ahead and
         # carried: no load of a step then depends on a load of the same step.
         return acc + c.dot(a, wt), listed(j + 1) if gi else w_rows
@@ -170,13 +173,14 @@ def channel_gather_matmul(
     out: jax.Array | None = None,
     tiles: TileConfig | None = None,
     split_k: int | None = None,
+    transposed_w: bool = False,
     implementation: Implementation = "pallas",
 ) -> jax.Array:
     """Matmul over the active channel groups of each sample (see the module docstring).
 
     Args:
       x: (B, M, Kx) activations (M pixels per sample), float32 or bfloat16.
-      w: (K, N) weight (BN folded in), same dtype as x.
+      w: (K, N) weight (BN folded in), same dtype as x; (N, K) with transposed_w.
       b: (N,) bias.
       group_size: channels per group g (K and N must be multiples of g where grouped).
       in_groups, in_count: (B, Gi) int32 active input group ids and (B,) counts, or None.
@@ -189,15 +193,19 @@ def channel_gather_matmul(
       split_k: CTAs sharing each output tile's cdiv(Gi * g or K, block_k) K steps (their
         float32 partial sums are added by one XLA reduction); must divide the steps.
         None: `split_k(tiles, steps)` of `_common`, which splits grids under one wave.
+      transposed_w: w is given transposed, (N, K): the reduction runs along memory
+        (docs/kernels.md: the weight tile's copies are 16 bytes wide where its K
+        positions are contiguous, i.e. without an input list, for bf16 and for float32
+        on sm_90's TF32 tensor cores). Prepare it once, with the weights.
       implementation: 'pallas', 'interpret' or 'reference'.
     """
     c.check_implementation(NAME, implementation)
     c.check_ndim(NAME, "x", x, 3, "(B, M, K) pixel rows")
     c.check_dtype(NAME, "x", x)
     batch, m, kx = x.shape
-    c.check_ndim(NAME, "w", w, 2, "(K, N)")
+    c.check_ndim(NAME, "w", w, 2, "(N, K) (transposed_w)" if transposed_w else "(K, N)")
     c.check_dtype(NAME, "w", w, x.dtype)
-    k, n = w.shape
+    n, k = w.shape if transposed_w else w.shape[::-1]
     c.check_shape(NAME, "b", b, (n,))
     c.check_dtype(NAME, "b", b)
     if not isinstance(group_size, int) or group_size < 1:
@@ -221,7 +229,7 @@ def channel_gather_matmul(
         if kx != expected_kx:
             raise ValueError(
                 f"{NAME}: x.shape={x.shape} has K={kx}, expected {expected_kx} "
-                f"({'Gi * group_size (compact x)' if x_compact else 'w.shape[0]'})."
+                f"({'Gi * group_size (compact x)' if x_compact else 'the K of w'})."
             )
     if out_groups is None:
         n_out = n
@@ -254,6 +262,7 @@ def channel_gather_matmul(
             group_size=group_size,
             x_compact=x_compact,
             relu=relu,
+            transposed_w=transposed_w,
         )
     if batch * m * n_out == 0:
         return jnp.zeros(out_shape, x.dtype)
@@ -276,6 +285,7 @@ def channel_gather_matmul(
         tiles=tiles,
         batch=batch,
         parts=parts,
+        transposed_w=transposed_w,
         mem=c.Memory(implementation == "interpret"),
     )
     operands = []

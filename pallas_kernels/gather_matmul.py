@@ -27,8 +27,11 @@ def default_tiles(cin: int, cout: int) -> TileConfig:
     return c.tuned_tiles(cin, cout)
 
 
-def gather_matmul_reference(src: jax.Array, taps: jax.Array, w: jax.Array, b: jax.Array, *, relu: bool) -> jax.Array:
+def gather_matmul_reference(
+    src: jax.Array, taps: jax.Array, w: jax.Array, b: jax.Array, *, relu: bool, transposed_w: bool = False
+) -> jax.Array:
     """Pure-jnp gather_matmul (float32 accumulation at the highest precision)."""
+    w = w.T if transposed_w else w
     taps = jnp.where(taps >= 0, taps, src.shape[0])  # negative ids read zeros too
     gathered = jnp.take(src, taps, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
     y = jnp.dot(
@@ -40,7 +43,9 @@ def gather_matmul_reference(src: jax.Array, taps: jax.Array, w: jax.Array, b: ja
     return (jnp.maximum(y, 0.0) if relu else y).astype(src.dtype)
 
 
-def _kernel(taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout, rows, relu, tiles, parts, mem):
+def _kernel(
+    taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout, rows, relu, tiles, parts, transposed_w, mem
+):
     """One (block_m rows, block_n channels) tile of the compact output; split-K (parts >
     1): part pid_k's float32 partial sums (the bias in part 0, no activation) into the
     pid_k-th (N, Cout) block."""
@@ -49,18 +54,27 @@ def _kernel(taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout,
     out_rows = c.tile_range(pid_m, bm)
     valid = out_rows < rows
 
-    def source(tap):
+    # Every tap's source rows are looked up once, before the K loop (-1: reads zeros);
+    # each step picks its tap's with n_taps - 1 selects, so no load of the loop depends
+    # on a load of the same step and Triton keeps copies in flight across steps.
+    sources = []
+    for tap in range(n_taps):
         src_rows = mem.load(taps_ref, out_rows * n_taps + tap, valid)
-        return src_rows, valid & (src_rows >= 0) & (src_rows < n_src)
+        sources.append(jnp.where(valid & (src_rows >= 0) & (src_rows < n_src), src_rows, -1))
 
-    first = source(0)  # with one tap: gathered once, reused by every K step
+    def source(tap):
+        chosen = sources[0]
+        for t in range(1, n_taps):
+            chosen = jnp.where(tap == t, sources[t], chosen)
+        return chosen, chosen >= 0
+
     cols = c.tile_range(pid_n, bn)
     col_ok = cols < cout
     acc = c.tap_matmul(
         mem,
         src_ref,
         w_ref,
-        source=source if n_taps > 1 else (lambda _: first),
+        source=source,
         n_taps=n_taps,
         cin=cin,
         cout=cout,
@@ -68,6 +82,7 @@ def _kernel(taps_ref, src_ref, w_ref, b_ref, o_ref, *, n_taps, n_src, cin, cout,
         col_ok=col_ok,
         tiles=tiles,
         split=(pid_k, parts),
+        transposed_w=transposed_w,
     )
     y = acc + mem.load(b_ref, cols, col_ok & (pid_k == 0)).astype(jnp.float32)[None, :]
     if relu and parts == 1:
@@ -85,6 +100,7 @@ def gather_matmul(
     relu: bool = True,
     tiles: TileConfig | None = None,
     split_k: int | None = None,
+    transposed_w: bool = False,
     implementation: Implementation = "pallas",
 ) -> jax.Array:
     """act(concat_k src[taps[:, k]] @ w + b) for every row of `taps` (compact output).
@@ -99,6 +115,10 @@ def gather_matmul(
       split_k: CTAs sharing each output tile's K * cdiv(C, block_k) K steps (their
         float32 partial sums are added by one XLA reduction); must divide the steps.
         None: `split_k(tiles, steps)` of `_common`, which splits grids under one wave.
+      transposed_w: w is given transposed, (Cout, K * C): the reduction runs along
+        memory, the layout float32 (TF32) tensor cores read directly on sm_90 (16-byte
+        copies of the weight tile instead of 4-byte ones; docs/kernels.md). Prepare it
+        once, with the weights.
       implementation: 'pallas' (Triton GPU kernel), 'interpret' (the same kernel
         interpreted on CPU, slow) or 'reference' (pure jnp).
 
@@ -113,18 +133,22 @@ def gather_matmul(
         raise TypeError(f"{NAME}: taps.dtype={taps.dtype}, expected int32.")
     rows, n_taps = taps.shape
     n_src, cin = src.shape
-    c.check_ndim(NAME, "w", w, 2, "(K * C, Cout)")
-    if w.shape[0] != n_taps * cin:
-        raise ValueError(f"{NAME}: w.shape={w.shape} has {w.shape[0]} rows, expected K * C = {n_taps} * {cin}.")
+    c.check_ndim(NAME, "w", w, 2, "(Cout, K * C) (transposed_w)" if transposed_w else "(K * C, Cout)")
+    k_axis = 1 if transposed_w else 0
+    if w.shape[k_axis] != n_taps * cin:
+        raise ValueError(
+            f"{NAME}: w.shape={w.shape} has {w.shape[k_axis]} {'columns' if transposed_w else 'rows'}, "
+            f"expected K * C = {n_taps} * {cin}."
+        )
     c.check_dtype(NAME, "w", w, src.dtype)
-    cout = w.shape[1]
+    cout = w.shape[1 - k_axis]
     c.check_shape(NAME, "b", b, (cout,))
     c.check_dtype(NAME, "b", b)
     c.check_addressable(NAME, "src", src)
     c.check_addressable(NAME, "taps", taps)
     c.check_addressable(NAME, "out", jax.ShapeDtypeStruct((rows, cout), src.dtype))
     if implementation == "reference":
-        return gather_matmul_reference(src, taps, w, b, relu=relu)
+        return gather_matmul_reference(src, taps, w, b, relu=relu, transposed_w=transposed_w)
     if rows == 0:
         return jnp.zeros((0, cout), src.dtype)
     tiles = tiles or default_tiles(cin, cout)
@@ -141,6 +165,7 @@ def gather_matmul(
         relu=relu,
         tiles=tiles,
         parts=parts,
+        transposed_w=transposed_w,
         mem=c.Memory(implementation == "interpret"),
     )
     result = c.pallas_call(
