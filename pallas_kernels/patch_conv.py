@@ -1,13 +1,16 @@
 """patch_conv: 3x3 conv (stride 1 or 2, zero padding 1) + bias (+ relu) on listed patches.
 
-The input is a sparse map: compact rows (N, Cin), row i at pixel coords[i] of a
-(B, H, W) map that is zero elsewhere (or, with coords=None, the whole map in row-major
-order). For every listed S x S output patch (its first output pixel in `starts`) the
-kernel reads the patch's ((S-1)*s+3)^2 input window with halo through a per-pixel row
-map (int32, one entry per pixel of the map, built by the wrapper with one scatter) and
-writes the patch's S x S x Cout result into a compact (P, S, S, Cout) buffer. Pixels
-without a row, and pixels outside the image (the conv's zero padding), read as zeros.
-No zero-filled copy of the map is materialized.
+The input is a sparse map: compact rows (N, Cin) of a (B, H, W) map that is zero
+elsewhere, found through a row map (int32, one entry per pixel of the map: the pixel's
+row, or any value outside [0, N) where it has none), an operand the caller builds once
+per set of rows (the sparse engine's routing derives it from the same prefix count as
+its pixel list; `make_row_map` builds it from a coordinate list). With row_map=None the
+rows are the whole map in row-major order. For every listed S x S output patch (its
+first output pixel in `starts`) the kernel reads the patch's ((S-1)*s+3)^2 input window
+with halo through the row map and writes the patch's S x S x Cout result into a compact
+(P, S, S, Cout) buffer. Pixels without a row, and pixels outside the image (the conv's
+zero padding), read as zeros. No zero-filled copy of the map is materialized, and the
+launch is the kernel alone (plus split-K's reduction).
 
 Tiling: the M dimension of the implicit GEMM runs over the flat compact rows
 slot * S * S + y * S + x, so a tile of 64 rows holds 64 patches at S=1, 16 at S=2, 4 at
@@ -47,9 +50,23 @@ def default_tiles(cin: int, cout: int) -> TileConfig:
     return c.tuned_tiles(cin, cout)
 
 
+def make_row_map(coords: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+    """(B * H * W,) int32 row map of rows listed at `coords`: entry (b * H + y) * W + x
+    holds i where coords[i] = (b, y, x), N = len(coords) where no row is listed (rows
+    with sample >= B are padding, listed nowhere). One scatter: for callers holding a
+    coordinate list; the engine's routing builds its map without one."""
+    batch, height, width = grid
+    n_src = coords.shape[0]
+    _check_index_table("make_row_map", "coords", coords, n_src)
+    pixels = (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
+    pixels = jnp.where(coords[:, 0] < batch, pixels, batch * height * width)  # padding: dropped
+    row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
+    return row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop")
+
+
 def patch_conv_reference(
     rows: jax.Array,
-    coords: jax.Array | None,
+    row_map: jax.Array | None,
     starts: jax.Array,
     w: jax.Array,
     b: jax.Array,
@@ -59,13 +76,18 @@ def patch_conv_reference(
     stride: int,
     relu: bool,
 ) -> jax.Array:
-    """Pure-jnp patch_conv: paste the rows on a zero map, dense conv, cut the patches out."""
+    """Pure-jnp patch_conv: the map through the row map (zeros where it lists no row),
+    dense conv, cut the patches out."""
     batch, height, width = grid
-    if coords is None:
+    n_src = rows.shape[0]
+    if row_map is None:
         canvas = rows.astype(jnp.float32).reshape(batch, height, width, -1)
     else:
-        canvas = jnp.zeros((batch, height, width, rows.shape[-1]), jnp.float32)
-        canvas = canvas.at[coords[:, 0], coords[:, 1], coords[:, 2]].set(rows.astype(jnp.float32), mode="drop")
+        listed = (row_map >= 0) & (row_map < n_src)
+        canvas = jnp.take(
+            rows.astype(jnp.float32), jnp.where(listed, row_map, n_src), axis=0, mode="fill", fill_value=0
+        )
+        canvas = canvas.reshape(batch, height, width, -1)
     y = jax.lax.conv_general_dilated(
         canvas,
         w.astype(jnp.float32),
@@ -193,7 +215,7 @@ def _check_index_table(name: str, arg: str, array: jax.Array, rows: int | None) 
 
 def patch_conv(
     rows: jax.Array,
-    coords: jax.Array | None,
+    row_map: jax.Array | None,
     starts: jax.Array,
     w: jax.Array,
     b: jax.Array,
@@ -210,8 +232,11 @@ def patch_conv(
 
     Args:
       rows: (N, Cin) rows of the input map (conv1's compact output), float32 or bfloat16.
-      coords: (N, 3) int32 (sample, row, col) of each row; rows with sample >= B are
-        padding. None: rows is the whole map in row-major order (N = B * H * W).
+      row_map: (B * H * W,) int32: entry (b * H + y) * W + x is the row of pixel (b, y,
+        x), any value outside [0, N) where the pixel has none (reads zeros); rows no
+        entry points to (padding) are never read. Built once per set of rows (the
+        engine's routing; `make_row_map(coords, grid)` from a coordinate list). None:
+        rows is the whole map in row-major order (N = B * H * W).
       starts: (P, 3) int32 (sample, row, col) of each patch's first output pixel;
         patches with sample >= B are padding (written as zeros).
       w: (3, 3, Cin, Cout) HWIO weight (BN folded in), same dtype as rows.
@@ -234,10 +259,11 @@ def patch_conv(
     c.check_dtype(NAME, "rows", rows)
     n_src, cin = rows.shape
     batch, height, width = grid
-    if coords is None and n_src != batch * height * width:
-        raise ValueError(f"{NAME}: coords=None needs rows for all {batch}x{height}x{width} pixels, got {n_src}.")
-    if coords is not None:
-        _check_index_table(NAME, "coords", coords, n_src)
+    if row_map is None and n_src != batch * height * width:
+        raise ValueError(f"{NAME}: row_map=None needs rows for all {batch}x{height}x{width} pixels, got {n_src}.")
+    if row_map is not None:
+        c.check_index_list(NAME, "row_map", row_map)
+        c.check_shape(NAME, "row_map", row_map, (batch * height * width,))
     _check_index_table(NAME, "starts", starts, None)
     if stride not in (1, 2):
         raise ValueError(f"{NAME}: stride={stride!r}; supported strides are 1 and 2.")
@@ -252,24 +278,22 @@ def patch_conv(
     c.check_dtype(NAME, "b", b)
     patches = starts.shape[0]
     c.check_addressable(NAME, "rows", rows)
-    c.check_addressable(NAME, "map", jax.ShapeDtypeStruct((batch * height * width,), jnp.int32))
+    if row_map is not None:
+        c.check_addressable(NAME, "row_map", row_map)
     c.check_addressable(NAME, "out", jax.ShapeDtypeStruct((patches, size, size, cout), rows.dtype))
     if implementation == "reference":
-        return patch_conv_reference(rows, coords, starts, w, b, grid=grid, size=size, stride=stride, relu=relu)
+        return patch_conv_reference(rows, row_map, starts, w, b, grid=grid, size=size, stride=stride, relu=relu)
     if patches == 0:
         return jnp.zeros((0, size, size, cout), rows.dtype)
     operands = [starts.reshape(-1), rows.reshape(-1), w.reshape(-1), b]
-    if coords is not None:
-        pixels = (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
-        pixels = jnp.where(coords[:, 0] < batch, pixels, batch * height * width)  # padding: dropped
-        row_map = jnp.full((batch * height * width,), n_src, jnp.int32)
-        operands.append(row_map.at[pixels].set(jnp.arange(n_src, dtype=jnp.int32), mode="drop"))
+    if row_map is not None:
+        operands.append(row_map)
     tiles = tiles or default_tiles(cin, cout)
     out_rows = patches * size * size
     grid_mn = (pl.cdiv(out_rows, tiles.block_m), pl.cdiv(cout, tiles.block_n))
     k_steps = 9 * pl.cdiv(cin, tiles.block_k)
     parts = c.choose_split(NAME, tiles, out_rows, cout, k_steps, split_k)
-    geometry = _Geometry(batch, height, width, size, stride, patches, row_map=coords is not None, n_src=n_src)
+    geometry = _Geometry(batch, height, width, size, stride, patches, row_map=row_map is not None, n_src=n_src)
     kernel = functools.partial(
         _kernel,
         geometry=geometry,

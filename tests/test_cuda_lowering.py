@@ -45,7 +45,7 @@ def _patch_conv(batch, hw, cin, cout, size, stride, patches, dtype, whole_map=Fa
     height, width = (hw, hw) if isinstance(hw, int) else hw
     pixels = batch * height * width
     fn = functools.partial(patch_conv, grid=(batch, height, width), size=size, stride=stride)
-    if whole_map:  # conv1 ran everywhere: no coords
+    if whole_map:  # conv1 ran everywhere: no row map
         return (lambda rows, starts, w, b: fn(rows, None, starts, w, b)), (
             S((pixels, cin), dtype),
             S((patches, 3), I32),
@@ -54,7 +54,7 @@ def _patch_conv(batch, hw, cin, cout, size, stride, patches, dtype, whole_map=Fa
         )
     return fn, (
         S((pixels, cin), dtype),
-        S((pixels, 3), I32),
+        S((pixels,), I32),  # row map: one int32 per pixel of the map
         S((patches, 3), I32),
         S((3, 3, cin, cout), dtype),
         S((cout,), F32),

@@ -237,7 +237,8 @@ def test_main_loop_of_a_compiled_conv2_keeps_copies_in_flight(arch):
         for launch in report.engine_launches(["resnet50"], [8], ["bfloat16"], [2], densities=[0.5])
         if launch.where == "stage3.first conv2"
     ]
-    assert len(launch.args) == 5  # rows, coords, starts, w, b: through the row map
+    assert len(launch.args) == 5  # rows, row_map, starts, w, b: through routing's row map
+    assert launch.args[1].shape == (8 * 28 * 28,)  # one int32 per pixel of the conv1 grid
     [kernel] = cuda_build.triton_kernels(cuda_build.lower_for_cuda(launch.fn, *launch.args, arch=arch))
     assert kernel.grid == (13, 4, 6) and launch.k_steps == 12 and launch.split_k == 6
     compiled = cuda_build.compile_kernel(kernel, arch)

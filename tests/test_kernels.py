@@ -26,7 +26,7 @@ from pallas_kernels import TileConfig, _common
 from pallas_kernels.channel_gather_matmul import channel_gather_matmul
 from pallas_kernels.conv1x1_scatter_add import conv1x1_scatter_add
 from pallas_kernels.gather_matmul import gather_matmul
-from pallas_kernels.patch_conv import output_size, patch_conv
+from pallas_kernels.patch_conv import make_row_map, output_size, patch_conv
 
 DENSITIES = (0.0, 0.1, 0.5, 1.0)
 TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -246,9 +246,27 @@ class TestGatherMatmul(KernelTestBase):
         return np.maximum(y, 0.0) if inputs["relu"] else y
 
 
+def _numpy_row_map(coords: np.ndarray, grid: tuple[int, int, int], rng=None) -> np.ndarray:
+    """Row map by a loop over the coordinate list: pixel (b, y, x) -> its row, rows with
+    b >= B listed nowhere. Unlisted pixels hold ``len(coords)``, or with ``rng`` any value
+    outside [0, N) (N, N + 5, -1, int32 max: the kernel must read zeros for each)."""
+    batch, height, width = grid
+    n_src = len(coords)
+    fill = np.full(batch * height * width, n_src, np.int64)
+    if rng is not None:
+        fill = rng.choice([n_src, n_src + 5, -1, np.iinfo(np.int32).max], fill.size)
+    out = fill.astype(np.int32)
+    for row, (sample, y, x) in enumerate(coords):
+        if sample < batch:
+            out[(sample * height + y) * width + x] = row
+    return out
+
+
 class TestPatchConv(KernelTestBase):
     """The sparse engine's conv2 primitive: compact conv1 rows at listed pixels of a map
-    that is zero elsewhere, 3x3 conv on listed patches (some of them padding)."""
+    that is zero elsewhere (found through a row map built here by a NumPy loop, unlisted
+    pixels holding assorted out-of-range values), 3x3 conv on listed patches (some of
+    them padding). The expected output pastes the rows by their coordinates."""
 
     CASES = [
         dict(batch=1, hw=8, cin=16, cout=16, S=1, s=1, patches=20, dtype=jnp.float32),
@@ -289,7 +307,8 @@ class TestPatchConv(KernelTestBase):
             rows = jnp.where(jnp.asarray(coords[:, :1] >= b), jnp.nan, rows)
         return dict(
             rows=rows,
-            coords=None if case.get("whole_map") else jnp.asarray(coords.astype(np.int32)),
+            row_map=None if case.get("whole_map") else jnp.asarray(_numpy_row_map(coords, (b, height, width), rng)),
+            coords=coords,  # for the expected output only
             starts=jnp.asarray(starts.astype(np.int32)),
             w=_normal(rng, (3, 3, case["cin"], case["cout"]), dtype, (9 * case["cin"]) ** -0.5),
             b=_normal(rng, (case["cout"],), jnp.float32),
@@ -300,16 +319,14 @@ class TestPatchConv(KernelTestBase):
         )
 
     def run(self, inputs, implementation):
+        inputs = {k: v for k, v in inputs.items() if k != "coords"}
         return patch_conv(**inputs, implementation=implementation)
 
     def expected(self, inputs):
         batch, height, width = inputs["grid"]
         size, stride = inputs["size"], inputs["stride"]
         rows = np.asarray(inputs["rows"], np.float32)
-        if inputs["coords"] is None:
-            coords = np.argwhere(np.ones((batch, height, width), bool))
-        else:
-            coords = np.asarray(inputs["coords"])
+        coords = inputs["coords"]
         w = np.asarray(inputs["w"], np.float32)
         canvas = np.zeros((batch, height + 2, width + 2, rows.shape[1]), np.float32)  # zero border
         for row, (sample, y, x) in zip(rows, coords):
@@ -326,6 +343,18 @@ class TestPatchConv(KernelTestBase):
                     window = canvas[sample, oy * stride : oy * stride + 3, ox * stride : ox * stride + 3]
                     out[p, y, x] = np.maximum(np.einsum("hwc,hwcd->d", window, w) + np.asarray(inputs["b"]), 0.0)
         return out
+
+
+def test_make_row_map_matches_a_loop_over_the_coordinates():
+    """Non-square grid, batch 2, rows in random order, padding rows (sample >= B) listed
+    nowhere; unlisted pixels hold N."""
+    rng = np.random.default_rng(3)
+    grid = (2, 5, 7)
+    listed = np.argwhere(_random_mask(rng, grid, 0.4))
+    coords = rng.permutation(np.concatenate([listed, np.tile([[2, 1, 3]], (3, 1))])).astype(np.int32)
+    actual = np.asarray(make_row_map(jnp.asarray(coords), grid))
+    np.testing.assert_array_equal(actual, _numpy_row_map(coords, grid))
+    assert np.sum(actual < len(coords)) == len(listed)
 
 
 class TestChannelGatherMatmul(KernelTestBase):
@@ -408,7 +437,7 @@ def test_zero_capacity_launches_nothing():
         rows = gather_matmul(src, no_taps, jnp.ones((16, 16)), jnp.ones(16), **run)
         h = patch_conv(
             rows,
-            jnp.zeros((0, 3), jnp.int32),
+            jnp.zeros((2 * 4 * 6,), jnp.int32),
             no_starts,
             jnp.ones((3, 3, 16, 16)),
             jnp.ones(16),
@@ -476,7 +505,7 @@ def _patch_conv_call(**changes):
     args = (
         dict(
             rows=jnp.ones((32, 8)),
-            coords=None,
+            row_map=None,
             starts=jnp.zeros((4, 3), jnp.int32),
             w=jnp.ones((3, 3, 8, 8)),
             b=jnp.ones(8),
@@ -523,9 +552,21 @@ def _scatter_call(**changes):
         (_gather_matmul_call(implementation="cuda"), r"choose one of"),
         (_patch_conv_call(stride=3), r"stride=3"),
         (_patch_conv_call(w=jnp.ones((1, 1, 8, 8))), r"w.shape=\(1, 1, 8, 8\), expected \(3, 3, 8, Cout\)"),
-        (_patch_conv_call(rows=jnp.ones((30, 8))), r"coords=None needs rows for all 1x4x8 pixels, got 30"),
+        (_patch_conv_call(rows=jnp.ones((30, 8))), r"row_map=None needs rows for all 1x4x8 pixels, got 30"),
         (
-            _patch_conv_call(rows=jnp.ones((5, 8)), coords=jnp.zeros((5, 2), jnp.int32)),
+            _patch_conv_call(rows=jnp.ones((5, 8)), row_map=jnp.zeros((4, 8), jnp.int32)),
+            r"row_map must be 1-D",
+        ),
+        (
+            _patch_conv_call(rows=jnp.ones((5, 8)), row_map=jnp.zeros((8 * 4,), jnp.int16)),
+            r"row_map.dtype=int16, expected int32",
+        ),
+        (
+            _patch_conv_call(rows=jnp.ones((5, 8)), row_map=jnp.zeros((8 * 3,), jnp.int32)),
+            r"row_map.shape=\(24,\), expected \(32,\)",
+        ),
+        (
+            lambda: make_row_map(jnp.zeros((5, 2), jnp.int32), (1, 4, 8)),
             r"coords.shape=\(5, 2\), expected \(5, 3\)",
         ),
         (_patch_conv_call(starts=jnp.zeros((4, 3), jnp.int16)), r"starts.dtype=int16, expected int32"),

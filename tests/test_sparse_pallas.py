@@ -127,6 +127,49 @@ def test_pallas_backend_on_non_square_images_matches_model(image, granularity):
 # ----------------------------------------------------------------------------- the engine's launches
 
 
+def _primitives(jaxpr) -> list[str]:
+    """Primitive names of a jaxpr and its sub-jaxprs, not looking inside Pallas kernels."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        if eqn.primitive.name != "pallas_call":
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                names += _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("backend", ["pallas", "xla"])
+def test_sparse_spatial_blocks_take_routings_row_map_without_a_scatter(backend):
+    """A sparse spatial bottleneck (stride 2 with a downsample shortcut, then stride 1 in
+    place; batch 2, non-square maps) runs on routing's lists as they are: no scatter between
+    routing and the block output (patch_conv's row map used to be scattered per call, and
+    the xla canvas was a scatter of the rows; both now read routing's row map), and the
+    output equals the xla backend's."""
+    rng = np.random.default_rng(3)
+    image = (40, 24, 3)
+    cfg = dict(arch="resnet_tiny", num_classes=10, mode="spatial", granularity=(2, 2, 1, 1))
+    model = build_model(cfg)
+    variables = _random_batch_stats(init_variables(model, 0, image), rng)
+    images = jnp.asarray(rng.standard_normal((2, *image)), jnp.float32)
+    engines = {b: SparseEngine(cfg, variables, backend=b) for b in {"xla", backend}}
+    spec, _ = engines["xla"].network(image)
+    masks = _forced_masks(spec, 2, rng, 0.4)
+    traces = engines["xla"].trace_blocks(images, masks=masks)
+    chosen = [t for t in traces if t.spec.name in ("layer2_0", "layer2_1")]
+    assert [t.plan.run for t in chosen] == ["sparse", "sparse"] and chosen[0].spec.downsample
+    assert all(t.plan.pixels < 2 * t.spec.conv1_hw[0] * t.spec.conv1_hw[1] for t in chosen)  # a pixel list
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # interpret mode
+        for trace in chosen:
+            program = engines[backend].block_program(trace)
+            names = _primitives(jax.make_jaxpr(program)().jaxpr)
+            assert not [n for n in names if n.startswith("scatter")], (trace.spec.name, names)
+            if backend == "pallas":
+                assert names.count("pallas_call") == 3, trace.spec.name
+            expected = engines["xla"].block_program(trace)()
+            np.testing.assert_allclose(program(), expected, rtol=1e-5, atol=1e-5)
+
+
 def _block(image, granularity, name):
     cfg = dict(arch="resnet_tiny", num_classes=10, mode="spatial", granularity=granularity)
     return next(b for b in network_spec(cfg, image).blocks if b.name == name)
@@ -175,7 +218,7 @@ def test_pallas_primitives_on_routing_lists_equal_a_dense_masked_bottleneck(imag
         rows = ops.gather_matmul(x.reshape(-1, cin), routing["pixels"][:pixel_cap, None], w1, b1, relu=True)
         h = ops.patch_conv(
             rows,
-            routing["pixel_coords"][:pixel_cap],
+            routing["row_map"],
             starts,
             w2,
             b2,
@@ -185,7 +228,9 @@ def test_pallas_primitives_on_routing_lists_equal_a_dense_masked_bottleneck(imag
             groups=1,
             relu=True,
         )
-        out = ops.conv3_scatter(h, w3, b3, identity, base, starts, counts[0], in_place=in_place)
+        out = ops.conv3_scatter(
+            h, w3, b3, identity, base, starts, routing["cells"][:cell_cap], counts[0], in_place=in_place
+        )
 
     hi = jax.lax.Precision.HIGHEST
     dense = jax.nn.relu(jnp.einsum("bhwc,cd->bhwd", x, w1, precision=hi) + b1)

@@ -476,7 +476,8 @@ def engine_launches(
                 steps = 9 * pl.cdiv(width, t.block_k)
                 split = choose_split("", t, cells * size * size, width, steps)
                 conv = functools.partial(patch_conv, grid=(batch, in_hw, in_hw), size=size, stride=stride, tiles=t)
-                rows = (S((pixels, width), dt), S((pixels, 3), I32)) if row_map else (S((pixels, width), dt),)
+                # through routing's row map: one int32 per pixel of the conv1 grid
+                rows = (S((pixels, width), dt), S((map_pixels,), I32)) if row_map else (S((pixels, width), dt),)
                 launches.append(
                     Launch(
                         kernel="patch_conv",
@@ -487,7 +488,7 @@ def engine_launches(
                         k_steps=steps // split,
                         split_k=split,
                         shape=f"{cells}x{size}x{size}x{width}<-{pixels}x{width}{'' if row_map else ' map'}/s{stride}",
-                        fn=conv if row_map else _without_coords(conv),
+                        fn=conv if row_map else _without_row_map(conv),
                         args=(*rows, S((cells, 3), I32), S((3, 3, width, width), dt), S((width,), F32)),
                         **common,
                     )
@@ -569,8 +570,8 @@ def engine_launches(
     return launches
 
 
-def _without_coords(conv: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """patch_conv on the whole map in row-major order (coords=None)."""
+def _without_row_map(conv: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """patch_conv on the whole map in row-major order (row_map=None)."""
 
     def fn(rows: jax.Array, starts: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
         return conv(rows, None, starts, w, b)

@@ -5,7 +5,9 @@ forced spatial masks of exact density (`random_masks`), and runs it with
 `SparseEngine(backend="pallas")` and `SparseEngine(backend="xla")`: block by block (one
 block per stage by default, fed the same traced input, so each record covers exactly the
 kernel launches the engine makes for that block: gather_matmul, patch_conv,
-conv1x1_scatter_add) and the whole network (one planned program). Each record holds the
+conv1x1_scatter_add, on the traced index lists, routing's row map and patch ids
+included, which the network's program builds once per block with the lists: no launch of
+a block builds an index) and the whole network (one planned program). Each record holds the
 relative error of pallas against xla, max |pallas - xla| / max |xla|, the Pallas
 kernels launched, and both latencies measured side by side (`laud_jax.timing`: warm-up,
 then rotating order, `block_until_ready`).

@@ -211,6 +211,7 @@ def spatial_branch(
     """Gather conv1's pixels -> conv1 -> conv2 on patches -> [conv3] -> scatter into the identity."""
     batch = x.shape[0]
     starts = routing["starts"][: plan.cells]
+    cells = routing["cells"][: plan.cells]
     in_place = not spec.downsample
     if spec.se_channels and spec.se_pool == "dense":
         # SE pools conv2's output over every pixel: conv1 and conv2 run densely; conv3 and
@@ -221,14 +222,16 @@ def spatial_branch(
             starts
         )
         bias = _conv3_bias(spec, p, branch, None if se_extra is None else se_extra[0])
-        return ops.conv3_scatter(h, branch.w3, bias, identity, base, starts, cell_count, in_place=in_place)
+        return ops.conv3_scatter(h, branch.w3, bias, identity, base, starts, cells, cell_count, in_place=in_place)
     h1, w1_ = spec.conv1_hw
     if plan.pixels == batch * h1 * w1_:  # conv1 runs everywhere: no gather, no scatter
-        coords = None
+        row_map = None
         stride1 = spec.stride if spec.kind == "basic" else 1
         rows = ops.conv(x, branch.w1, branch.b1, stride=stride1, relu=True).reshape(-1, branch.w1.shape[-1])
     else:
-        coords = routing["pixel_coords"][: plan.pixels]
+        # each conv1-grid pixel's row in ``rows`` (routing's, built with the pixel list;
+        # inactive pixels point past every capacity and read zeros)
+        row_map = routing["row_map"]
         taps = routing["taps"][: plan.pixels] if spec.kind == "basic" else routing["pixels"][: plan.pixels, None]
         w1 = branch.w1.reshape(-1, branch.w1.shape[-1])
         rows = ops.gather_matmul(x.reshape(-1, x.shape[-1]), taps, w1, branch.b1, relu=True)
@@ -241,12 +244,12 @@ def spatial_branch(
     stride, _ = rt.patch_geometry(spec)
     geometry = dict(grid=(batch, *spec.conv1_hw), size=spec.granularity, stride=stride)
     if spec.kind == "basic":
-        h = ops.patch_conv(rows, coords, starts, branch.w2, branch.b2, groups=1, relu=False, **geometry)
+        h = ops.patch_conv(rows, row_map, starts, branch.w2, branch.b2, groups=1, relu=False, **geometry)
         return ops.scatter_residual(h, identity, base, starts, cell_count, in_place=in_place)
     grouped = branch.expand_const1 is not None
     h = ops.patch_conv(
         rows,
-        coords,
+        row_map,
         starts,
         branch.w2,
         p["b2"] if grouped else branch.b2,
@@ -275,7 +278,7 @@ def spatial_branch(
         if se_extra is not None:
             se_extra = se_extra[0]  # per-sample execution: batch is 1
     bias = _conv3_bias(spec, p, branch, se_extra)
-    return ops.conv3_scatter(h, branch.w3, bias, identity, base, starts, cell_count, in_place=in_place)
+    return ops.conv3_scatter(h, branch.w3, bias, identity, base, starts, cells, cell_count, in_place=in_place)
 
 
 def _identity(ops, spec: BlockSpec, p: dict[str, Any], x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -302,7 +305,7 @@ def _one_sample(ops, spec, plan, p, x, identity, base, gates, routing, b) -> jax
     bb = lax.dynamic_slice_in_dim(base, b, 1)
     if spec.spatial:
         if plan.per_sample:
-            keys = ("starts", "pixels", "pixel_coords", "taps")
+            keys = ("starts", "cells", "pixels", "row_map", "taps")
             sample_routing = {k: routing[k][b] for k in keys if k in routing}
             count = routing["n_cells"][b]
         else:

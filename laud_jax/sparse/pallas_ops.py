@@ -3,7 +3,7 @@
 :class:`PallasOps` overrides the three fused primitives of
 :class:`~laud_jax.sparse.xla_ops.XlaOps` with the kernels of ``pallas_kernels/``
 (docs/kernels.md): conv1 on gathered pixels (``gather_matmul``), conv2 on the active
-patches reading conv1's compact rows through a per-pixel row map (``patch_conv``), and
+patches reading conv1's compact rows through routing's per-pixel row map (``patch_conv``), and
 conv3 + residual + relu written into the block output at the active patches only
 (``conv1x1_scatter_add``, aliasing the output buffer). Everything else (dense convs, the
 downsample branch, grouped conv2, per-sample SE biases, channel-gathered dense convs)
@@ -67,14 +67,14 @@ class PallasOps(XlaOps):
             return super().gather_matmul(src, taps, w, b, relu=relu)
         return gather_matmul(src, taps, w, b, relu=relu, implementation=self._kernels())
 
-    def patch_conv(self, rows, coords, starts, w, b, *, grid, size, stride, groups, relu):
+    def patch_conv(self, rows, row_map, starts, w, b, *, grid, size, stride, groups, relu):
         if groups != 1 or not _kernel_ready(rows, w):
             return super().patch_conv(
-                rows, coords, starts, w, b, grid=grid, size=size, stride=stride, groups=groups, relu=relu
+                rows, row_map, starts, w, b, grid=grid, size=size, stride=stride, groups=groups, relu=relu
             )
         return patch_conv(
             rows,
-            coords,
+            row_map,
             starts,
             w,
             b,
@@ -85,15 +85,13 @@ class PallasOps(XlaOps):
             implementation=self._kernels(),
         )
 
-    def conv3_scatter(self, h, w, b, identity, base, starts, count, *, in_place):
+    def conv3_scatter(self, h, w, b, identity, base, starts, cells, count, *, in_place):
         if b.ndim != 1 or not _kernel_ready(h, w) or identity.dtype != h.dtype:
-            return super().conv3_scatter(h, w, b, identity, base, starts, count, in_place=in_place)
-        size = h.shape[1]
-        grid_h, grid_w = -(-identity.shape[1] // size), -(-identity.shape[2] // size)
-        patches = (starts[:, 0] * grid_h + starts[:, 1] // size) * grid_w + starts[:, 2] // size
+            return super().conv3_scatter(h, w, b, identity, base, starts, cells, count, in_place=in_place)
+        # routing's flat patch indices: the kernel's patch list as it is (no index op here)
         return conv1x1_scatter_add(
             h,
-            patches.astype(jnp.int32),
+            cells,
             count,
             w,
             b,

@@ -136,8 +136,14 @@ def _inclusive_count(flags: jax.Array) -> jax.Array:
     return (within + offsets[:, None]).reshape(-1)[:size].astype(jnp.int32)
 
 
-def active_first(flags: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Indices of the true entries of a 1-D array, in order, padded with ``flags.size``."""
+def active_slots(flags: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(index, slot, count) of a 1-D boolean array's true entries.
+
+    ``index``: their indices, in order, padded with ``flags.size``; ``slot``: each entry's
+    position in ``index`` (its inclusive count minus one where true, ``flags.size`` where
+    false: past any capacity the list is sliced to), the inverse map, which the
+    compaction computes anyway; ``count``: how many are true.
+    """
     size = flags.shape[0]
     rank = _inclusive_count(flags)
     slot = jnp.where(flags, rank - 1, size)
@@ -146,7 +152,13 @@ def active_first(flags: jax.Array) -> tuple[jax.Array, jax.Array]:
         .at[slot]
         .set(jnp.arange(size, dtype=jnp.int32), mode="drop", unique_indices=True)
     )
-    return index, rank[-1]
+    return index, slot, rank[-1]
+
+
+def active_first(flags: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Indices of the true entries of a 1-D array, in order, padded with ``flags.size``."""
+    index, _, count = active_slots(flags)
+    return index, count
 
 
 def _max3x3(mask: jax.Array) -> jax.Array:
@@ -183,29 +195,34 @@ def conv1_mask(spec: BlockSpec, spatial: jax.Array) -> jax.Array:
 def _spatial_lists(spec: BlockSpec, cells: jax.Array, pixels: jax.Array) -> dict[str, jax.Array]:
     """Index lists of one batch-flattened (or one-sample) grid of cell and conv1-pixel flags.
 
-    ``starts`` (N, 3): (sample, row, col) of each active patch's top-left output pixel;
-    ``pixels``: flat conv1-grid index of each conv1 pixel; ``pixel_coords`` (N, 3) its
-    (sample, row, col). Padding entries have sample == batch (out of range).
+    ``starts`` (N, 3): (sample, row, col) of each active patch's top-left output pixel
+    (padding: sample == batch, out of range); ``cells``: each active patch's flat index
+    on the (batch, mask grid) (padding: the grid's size); ``pixels``: flat conv1-grid
+    index of each active conv1 pixel (padding: the grid's size); ``row_map`` (batch *
+    H1 * W1,): each conv1-grid pixel's row in that list, the grid's size where inactive
+    (never a row: conv2 reads zeros there), built by the same prefix count as the list;
+    basic blocks: ``taps`` (N, 9), the block-input rows conv1 reads at each listed pixel.
     """
     gh, gw = spec.mask_grid
     h1, w1 = spec.conv1_hw
     batch = cells.shape[0]
     cell_idx, n_cells = active_first(cells.reshape(-1))
-    pixel_idx, n_pixels = active_first(pixels.reshape(-1))
+    pixel_idx, row_map, n_pixels = active_slots(pixels.reshape(-1))
     b, rest = jnp.divmod(cell_idx, gh * gw)
     i, j = jnp.divmod(rest, gw)
     size = spec.granularity
-    pb, prest = jnp.divmod(pixel_idx, h1 * w1)
-    pr, pc = jnp.divmod(prest, w1)
     lists = {
         "starts": jnp.stack([b, i * size, j * size], axis=-1).astype(jnp.int32),
+        "cells": cell_idx,
         "pixels": pixel_idx,
-        "pixel_coords": jnp.stack([pb, pr, pc], axis=-1).astype(jnp.int32),
+        "row_map": row_map,
         "n_cells": n_cells,
         "n_pixels": n_pixels,
     }
     if spec.kind == "basic":
-        lists["taps"] = conv1_taps(spec, lists["pixel_coords"], batch)
+        pb, prest = jnp.divmod(pixel_idx, h1 * w1)
+        pr, pc = jnp.divmod(prest, w1)
+        lists["taps"] = conv1_taps(spec, jnp.stack([pb, pr, pc], axis=-1).astype(jnp.int32), batch)
     return lists
 
 
