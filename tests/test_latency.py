@@ -323,15 +323,15 @@ def _slot_grid(profile, engine, shapes, setting):
 
 @jax.jit
 def _geometry_grid(engine, shapes, setting):
-    """Per-slot (split-K parts, CTAs) for every block x grid setting."""
+    """Per-slot (split-K parts, CTAs, kind) for every block x grid setting."""
     flat = jax.tree.map(lambda x: x.reshape(-1), setting)
 
     def geometry(shape, s):
         launches = block_launches(shape, s, engine)
-        return jnp.stack([launches.split, launches.ctas])
+        return jnp.stack([launches.split, launches.ctas, launches.kind])
 
     values = jax.vmap(jax.vmap(geometry, in_axes=(None, 0)), in_axes=(0, None))(shapes, flat)
-    return values.reshape(shapes.in_channels.shape[0], *setting.mode.shape, 2, len(LAUNCH_NAMES))
+    return values.reshape(shapes.in_channels.shape[0], *setting.mode.shape, 3, len(LAUNCH_NAMES))
 
 
 @pytest.mark.parametrize("engine", ["xla", "pallas", "halo"])
@@ -347,17 +347,20 @@ def test_latency_is_monotone_in_rho_and_full_rate_beats_static_by_less_than_the_
     total = slots.sum(-1)  # (blocks, modes, S, rates, batch)
     assert np.all(np.isfinite(total)) and np.all(total > 0)
     steps = np.diff(total, axis=3)
-    # Where the pixel capacity reaches the whole grid the engine stops gathering: conv1 runs
-    # dense, without a gather op (xla) or a row map (Pallas), so it may get faster there.
-    gathers = slots[..., LAUNCH_NAMES.index("gather_x")] + slots[..., LAUNCH_NAMES.index("conv2_row_map")]
-    dense_conv1 = (gathers[:, :, :, :-1] > 0) & (gathers[:, :, :, 1:] == 0)
-    # The Pallas kernels split K over fewer CTAs as their grid grows (pallas_kernels'
-    # split_k), and a grid under one CTA per SM streams at its fraction of the SMs: a
-    # launch can get cheaper where its split changes or such a grid gains a CTA.
     geometry = np.asarray(
         _geometry_grid(ENGINES[engine].as_arrays(), BlockShape.from_specs(SMALL_BLOCKS), _grid_setting())
     )
-    splits, ctas = geometry[..., 0, :], geometry[..., 1, :]
+    splits, ctas, kinds = geometry[..., 0, :], geometry[..., 1, :], geometry[..., 2, :]
+    # Where the pixel capacity reaches the whole grid the engine stops gathering: conv1 runs
+    # dense, without a gather op (xla) or the gather_matmul kernel (Pallas; conv2 then
+    # reads the rows without the row map), so it may get faster there.
+    gathering = (slots[..., LAUNCH_NAMES.index("gather_x")] > 0) | (
+        kinds[..., LAUNCH_NAMES.index("conv1")] == KIND_GATHERED
+    )
+    dense_conv1 = gathering[:, :, :, :-1] & ~gathering[:, :, :, 1:]
+    # The Pallas kernels split K over fewer CTAs as their grid grows (pallas_kernels'
+    # split_k), and a grid under one CTA per SM streams at its fraction of the SMs: a
+    # launch can get cheaper where its split changes or such a grid gains a CTA.
     resplit = np.any(splits[:, :, :, :-1] != splits[:, :, :, 1:], axis=-1)
     spread = np.any((ctas[:, :, :, :-1] != ctas[:, :, :, 1:]) & (ctas[:, :, :, :-1] < float(profile.cores)), axis=-1)
     monotone = ~dense_conv1 & ~resplit & ~spread

@@ -31,13 +31,14 @@ jitted and vmapped too). ``ENGINES``:
 - ``pallas``: the same driver and executor with ``backend='pallas'`` on a GPU
   (``laud_jax.sparse.pallas_ops``): conv1 on the dilated pixel list is ``gather_matmul``
   (gather + conv1 + bias + relu, compact rows out), conv2 is ``patch_conv`` (3x3 on the
-  active patches, reading each window with halo from those compact rows through a
-  per-pixel row map that XLA builds first), conv3 is ``conv1x1_scatter_add`` (conv3 + bias
-  + residual + relu written into the aliased block output, tiles past the active count
-  exit). Everything else stays on the xla primitives: dense convs, a grouped conv2, the
-  channel path (the executor gathers the active channels' weights, ``select_branch``, and
-  runs ordinary convs on them, one sample after another at batch > 1), the layer path's
-  one scatter. Index lists are padded to the same capacity ladder as ``xla``. The
+  active patches, reading each window with halo from those compact rows through the
+  per-pixel row map routing builds with the pixel list: no launch of its own), conv3
+  is ``conv1x1_scatter_add`` (conv3 + bias + residual + relu written into the aliased
+  block output at routing's flat patch ids, tiles past the active count exit).
+  Everything else stays on the xla primitives: dense convs, a grouped conv2, the channel
+  path (the executor gathers the active channels' weights, ``select_branch``, and runs
+  ordinary convs on them, one sample after another at batch > 1), the layer path's one
+  scatter. Index lists are padded to the same capacity ladder as ``xla``. The
   three kernels launch with their own geometry (``pallas_kernels``' tiles and split-K
   rule, :func:`launch_geometry`): a split launch writes float32 partial sums that one
   XLA reduction adds (``conv1_reduce`` / ``conv2_reduce``); every main loop keeps 2
@@ -394,7 +395,6 @@ LAUNCH_NAMES = (
     "conv1_reduce",  # sum of conv1's split-K partial sums (+ relu)
     "conv1_epilogue",  # bias + relu pass (unfused epilogues)
     "gather_conv2",  # separate window gather / im2col before conv2
-    "conv2_row_map",  # per-pixel row map of conv1's compact rows (Pallas patch_conv)
     "channel_weight_cols",  # gathers of the active channels' weights along an output axis
     "channel_weight_rows",  # ... and along an input axis (whole rows)
     "channel_expand",  # kept channels scattered to full width and back (grouped conv2)
@@ -785,9 +785,11 @@ def _gate_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     )
     fc_launches = 2.0 * _count(block.channel) + _count(block.layer) + _count(block.lc)
     sample_lists = block.layer & block.multi_sample
-    # spatial: the patch list, and the dilated-pixel list unless conv1 runs on halo windows
+    # spatial: the patch list, and the dilated-pixel list unless conv1 runs on halo windows;
+    # with the pixel list its inverse, the row map (each conv1 pixel's row, int32) that
+    # conv2 reads conv1's rows through: an output of the same prefix count, no launch
     lists = _when(block.spatial, jnp.where(on_halo, 1.0, 2.0)) + _count(block.channel) + _count(sample_lists)
-    pixel_list_bytes = _when(~on_halo, batch * block.conv1_pixels * 13.0)
+    pixel_list_bytes = _when(~on_halo, batch * block.conv1_pixels * (13.0 + 4.0))
     index_bytes = (
         _when(block.spatial, batch * block.grid_h * block.grid_w * 5.0 + pixel_list_bytes)
         + _when(block.channel, batch * block.n_groups * 5.0)
@@ -953,11 +955,11 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
     im2col = patch_im2col | dense_im2col
     # Without fused gathers the windows (or im2col rows) are gathered first; halo engines
     # already hold compact windows; Pallas (patch_conv, groups 1 only) reads them in-kernel,
-    # through a per-pixel row map where conv1 wrote a pixel list.
+    # through routing's per-pixel row map where conv1 wrote a pixel list (the map is
+    # built with the index lists, ``_gate_launches``; here only its reads).
     in_kernel_gather = block.spatial & fuse_gather & ~on_halo & ~grouped
     window_gather = block.spatial & ~on_halo & ~in_kernel_gather
     row_map = in_kernel_gather & block.pixel_list
-    map_entries = block.branch_batch * block.conv1_pixels
     row_map_reads = _when(row_map, block.patches * block.window * block.window * 4.0)
     # dense im2col: one strided slice per tap and a concatenation; on patches: one gather
     gather_ops = jnp.where(dense_im2col, 10.0, 1.0)
@@ -984,12 +986,6 @@ def _conv2_launches(shape: BlockShape, engine: EngineModel, block: _BlockExecuti
             / gather_ops,
             a_seg=_when(block.spatial, block.run_bytes(block.window, width_c)),
             o_bytes=jnp.where(im2col, im2col_bytes, window_bytes) / loop / gather_ops,
-        ),
-        # patch_conv's wrapper: an int32 map of every conv1-grid pixel filled with "no row",
-        # then each listed pixel's row index scattered in (its coordinates read)
-        conv2_row_map=_launch(
-            _when(row_map, 2.0 * block.branch_weight),
-            o_bytes=(map_entries * 4.0 + block.rows1 * 16.0) / 2.0,
         ),
         conv2=_launch(
             weight,
