@@ -151,6 +151,26 @@ def test_model_gates_stepwise_and_speculative_match_model(mode):
     assert_close(logits, expected_other)
 
 
+def test_speculative_program_refuses_counts_past_its_plans():
+    """The fit test runs inside the speculative program: plans kept from an input where few
+    cells and groups execute must not be used for one where all do (stepwise instead, exact),
+    and the grown plans then hold for it (speculative)."""
+    items = cfg_items(TINY, mode=("spatial", "spatial+channel", "layer", "lc"), granularity=(2, 2, 1, 1))
+    model, variables, image = setup(items, gate_bias=0.0)
+    x = images_for(image, 2, seed=5)
+    engine = SparseEngine(dict(items), variables)
+    engine.apply(x, gate_offset=2.0)  # primes small plans
+    assert engine.apply(x, gate_offset=2.0)[1].execution == "speculative"
+    expected, _ = reference(model, variables, x, gate_offset=-50.0)
+    logits, info = engine.apply(x, gate_offset=-50.0)  # every gate on: past the kept capacities
+    assert info.execution == "stepwise"
+    assert_close(logits, expected)
+    logits, info = engine.apply(x, gate_offset=-50.0)
+    assert info.execution == "speculative"
+    assert_close(logits, expected)
+    assert all(c is None or c["samples"] == 2 for c in info.counts)
+
+
 @pytest.mark.parametrize("value", [0.0, 1.0])
 def test_all_skipped_and_all_active_masks(value):
     items = cfg_items(TINY, mode=("spatial", "spatial+channel", "channel", "lc"), granularity=(2, 2, 1, 1))
