@@ -453,7 +453,8 @@ def engine_launches(
                 if size is not None and pixels == map_pixels:
                     continue  # the engine runs conv1 densely
                 t = tiles_for("gather_matmul", cin, width)
-                split = choose_split("", t, pixels, width, pl.cdiv(cin, t.block_k))
+                steps = pl.cdiv(cin, t.block_k)
+                split = choose_split("", t, pixels, width, steps)
                 launches.append(
                     Launch(
                         kernel="gather_matmul",
@@ -462,7 +463,7 @@ def engine_launches(
                         patch_size=size,
                         shape=f"{pixels}x{cin}->{width}",
                         tiles=t,
-                        k_steps=pl.cdiv(cin, t.block_k) // split,
+                        k_steps=steps // split,
                         split_k=split,
                         fn=functools.partial(gather_matmul, tiles=t),
                         args=(S((map_pixels, cin), dt), S((pixels, 1), I32), S((cin, width), dt), S((width,), F32)),
@@ -518,7 +519,8 @@ def engine_launches(
                     )
             groups = group_capacity(width // group_size, density)
             t = tiles_for("channel_gather_matmul", cin, width)
-            split = choose_split("", t, in_hw * in_hw, groups * group_size, pl.cdiv(cin, t.block_k), batches=batch)
+            steps = pl.cdiv(cin, t.block_k)
+            split = choose_split("", t, in_hw * in_hw, groups * group_size, steps, batches=batch)
             launches.append(
                 Launch(
                     kernel="channel_gather_matmul",
@@ -527,7 +529,7 @@ def engine_launches(
                     group_size=group_size,
                     patch_size=None,
                     tiles=t,
-                    k_steps=pl.cdiv(cin, t.block_k) // split,
+                    k_steps=steps // split,
                     split_k=split,
                     shape=f"{batch}x{in_hw * in_hw}x{cin}->{groups}g{group_size}",
                     fn=_channel_fn(group_size, "out", t),
@@ -543,8 +545,8 @@ def engine_launches(
             )
             if first_of_stage:
                 t = tiles_for("channel_gather_matmul", width, cout)
-                k_steps = pl.cdiv(groups * group_size, t.block_k)
-                split = choose_split("", t, out_hw * out_hw, cout, k_steps, batches=batch)
+                steps = pl.cdiv(groups * group_size, t.block_k)
+                split = choose_split("", t, out_hw * out_hw, cout, steps, batches=batch)
                 launches.append(
                     Launch(
                         kernel="channel_gather_matmul",
@@ -553,7 +555,7 @@ def engine_launches(
                         group_size=group_size,
                         patch_size=None,
                         tiles=t,
-                        k_steps=pl.cdiv(groups * group_size, t.block_k) // split,
+                        k_steps=steps // split,
                         split_k=split,
                         shape=f"{batch}x{out_hw * out_hw}x{groups}g{group_size}->{cout}",
                         fn=_channel_fn(group_size, "compact", t),

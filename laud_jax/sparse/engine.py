@@ -502,7 +502,7 @@ class SparseEngine:
         plans = tuple(
             self._choose(b, plan_block(b, c, batch, self.capacity_steps), batch) for b, c in zip(spec.blocks, counts)
         )
-        return MaskPlan(spec, batch, forced, plans, [self._count_dict(b, c) for b, c in zip(spec.blocks, counts)])
+        return MaskPlan(spec, batch, forced, plans, self._count_dicts(spec, counts))
 
     def _choose(self, spec: BlockSpec, plan: BlockPlan, batch: int) -> BlockPlan:
         """``plan``, or dense where the chooser predicts the dense block faster than it."""
