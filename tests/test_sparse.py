@@ -14,6 +14,7 @@ from laud_jax.models import build_model, network_spec
 from laud_jax.models.gates import dilate_mask, upsample_nearest
 from laud_jax.sparse import SparseEngine, capacity, capacity_ladder, gate_shapes
 from laud_jax.sparse import engine as engine_module
+from laud_jax.sparse.folding import fold_layer_gate
 from laud_jax.sparse.routing import BlockPlan, active_first, conv1_mask, plan_block
 from laud_jax.sparse.synthetic import random_masks, random_variables
 from laud_jax.sparse.xla_ops import XlaOps
@@ -149,6 +150,50 @@ def test_model_gates_stepwise_and_speculative_match_model(mode):
     logits, info = engine.apply(other)
     assert info.execution in ("speculative", "stepwise")
     assert_close(logits, expected_other)
+
+
+def test_folded_layer_gate_decides_as_the_model_pool_and_conv():
+    """The engine's layer gate (one weighted sum, ``folding.fold_layer_gate``) against a
+    float64 NumPy evaluation of the model's form: mean over the block input's H x W, 1 x 1
+    conv, execute - skip >= offset. A stride-2 block on non-square input, so dividing by the
+    output's pixels or swapping H and W in the fold would move the threshold."""
+    items = cfg_items(TINY, mode="layer", granularity=1)
+    _, variables, _ = setup(items)
+    spec = next(b for b in network_spec(dict(items), (24, 40, 3)).blocks if b.stride == 2)
+    assert spec.h_in * spec.w_in != spec.h_out * spec.w_out and spec.h_in != spec.w_in
+    gates = variables["params"][spec.name]["gates"]
+    fused = fold_layer_gate(spec, gates)
+    x = np.abs(np.random.default_rng(0).standard_normal((64, spec.h_in, spec.w_in, spec.in_channels)))
+    kernel = np.asarray(gates["layer_gate"]["conv"]["kernel"], np.float64).reshape(spec.in_channels, 2)
+    bias = np.asarray(gates["layer_gate"]["conv"]["bias"], np.float64)
+    logits = x.mean(axis=(1, 2)) @ kernel + bias
+    diff = logits[:, 0] - logits[:, 1]
+    for offset in np.quantile(diff, [0.25, 0.5, 0.75]):
+        decided = np.asarray(engine_module.fused_layer_gate(fused, jnp.asarray(x, jnp.float32), jnp.float32(offset)))
+        clear = np.abs(diff - offset) > 1e-4 * np.abs(diff).max()
+        assert 0 < decided[clear].sum() < clear.sum()
+        np.testing.assert_array_equal(decided[clear], (diff >= offset)[clear].astype(np.float32))
+
+
+def test_layer_gates_at_batch_one_skip_what_the_model_skips():
+    """Batch 1, the model's own layer gates (the first block's on for some inputs, off for
+    others; every gate off past a large offset): each block's executing-sample count is the
+    model's gate, and the logits match, stepwise and speculative."""
+    items = cfg_items(TINY, mode="layer", granularity=1)
+    model, variables, image = setup(items, gate_bias=0.0)
+    engine = SparseEngine(dict(items), variables)
+    seen = set()
+    for seed, offset in [(s, 0.1) for s in range(6)] + [(0, 100.0)]:
+        x = images_for(image, 1, seed=seed)
+        expected, aux = reference(model, variables, x, gate_offset=offset)
+        logits, info = engine.apply(x, gate_offset=offset)
+        assert_close(logits, expected)
+        gates = tuple(int(np.asarray(b["layer_gate"])[0]) for b in aux["blocks"])
+        assert [c["samples"] for c in info.counts] == list(gates)
+        if info.execution == "stepwise":  # kept plans run a gated-off block's skip on the device
+            assert info.runs == tuple("sparse" if g else "skip" for g in gates)
+        seen.add((info.execution, gates))
+    assert len({g for _, g in seen}) == 3 and "speculative" in {e for e, _ in seen}
 
 
 def test_speculative_program_refuses_counts_past_its_plans():

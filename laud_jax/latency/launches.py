@@ -775,15 +775,14 @@ def _gate_launches(shape: BlockShape, setting: BlockSetting, engine: EngineModel
     batch = setting.batch
     on_halo = engine.conv1_on_halo > 0.5
     # the spatial masker pools x to its grid, the channel masker averages it, the layer gate
-    # pools it to 1 x 1: separate reads of the block input
+    # is one weighted sum over it (folded pool + conv + compare, ``engine.fused_layer_gate``):
+    # separate reads of the block input
     pools = _count(block.spatial) + _count(block.channel) + _count(block.layer)
     hidden = jnp.maximum(jnp.floor(block.n_groups / 16.0), 16.0)
-    fc_macs = (
-        _when(block.channel, cin * hidden + hidden * 2.0 * block.n_groups)
-        + _when(block.layer, 2.0 * cin)
-        + _when(block.lc, cin * (block.n_groups + 1.0))
+    fc_macs = _when(block.channel, cin * hidden + hidden * 2.0 * block.n_groups) + _when(
+        block.lc, cin * (block.n_groups + 1.0)
     )
-    fc_launches = 2.0 * _count(block.channel) + _count(block.layer) + _count(block.lc)
+    fc_launches = 2.0 * _count(block.channel) + _count(block.lc)
     sample_lists = block.layer & block.multi_sample
     # spatial: the patch list, and the dilated-pixel list unless conv1 runs on halo windows;
     # with the pixel list its inverse, the row map (each conv1 pixel's row, int32) that

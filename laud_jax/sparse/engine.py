@@ -33,7 +33,7 @@ from laud_jax.models.blocks import BlockGates
 from laud_jax.models.specs import SPATIAL_MODES, BlockSpec, ModelConfig, NetworkSpec, model_config, network_spec
 from laud_jax.sparse import executor
 from laud_jax.sparse.backends import BACKENDS, get_ops
-from laud_jax.sparse.folding import cast_weights, fold_network
+from laud_jax.sparse.folding import LAYER_GATE_FUSED, cast_weights, fold_network
 from laud_jax.sparse.routing import (
     COUNT_KEYS,
     DEFAULT_CAPACITY_STEPS,
@@ -65,12 +65,28 @@ def _jit_key(spec: BlockSpec | None) -> BlockSpec | None:
 
 
 def compute_gates(spec: BlockSpec, gate_params, x: jax.Array, gate_offset: jax.Array, forced) -> dict[str, Any]:
-    """The block's gates from the model's own gate modules (eval threshold), forced ones replaced."""
+    """The block's gates from the model's own gate modules (eval threshold), forced ones replaced.
+
+    A layer gate that is not forced is evaluated from its folded form (``folding.fold_layer_gate``):
+    one reduction over ``x`` (XLA:CPU runs one fused loop where the pool, conv and compare
+    took five launches); the model's own layer gate is then unused and compiled away.
+    """
     if spec.mode == "static":
         return {}
-    return BlockGates(spec).apply(
-        {"params": gate_params}, x, train=False, tau=jnp.asarray(1.0), gate_offset=gate_offset, forced=forced
+    forced = forced or {}
+    own = {k: v for k, v in gate_params.items() if k != LAYER_GATE_FUSED}
+    gates = BlockGates(spec).apply(
+        {"params": own}, x, train=False, tau=jnp.asarray(1.0), gate_offset=gate_offset, forced=forced
     )
+    if spec.layer and "layer" not in forced:
+        gates["layer"] = fused_layer_gate(gate_params[LAYER_GATE_FUSED], x, gate_offset)
+    return gates
+
+
+def fused_layer_gate(fused: Mapping[str, jax.Array], x: jax.Array, gate_offset: jax.Array) -> jax.Array:
+    """(B,) hard layer gate: ``sum_hwc x * w + b >= gate_offset`` (see ``folding.fold_layer_gate``)."""
+    diff = jnp.sum(x.astype(jnp.float32) * fused["w"], axis=(1, 2, 3)) + fused["b"]
+    return (diff >= gate_offset).astype(jnp.float32)
 
 
 def _routing(spec: BlockSpec, gates: dict[str, Any], batch: int):

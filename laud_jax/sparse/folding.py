@@ -17,6 +17,8 @@ import numpy as np
 from laud_jax.models.specs import BlockSpec, NetworkSpec
 
 BN_EPSILON = 1e-5  # laud_jax.models.blocks.batch_norm
+# Key, among a block's folded gate parameters, of the layer gate as one reduction (fold_layer_gate).
+LAYER_GATE_FUSED = "layer_gate_fused"
 
 
 def _node(tree: Mapping[str, Any], path: tuple[str, ...], what: str) -> Any:
@@ -96,8 +98,26 @@ def fold_block(spec: BlockSpec, params: Mapping[str, Any], stats: Mapping[str, A
     if spec.mode != "static":
         gates = _node(p, ("gates",), "parameter")
         _check_gates(spec, gates)
-        out["gates"] = gates
+        out["gates"] = dict(gates)
+        if spec.layer:
+            out["gates"][LAYER_GATE_FUSED] = fold_layer_gate(spec, gates)
     return out
+
+
+def fold_layer_gate(spec: BlockSpec, gates: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The layer gate's decision as one weighted sum over the block input.
+
+    The model pools x to 1 x 1 (mean over H x W), applies the 1 x 1 conv (execute and skip
+    logits) and executes where ``logit_execute - logit_skip >= offset``. The same number is
+    ``sum_hwc x * w + b`` with ``w = (k_execute - k_skip) / (H W)`` per channel and
+    ``b = b_execute - b_skip``: one fused reduction instead of a pool, a division, a conv
+    and a subtraction (equal up to float rounding of the sum).
+    """
+    conv = _node(gates, ("layer_gate", "conv"), "gate parameter")
+    kernel = jnp.asarray(conv["kernel"], jnp.float32).reshape(spec.in_channels, 2)
+    bias = jnp.asarray(conv["bias"], jnp.float32)
+    pixels = spec.h_in * spec.w_in
+    return {"w": (kernel[:, 0] - kernel[:, 1]) / pixels, "b": bias[0] - bias[1]}
 
 
 def conv2_group_layout(spec: BlockSpec) -> str:

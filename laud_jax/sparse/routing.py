@@ -145,6 +145,9 @@ def active_slots(flags: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     compaction computes anyway; ``count``: how many are true.
     """
     size = flags.shape[0]
+    if size == 1:  # batch 1's sample list: one select, no prefix count
+        slot = jnp.where(flags, 0, 1).astype(jnp.int32)
+        return slot, slot, flags[0].astype(jnp.int32)
     rank = _inclusive_count(flags)
     slot = jnp.where(flags, rank - 1, size)
     index = (
