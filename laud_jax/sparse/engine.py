@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -282,13 +282,33 @@ def _one_block(ops, spec: BlockSpec, plan: BlockPlan, params, x, gates, routing)
     return executor.run_block(ops, spec, plan, params, x, gates, routing)
 
 
-@dataclasses.dataclass
 class RunInfo:
-    """What one engine call executed: per block, the plan (capacities) and the active counts."""
+    """What one engine call executed: per block, the plan (capacities) and the active counts.
 
-    execution: str
-    plans: list[BlockPlan]
-    counts: list[dict[str, int] | None]
+    ``counts`` may be given as a zero-argument callable: the speculative driver reads its
+    counts back from the device only when they are asked for (host work right after a
+    program is slow while XLA:CPU's worker threads still spin).
+    """
+
+    def __init__(
+        self,
+        execution: str,
+        plans: list[BlockPlan],
+        counts: list[dict[str, int] | None] | Callable[[], list[dict[str, int] | None]],
+    ):
+        self.execution = execution
+        self.plans = plans
+        self._counts = counts
+
+    @property
+    def counts(self) -> list[dict[str, int] | None]:
+        """Per block the routing counts (COUNT_KEYS), None for static blocks."""
+        if callable(self._counts):
+            self._counts = self._counts()
+        return self._counts
+
+    def __repr__(self) -> str:
+        return f"RunInfo(execution={self.execution!r}, plans={self.plans!r}, counts={self.counts!r})"
 
     @property
     def runs(self) -> tuple[str, ...]:
@@ -350,6 +370,7 @@ class SparseEngine:
         self._variables = variables
         self._networks: dict[tuple[int, ...], tuple[NetworkSpec, dict[str, Any]]] = {}
         self._offsets: dict[float, jax.Array] = {}
+        self._checked_images: dict[tuple, tuple[NetworkSpec, dict[str, Any], bool]] = {}
         # per (image shape, batch): the kept plans and their _limits
         self._speculation: dict[tuple, tuple[tuple[BlockPlan, ...], np.ndarray, np.ndarray]] = {}
         if image_shape is not None:
@@ -371,9 +392,19 @@ class SparseEngine:
             self._networks[key] = (spec, folded)
         return self._networks[key]
 
-    def _check_images(self, images) -> tuple[jax.Array, NetworkSpec, dict[str, Any]]:
+    def _check_images(self, images) -> tuple[jax.Array, NetworkSpec, dict[str, Any], bool]:
+        """``images`` as a device array, checked once per shape and dtype; the spec, the folded
+        weights and whether the network has no gates."""
         if not isinstance(images, jax.Array):  # a device array passes as is (no dispatch per call)
             images = jnp.asarray(images)
+        known = self._checked_images.get((images.shape, images.dtype))
+        if known is None:
+            known = self._checked_images[(images.shape, images.dtype)] = self._new_images(images)
+        return images, *known
+
+    def _new_images(self, images: jax.Array) -> tuple[NetworkSpec, dict[str, Any], bool]:
+        """Checks of an image shape and dtype not seen before; the spec, the folded weights
+        and whether no block has a gate."""
         if images.ndim != 4:
             raise ValueError(f"images must be NHWC (B, H, W, C); got shape {images.shape}")
         if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -387,11 +418,11 @@ class SparseEngine:
         if images.shape[-1] != expected_c:
             raise ValueError(f"images have {images.shape[-1]} channels; the model's stem expects {expected_c}")
         spec, folded = self.network(images.shape[1:])
-        return images, spec, folded
+        return spec, folded, all(b.mode == "static" for b in spec.blocks)
 
     def _check_masks(self, spec: NetworkSpec, masks, batch: int) -> list[dict[str, Any]]:
         if masks is None:
-            return [{} for _ in spec.blocks]
+            return [{}] * len(spec.blocks)  # read-only
         if len(masks) != len(spec.blocks):
             raise ValueError(f"masks has {len(masks)} entries; the network has {len(spec.blocks)} blocks")
         checked = []
@@ -441,7 +472,7 @@ class SparseEngine:
         """
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
-        images, spec, folded = self._check_images(images)
+        images, spec, folded, all_static = self._check_images(images)
         batch = images.shape[0]
         offset = self._offset(gate_offset)
         plan = masks if isinstance(masks, MaskPlan) else None
@@ -454,7 +485,7 @@ class SparseEngine:
         if self.backend == "dense":
             logits = _dense_network(self.ops, spec, self.dtype, True, folded, images, forced, offset)
             return logits, RunInfo("dense", [BlockPlan("dense")] * len(spec.blocks), [None] * len(spec.blocks))
-        all_forced = all(set(gate_shapes(b, batch)) <= set(f) for b, f in zip(spec.blocks, forced))
+        all_forced = all_static if masks is None else self._all_forced(spec, forced, batch)
         if execution == "planned" and not all_forced:
             raise ValueError("execution='planned' needs every gate of every block forced through masks")
         if execution == "planned" or (execution == "auto" and all_forced):
@@ -465,6 +496,10 @@ class SparseEngine:
         if execution == "stepwise":
             return self._stepwise(spec, folded, images, forced, offset)
         return self._speculative(spec, folded, images, forced, offset)
+
+    @staticmethod
+    def _all_forced(spec: NetworkSpec, forced: list[dict[str, Any]], batch: int) -> bool:
+        return all(set(gate_shapes(b, batch)) <= set(f) for b, f in zip(spec.blocks, forced))
 
     def _offset(self, gate_offset: float) -> jax.Array:
         """``gate_offset`` as a device scalar, made once per value (not a transfer per call)."""
@@ -489,7 +524,7 @@ class SparseEngine:
                 self.ops, spec, plans, self.dtype, folded, images, forced, offset, limits, spatial
             )
             if fits:
-                return logits, RunInfo("speculative", list(plans), self._count_dicts(spec, counts))
+                return logits, RunInfo("speculative", list(plans), functools.partial(self._count_dicts, spec, counts))
         logits, info = self._stepwise(spec, folded, images, forced, offset)
         plans = tuple(info.plans)
         if kept is not None:
@@ -584,7 +619,7 @@ class SparseEngine:
 
     def trace_blocks(self, images, *, masks=None, gate_offset: float = 0.0) -> list[BlockTrace]:
         """Each block's input, gates, index lists and plan, as a stepwise run meets them."""
-        images, spec, folded = self._check_images(images)
+        images, spec, folded, _ = self._check_images(images)
         batch = images.shape[0]
         forced = masks.forced if isinstance(masks, MaskPlan) else self._check_masks(spec, masks, batch)
         record: list[BlockTrace] = []
@@ -600,6 +635,6 @@ class SparseEngine:
 
     def apply_static(self, images) -> jax.Array:
         """Logits of the static network (every gate ignored), dense, BN folded: the baseline."""
-        images, spec, folded = self._check_images(images)
+        images, spec, folded, _ = self._check_images(images)
         forced = [{} for _ in spec.blocks]
         return _dense_network(self.ops, spec, self.dtype, False, folded, images, forced, self._offset(0.0))
