@@ -1,7 +1,7 @@
 """Quickstart: embedded cluttered MNIST (64x64), resnet_small, CPU, minutes on 2 cores.
 
 Before training, the latency search picks the dynamic mode and granularity per stage for
-this machine at batch 1 (the local profile; fitted first when missing, ~3 min). Phase 1
+this machine at batch 1 (the local profile; fitted first when missing, ~4 min). Phase 1
 trains a static teacher (WORKDIR/teacher). Phase 2 trains the dynamic model at target MAC
 rate t = 0.5 (WORKDIR), initialized from the teacher and distilled from it.
   python -m laud_jax.train --exp configs/quickstart.py --workdir runs/quickstart
@@ -31,7 +31,7 @@ def get_config():
     # switch off the digit first).
     config.model.masker_input = "standardized"
     config.latency.hardware = "local"
-    config.latency.calibrate_configs = 48  # no local profile yet: fit one first (~3 min)
+    config.latency.calibrate_configs = 48  # no local profile yet: fit one first (~4 min)
     config.latency.batch = 1
     config.data.name = "cluttered_mnist"
     config.data.image_size = 64

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from laud_jax.latency.calibrate import FIT_FIELDS, error_summary
+from laud_jax.latency.calibrate import DEFAULT_REPEATS, FIT_FIELDS, error_summary
 
 UNITS = {
     "flops_fp32": (1e-9, "GFLOP/s"),
@@ -137,7 +137,7 @@ def main() -> None:
         help="calibration report JSON (run calibration when it does not exist)",
     )
     parser.add_argument("--configs", type=int, default=120, help="configurations to time when calibrating")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed repeats per configuration")
     parser.add_argument("--out", default="docs", help="output directory (default docs)")
     args = parser.parse_args()
     if not os.path.exists(args.report):

@@ -130,7 +130,7 @@ def _search_record(config: ml_collections.ConfigDict, info: data.DatasetInfo, fi
 def _calibrate_if_missing(latency: ml_collections.ConfigDict, where: str) -> None:
     """Fit the local latency profile first when the search needs it, it is missing and
     ``latency.calibrate_configs`` asks for it (a bounded number of timed block configurations)."""
-    from laud_jax.latency.calibrate import calibrate_local
+    from laud_jax.latency.calibrate import DEFAULT_REPEATS, calibrate_local
     from laud_jax.latency.profiles import local_profile_path
 
     path = local_profile_path()
@@ -147,7 +147,9 @@ def _calibrate_if_missing(latency: ml_collections.ConfigDict, where: str) -> Non
         "python -m laud_jax.latency calibrate does the same)",
         flush=True,
     )
-    calibrate_local(out=path, measurements=None, configs=latency.calibrate_configs, repeats=5, holdout=0.3, seed=0)
+    calibrate_local(
+        out=path, measurements=None, configs=latency.calibrate_configs, repeats=DEFAULT_REPEATS, holdout=0.3, seed=0
+    )
 
 
 def search_summary(record: dict[str, Any]) -> dict[str, Any]:

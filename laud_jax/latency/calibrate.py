@@ -41,6 +41,10 @@ FIT_FIELDS = (
     "k_half",
     "sum_weight",
 )
+# Timed repeats per configuration (the minimum is kept). On a shared 2-core VM the minimum of
+# 9 repeats was 1.27x the minimum of 40 (median over 160 configurations, 2026-12-02): more
+# repeats cost little next to compiling each configuration.
+DEFAULT_REPEATS = 40
 UNIT_FIELDS = ("eff_conv", "eff_grouped", "gather_eff", "sum_weight")  # in [0, 1] (logistic); the others positive (log)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from laud_jax.config_utils import AUTO, AUTO_FIELDS, ConfigError, add_config_argument, parse_command_line, validate
+from laud_jax.latency.calibrate import DEFAULT_REPEATS
 from laud_jax.latency.launches import ENGINES
 from laud_jax.latency.predictor import default_engine, predict
 from laud_jax.latency.profiles import HARDWARE_NAMES, get_profile, local_profile_path
@@ -196,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--configs", type=int, default=160, help="number of block configurations to time (default 160)")
     c.add_argument(
-        "--repeats", type=int, default=9, help="timed repeats per configuration, the minimum is kept (default 9)"
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help=f"timed repeats per configuration, the minimum is kept (default {DEFAULT_REPEATS})",
     )
     c.add_argument("--holdout", type=float, default=0.3, help="fraction held out of the fit (default 0.3)")
     c.add_argument("--seed", type=int, default=0, help="seed of the configuration sample and split (default 0)")
