@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 from laud_jax.latency.launches import ENGINES, BlockSetting, BlockShape, EngineModel
 from laud_jax.latency.predictor import block_time
@@ -121,6 +120,8 @@ def fit_profile(
         profile = _decode(jnp.asarray(theta, jnp.float32), initial, fields)
         predicted = predict_measured(profile, engine_arrays, data.shapes, data.settings)
         return np.log(np.asarray(predicted, np.float64)) - log_measured
+
+    import scipy.optimize  # only the fit needs it (0.4 s to import): not every latency command
 
     start = time.perf_counter()
     # Finite differences: the model is piecewise smooth (waves, capacities, max), and each

@@ -485,7 +485,11 @@ class SparseEngine:
         if self.backend == "dense":
             logits = _dense_network(self.ops, spec, self.dtype, True, folded, images, forced, offset)
             return logits, RunInfo("dense", [BlockPlan("dense")] * len(spec.blocks), [None] * len(spec.blocks))
-        all_forced = all_static if masks is None else self._all_forced(spec, forced, batch)
+        all_forced = (
+            all_static
+            if masks is None
+            else all(set(gate_shapes(b, batch)) <= set(f) for b, f in zip(spec.blocks, forced))
+        )
         if execution == "planned" and not all_forced:
             raise ValueError("execution='planned' needs every gate of every block forced through masks")
         if execution == "planned" or (execution == "auto" and all_forced):
@@ -496,10 +500,6 @@ class SparseEngine:
         if execution == "stepwise":
             return self._stepwise(spec, folded, images, forced, offset)
         return self._speculative(spec, folded, images, forced, offset)
-
-    @staticmethod
-    def _all_forced(spec: NetworkSpec, forced: list[dict[str, Any]], batch: int) -> bool:
-        return all(set(gate_shapes(b, batch)) <= set(f) for b, f in zip(spec.blocks, forced))
 
     def _offset(self, gate_offset: float) -> jax.Array:
         """``gate_offset`` as a device scalar, made once per value (not a transfer per call)."""
@@ -636,5 +636,5 @@ class SparseEngine:
     def apply_static(self, images) -> jax.Array:
         """Logits of the static network (every gate ignored), dense, BN folded: the baseline."""
         images, spec, folded, _ = self._check_images(images)
-        forced = [{} for _ in spec.blocks]
+        forced = self._check_masks(spec, None, images.shape[0])
         return _dense_network(self.ops, spec, self.dtype, False, folded, images, forced, self._offset(0.0))
